@@ -1,0 +1,419 @@
+//! From typed events to stored events and back, with upcasting on the way in.
+//!
+//! An application's events are one Rust enum per aggregate, in serde's default
+//! (externally tagged) representation: the variant name is the stored event type and
+//! the variant's content is the payload. Renaming a variant or changing its fields
+//! is a schema change: old events keep their old shape in storage forever, and an
+//! [`Upcasters`] chain rewrites them on read, step by step, until they fit today's
+//! enum. Storage is never rewritten, so the audit trail stays exactly as it was.
+
+use std::collections::HashMap;
+use std::marker::PhantomData;
+use std::sync::Arc;
+
+use serde::de::{DeserializeOwned, Visitor};
+use serde::{Deserializer, Serialize};
+use serde_json::Value;
+
+use crate::envelope::{NewEvent, RecordedEvent};
+use crate::error::DecodeError;
+
+/// A typed event: any serde enum in the default, externally tagged representation.
+pub trait DomainEvent: Serialize + DeserializeOwned + Send + Sync + 'static {}
+
+impl<T: Serialize + DeserializeOwned + Send + Sync + 'static> DomainEvent for T {}
+
+type Transform = dyn Fn(Value) -> Result<Value, String> + Send + Sync;
+
+struct UpcastStep {
+    to_type: String,
+    to_version: u32,
+    transform: Box<Transform>,
+}
+
+/// A chain of payload transforms keyed by (event type, schema version).
+///
+/// Each step takes a payload at one schema version to the next (or renames the
+/// type). The current schema version of a type is the highest version any step
+/// produces for it, or 1 when it has never changed; new events are written at the
+/// current version.
+#[derive(Default)]
+pub struct Upcasters {
+    steps: HashMap<(String, u32), UpcastStep>,
+    current: HashMap<String, u32>,
+}
+
+/// Longest chain followed before declaring a cycle.
+const MAX_UPCAST_STEPS: usize = 64;
+
+impl Upcasters {
+    /// No transforms: every type is at schema version 1.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Registers a step taking `event_type` from `from_version` to `from_version + 1`.
+    pub fn add(
+        self,
+        event_type: &str,
+        from_version: u32,
+        transform: impl Fn(Value) -> Result<Value, String> + Send + Sync + 'static,
+    ) -> Self {
+        self.add_renaming(
+            event_type,
+            from_version,
+            event_type,
+            from_version + 1,
+            transform,
+        )
+    }
+
+    /// Registers a step that also renames the type: `(event_type, from_version)`
+    /// becomes `(to_type, to_version)`.
+    pub fn add_renaming(
+        mut self,
+        event_type: &str,
+        from_version: u32,
+        to_type: &str,
+        to_version: u32,
+        transform: impl Fn(Value) -> Result<Value, String> + Send + Sync + 'static,
+    ) -> Self {
+        let current = self.current.entry(to_type.to_owned()).or_insert(1);
+        *current = (*current).max(to_version);
+        self.steps.insert(
+            (event_type.to_owned(), from_version),
+            UpcastStep {
+                to_type: to_type.to_owned(),
+                to_version,
+                transform: Box::new(transform),
+            },
+        );
+        self
+    }
+
+    /// The schema version new events of this type are written with.
+    pub fn current_version(&self, event_type: &str) -> u32 {
+        self.current.get(event_type).copied().unwrap_or(1)
+    }
+
+    /// Brings a stored payload up to the current schema version of its (possibly
+    /// renamed) type. Returns the type name and payload to decode.
+    pub fn upcast(
+        &self,
+        event_type: &str,
+        schema_version: u32,
+        payload: Value,
+    ) -> Result<(String, Value), DecodeError> {
+        let mut event_type = event_type.to_owned();
+        let mut version = schema_version;
+        let mut payload = payload;
+        for _ in 0..MAX_UPCAST_STEPS {
+            let Some(step) = self.steps.get(&(event_type.clone(), version)) else {
+                let current = self.current_version(&event_type);
+                if version < current {
+                    return Err(DecodeError::UpcastFailed {
+                        event_type,
+                        from_version: version,
+                        reason: format!(
+                            "no upcaster registered from schema version {version} (current is {current})"
+                        ),
+                    });
+                }
+                return Ok((event_type, payload));
+            };
+            payload = (step.transform)(payload).map_err(|reason| DecodeError::UpcastFailed {
+                event_type: event_type.clone(),
+                from_version: version,
+                reason,
+            })?;
+            event_type.clone_from(&step.to_type);
+            version = step.to_version;
+        }
+        Err(DecodeError::UpcastFailed {
+            event_type,
+            from_version: version,
+            reason: format!("more than {MAX_UPCAST_STEPS} steps: the upcasters form a cycle"),
+        })
+    }
+}
+
+/// Encodes typed events for storage and decodes stored ones, upcasting old versions.
+pub struct EventCodec<E> {
+    upcasters: Arc<Upcasters>,
+    variants: Option<&'static [&'static str]>,
+    _event: PhantomData<fn() -> E>,
+}
+
+impl<E> Clone for EventCodec<E> {
+    fn clone(&self) -> Self {
+        Self {
+            upcasters: Arc::clone(&self.upcasters),
+            variants: self.variants,
+            _event: PhantomData,
+        }
+    }
+}
+
+impl<E: DomainEvent> Default for EventCodec<E> {
+    fn default() -> Self {
+        Self::new(Upcasters::new())
+    }
+}
+
+impl<E: DomainEvent> EventCodec<E> {
+    /// A codec for `E` with these upcasters.
+    pub fn new(upcasters: Upcasters) -> Self {
+        Self {
+            upcasters: Arc::new(upcasters),
+            variants: variant_names::<E>(),
+            _event: PhantomData,
+        }
+    }
+
+    /// The event type names `E` can decode, when `E` is an enum.
+    pub fn event_types(&self) -> &'static [&'static str] {
+        self.variants.unwrap_or(&[])
+    }
+
+    /// The upcasters in use.
+    pub fn upcasters(&self) -> &Upcasters {
+        &self.upcasters
+    }
+
+    /// Turns a typed event into a new stored event at its current schema version.
+    pub fn encode(&self, event: &E) -> Result<NewEvent, DecodeError> {
+        let value = serde_json::to_value(event).map_err(|error| DecodeError::Encode {
+            reason: error.to_string(),
+        })?;
+        let (event_type, payload) = match value {
+            Value::String(unit_variant) => (unit_variant, Value::Null),
+            Value::Object(map) if map.len() == 1 => {
+                let (name, payload) = map.into_iter().next().unwrap_or_default();
+                (name, payload)
+            }
+            _ => {
+                return Err(DecodeError::Encode {
+                    reason: "events must be an enum in serde's default externally tagged \
+                             representation (no #[serde(tag = ...)] or untagged)"
+                        .to_owned(),
+                });
+            }
+        };
+        let schema_version = self.upcasters.current_version(&event_type);
+        Ok(NewEvent::new(event_type, payload).with_schema_version(schema_version))
+    }
+
+    /// Turns a stored event into a typed one, upcasting it first.
+    pub fn decode(&self, recorded: &RecordedEvent) -> Result<E, DecodeError> {
+        let current = self.upcasters.current_version(&recorded.event_type);
+        if recorded.schema_version > current {
+            return Err(DecodeError::FutureSchemaVersion {
+                event_type: recorded.event_type.clone(),
+                stream: recorded.stream_id.clone(),
+                version: recorded.stream_version,
+                found: recorded.schema_version,
+                current,
+            });
+        }
+        let (event_type, payload) = self.upcasters.upcast(
+            &recorded.event_type,
+            recorded.schema_version,
+            recorded.payload.clone(),
+        )?;
+        if let Some(variants) = self.variants {
+            if !variants.contains(&event_type.as_str()) {
+                return Err(DecodeError::UnknownEventType {
+                    event_type,
+                    stream: recorded.stream_id.clone(),
+                    version: recorded.stream_version,
+                });
+            }
+        }
+        let mut tagged = serde_json::Map::with_capacity(1);
+        tagged.insert(event_type.clone(), payload);
+        serde_json::from_value(Value::Object(tagged)).map_err(|error| DecodeError::InvalidPayload {
+            event_type,
+            stream: recorded.stream_id.clone(),
+            version: recorded.stream_version,
+            reason: error.to_string(),
+        })
+    }
+}
+
+/// The variant names of a serde enum, read from its derived `Deserialize`.
+///
+/// A derived enum deserializer calls `deserialize_enum` with the list of its
+/// variants; this deserializer records that list and stops. For anything that is
+/// not an enum it returns `None`, and decoding then leaves unknown names to serde.
+fn variant_names<E: DeserializeOwned>() -> Option<&'static [&'static str]> {
+    let mut captured = None;
+    let _ = E::deserialize(VariantNameProbe {
+        captured: &mut captured,
+    });
+    captured
+}
+
+struct VariantNameProbe<'a> {
+    captured: &'a mut Option<&'static [&'static str]>,
+}
+
+impl<'de> Deserializer<'de> for VariantNameProbe<'_> {
+    type Error = serde::de::value::Error;
+
+    fn deserialize_any<V: Visitor<'de>>(self, _visitor: V) -> Result<V::Value, Self::Error> {
+        Err(serde::de::Error::custom("not an enum"))
+    }
+
+    fn deserialize_enum<V: Visitor<'de>>(
+        self,
+        _name: &'static str,
+        variants: &'static [&'static str],
+        _visitor: V,
+    ) -> Result<V::Value, Self::Error> {
+        *self.captured = Some(variants);
+        Err(serde::de::Error::custom("variant names captured"))
+    }
+
+    serde::forward_to_deserialize_any! {
+        bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes
+        byte_buf option unit unit_struct newtype_struct seq tuple tuple_struct map
+        struct identifier ignored_any
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::envelope::{Position, StreamId, Timestamp};
+    use serde::Deserialize;
+    use serde_json::json;
+
+    #[derive(Debug, PartialEq, Serialize, Deserialize)]
+    enum Shape {
+        Circle { radius: u32 },
+        Nothing,
+    }
+
+    fn stored(event_type: &str, schema_version: u32, payload: Value) -> RecordedEvent {
+        RecordedEvent {
+            event_id: uuid::Uuid::now_v7(),
+            stream_id: StreamId::new("shape-1").unwrap(),
+            stream_version: 3,
+            position: Position(7),
+            recorded_at: Timestamp::now(),
+            event_type: event_type.to_owned(),
+            schema_version,
+            payload,
+            metadata: Default::default(),
+        }
+    }
+
+    #[test]
+    fn variant_names_come_from_the_derive() {
+        let codec = EventCodec::<Shape>::default();
+        assert_eq!(codec.event_types(), &["Circle", "Nothing"]);
+    }
+
+    #[test]
+    fn encode_then_decode_round_trips_struct_and_unit_variants() {
+        let codec = EventCodec::<Shape>::default();
+        for shape in [Shape::Circle { radius: 4 }, Shape::Nothing] {
+            let new = codec.encode(&shape).unwrap();
+            let back = codec
+                .decode(&stored(&new.event_type, new.schema_version, new.payload))
+                .unwrap();
+            assert_eq!(back, shape);
+        }
+    }
+
+    #[test]
+    fn unknown_event_type_is_named_with_its_stream_and_version() {
+        let codec = EventCodec::<Shape>::default();
+        let error = codec
+            .decode(&stored("Square", 1, json!({"side": 2})))
+            .unwrap_err();
+        assert_eq!(
+            error,
+            DecodeError::UnknownEventType {
+                event_type: "Square".into(),
+                stream: StreamId::new("shape-1").unwrap(),
+                version: 3,
+            }
+        );
+    }
+
+    #[test]
+    fn payload_that_does_not_fit_its_type_is_an_invalid_payload_error() {
+        let codec = EventCodec::<Shape>::default();
+        let error = codec
+            .decode(&stored("Circle", 1, json!({"radius": "big"})))
+            .unwrap_err();
+        assert!(
+            matches!(&error, DecodeError::InvalidPayload { event_type, version: 3, .. } if event_type == "Circle"),
+            "{error:?}"
+        );
+    }
+
+    #[test]
+    fn upcasters_rename_and_reshape_old_events() {
+        let upcasters = Upcasters::new()
+            .add_renaming("Round", 1, "Circle", 1, |payload| {
+                Ok(json!({ "diameter": payload["d"] }))
+            })
+            .add("Circle", 1, |payload| {
+                let diameter = payload["diameter"].as_u64().ok_or("diameter missing")?;
+                Ok(json!({ "radius": diameter / 2 }))
+            });
+        let codec = EventCodec::<Shape>::new(upcasters);
+        assert_eq!(codec.upcasters().current_version("Circle"), 2);
+        let decoded = codec.decode(&stored("Round", 1, json!({"d": 10}))).unwrap();
+        assert_eq!(decoded, Shape::Circle { radius: 5 });
+        let new = codec.encode(&Shape::Circle { radius: 1 }).unwrap();
+        assert_eq!(new.schema_version, 2);
+    }
+
+    #[test]
+    fn an_upcaster_refusal_is_reported_with_the_version_it_started_from() {
+        let upcasters = Upcasters::new().add("Circle", 1, |_| Err("no radius".to_owned()));
+        let codec = EventCodec::<Shape>::new(upcasters);
+        let error = codec.decode(&stored("Circle", 1, json!({}))).unwrap_err();
+        assert!(matches!(error, DecodeError::UpcastFailed { from_version: 1, .. }));
+    }
+
+    #[test]
+    fn events_from_newer_code_are_refused_not_misread() {
+        let codec = EventCodec::<Shape>::default();
+        let error = codec
+            .decode(&stored("Circle", 3, json!({"radius": 1})))
+            .unwrap_err();
+        assert!(matches!(
+            error,
+            DecodeError::FutureSchemaVersion {
+                found: 3,
+                current: 1,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn a_cycle_of_upcasters_is_an_error_not_a_hang() {
+        let upcasters = Upcasters::new()
+            .add_renaming("A", 1, "B", 1, Ok)
+            .add_renaming("B", 1, "A", 1, Ok);
+        let error = upcasters.upcast("A", 1, Value::Null).unwrap_err();
+        assert!(matches!(error, DecodeError::UpcastFailed { .. }));
+    }
+
+    #[test]
+    fn a_struct_is_not_an_event_enum() {
+        #[derive(Serialize, Deserialize)]
+        struct NotAnEnum {
+            a: u32,
+            b: u32,
+        }
+        let codec = EventCodec::<NotAnEnum>::default();
+        let error = codec.encode(&NotAnEnum { a: 1, b: 2 }).unwrap_err();
+        assert!(matches!(error, DecodeError::Encode { .. }));
+    }
+}

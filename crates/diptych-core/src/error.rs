@@ -1,0 +1,304 @@
+//! Typed errors, one per operation, all converting into [`Error`].
+//!
+//! Callers match on variants, never on message text. Backend failures (I/O, a
+//! corrupt file, a lost connection) arrive as [`BackendError`] whatever the backend,
+//! and rule violations (a version conflict, a reused idempotency key) have their own
+//! variants so SQLite and PostgreSQL report them identically.
+
+use std::error::Error as StdError;
+use std::sync::Arc;
+
+use uuid::Uuid;
+
+use crate::envelope::StreamId;
+use crate::store::ExpectedVersion;
+
+/// A stream id that cannot be used.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum InvalidStreamId {
+    /// The id was the empty string.
+    #[error("stream id is empty: give each stream a name such as `order-42`")]
+    Empty,
+    /// The id was longer than allowed.
+    #[error("stream id is {length} bytes long; the most allowed is {max}")]
+    TooLong {
+        /// Its length in bytes.
+        length: usize,
+        /// The limit in bytes.
+        max: usize,
+    },
+}
+
+/// An event that cannot be appended as given.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum InvalidEvent {
+    /// The payload text was not JSON at all.
+    #[error("payload of `{event_type}` is not valid JSON: {reason}")]
+    PayloadNotJson {
+        /// The event type it was meant for.
+        event_type: String,
+        /// What the JSON parser said.
+        reason: String,
+    },
+    /// The event type name was empty.
+    #[error("event type is empty: every event needs a type name such as `OrderPlaced`")]
+    EmptyEventType,
+}
+
+/// A failure of the storage underneath (I/O, a corrupt file, a lost connection).
+///
+/// It says what was being done and keeps the backend's own error as its source.
+#[derive(Clone, Debug, thiserror::Error)]
+#[error("{context}")]
+pub struct BackendError {
+    context: String,
+    #[source]
+    source: Option<Arc<dyn StdError + Send + Sync>>,
+}
+
+impl BackendError {
+    /// A failure described by a message alone.
+    pub fn msg(context: impl Into<String>) -> Self {
+        Self {
+            context: context.into(),
+            source: None,
+        }
+    }
+
+    /// A failure with the backend's error as its cause.
+    pub fn with_source(
+        context: impl Into<String>,
+        source: impl StdError + Send + Sync + 'static,
+    ) -> Self {
+        Self {
+            context: context.into(),
+            source: Some(Arc::new(source)),
+        }
+    }
+}
+
+/// Why an append wrote nothing.
+#[derive(Clone, Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AppendError {
+    /// The stream was not at the expected version. Reload and decide again.
+    #[error("version conflict on `{stream}`: expected {expected}, but the stream is at version {actual}")]
+    Conflict {
+        /// The stream.
+        stream: StreamId,
+        /// What the caller expected.
+        expected: ExpectedVersion,
+        /// The stream's version when the append was checked.
+        actual: u64,
+    },
+    /// The append held no events.
+    #[error("append to `{stream}` holds no events: an append must carry at least one")]
+    NoEvents {
+        /// The stream.
+        stream: StreamId,
+    },
+    /// The idempotency key was first used for another stream.
+    #[error("idempotency key `{key}` was already used for stream `{first_stream}`, not `{stream}`: use a fresh key per command")]
+    IdempotencyKeyReused {
+        /// The key.
+        key: String,
+        /// The stream the key was first used with.
+        first_stream: StreamId,
+        /// The stream of this append.
+        stream: StreamId,
+    },
+    /// An event id is already in the store.
+    #[error("event id {event_id} is already stored: event ids must be unique")]
+    DuplicateEventId {
+        /// The id.
+        event_id: Uuid,
+    },
+    /// An event was malformed.
+    #[error(transparent)]
+    InvalidEvent(#[from] InvalidEvent),
+    /// The storage failed; the append may be retried with the same idempotency key.
+    #[error("append failed in the storage backend: {0}")]
+    Backend(#[from] BackendError),
+}
+
+/// Why a read returned nothing.
+#[derive(Clone, Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ReadError {
+    /// The stream has no events.
+    #[error("stream `{stream}` does not exist")]
+    StreamNotFound {
+        /// The stream.
+        stream: StreamId,
+    },
+    /// The storage failed.
+    #[error("read failed in the storage backend: {0}")]
+    Backend(#[from] BackendError),
+}
+
+/// Why a snapshot could not be loaded or saved.
+#[derive(Clone, Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SnapshotError {
+    /// The aggregate state could not be turned into JSON.
+    #[error("snapshot of `{stream}` could not be encoded: {reason}")]
+    Encode {
+        /// The stream.
+        stream: StreamId,
+        /// What the encoder said.
+        reason: String,
+    },
+    /// The storage failed.
+    #[error("snapshot storage failed: {0}")]
+    Backend(#[from] BackendError),
+}
+
+/// Why a stored event could not become a typed event (or the reverse).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum DecodeError {
+    /// No variant of the event enum has this name.
+    #[error("unknown event type `{event_type}` at `{stream}` version {version}: add it to the event enum or register an upcaster that renames it")]
+    UnknownEventType {
+        /// The stored type name.
+        event_type: String,
+        /// The stream of the event.
+        stream: StreamId,
+        /// Its version in the stream.
+        version: u64,
+    },
+    /// The payload does not fit the type.
+    #[error("payload of `{event_type}` at `{stream}` version {version} does not match its type: {reason}")]
+    InvalidPayload {
+        /// The type name.
+        event_type: String,
+        /// The stream of the event.
+        stream: StreamId,
+        /// Its version in the stream.
+        version: u64,
+        /// What the decoder said.
+        reason: String,
+    },
+    /// The event was written by newer code than this.
+    #[error("`{event_type}` at `{stream}` version {version} has schema version {found}, newer than the {current} this code knows: upgrade the application")]
+    FutureSchemaVersion {
+        /// The type name.
+        event_type: String,
+        /// The stream of the event.
+        stream: StreamId,
+        /// Its version in the stream.
+        version: u64,
+        /// The stored schema version.
+        found: u32,
+        /// The newest schema version known here.
+        current: u32,
+    },
+    /// An upcaster refused the payload.
+    #[error("upcasting `{event_type}` from schema version {from_version} failed: {reason}")]
+    UpcastFailed {
+        /// The type name.
+        event_type: String,
+        /// The schema version it was at.
+        from_version: u32,
+        /// What the upcaster said.
+        reason: String,
+    },
+    /// A typed event could not be encoded as an externally tagged JSON enum.
+    #[error("event could not be encoded: {reason}")]
+    Encode {
+        /// What went wrong.
+        reason: String,
+    },
+}
+
+/// Why an aggregate could not be loaded.
+#[derive(Clone, Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LoadError {
+    /// The aggregate id makes an invalid stream id.
+    #[error(transparent)]
+    InvalidStreamId(#[from] InvalidStreamId),
+    /// Reading failed.
+    #[error(transparent)]
+    Read(#[from] ReadError),
+    /// An event could not be decoded.
+    #[error(transparent)]
+    Decode(#[from] DecodeError),
+    /// Loading the snapshot failed.
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+}
+
+/// Why a command did not produce its events.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CommandError<E> {
+    /// The aggregate rejected the command: a business rule said no.
+    #[error("command rejected: {0}")]
+    Rejected(E),
+    /// The stream kept changing under the command; it gave up after the configured
+    /// number of attempts.
+    #[error("gave up after {attempts} attempts: the stream kept changing ({last})")]
+    TooManyConflicts {
+        /// How many times it tried.
+        attempts: u32,
+        /// The last conflict.
+        last: AppendError,
+    },
+    /// Loading the aggregate failed.
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    /// Appending failed for another reason than a conflict.
+    #[error(transparent)]
+    Append(AppendError),
+    /// The decided events could not be encoded.
+    #[error(transparent)]
+    Encode(DecodeError),
+}
+
+/// Any diptych error, for callers that do not need to tell operations apart.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// See [`InvalidStreamId`].
+    #[error(transparent)]
+    InvalidStreamId(#[from] InvalidStreamId),
+    /// See [`InvalidEvent`].
+    #[error(transparent)]
+    InvalidEvent(#[from] InvalidEvent),
+    /// See [`AppendError`].
+    #[error(transparent)]
+    Append(#[from] AppendError),
+    /// See [`ReadError`].
+    #[error(transparent)]
+    Read(#[from] ReadError),
+    /// See [`SnapshotError`].
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+    /// See [`DecodeError`].
+    #[error(transparent)]
+    Decode(#[from] DecodeError),
+    /// See [`LoadError`].
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    /// A business rule rejected a command.
+    #[error("command rejected: {0}")]
+    Rejected(Box<dyn StdError + Send + Sync>),
+    /// See [`BackendError`].
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+}
+
+impl<E: StdError + Send + Sync + 'static> From<CommandError<E>> for Error {
+    fn from(error: CommandError<E>) -> Self {
+        match error {
+            CommandError::Rejected(rejection) => Error::Rejected(Box::new(rejection)),
+            CommandError::TooManyConflicts { last, .. } => Error::Append(last),
+            CommandError::Load(load) => Error::Load(load),
+            CommandError::Append(append) => Error::Append(append),
+            CommandError::Encode(decode) => Error::Decode(decode),
+        }
+    }
+}

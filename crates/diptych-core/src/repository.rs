@@ -1,0 +1,359 @@
+//! The command path: load an aggregate, decide, append with the expected version,
+//! and retry on conflict.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use uuid::Uuid;
+
+use crate::aggregate::Aggregate;
+use crate::codec::EventCodec;
+use crate::envelope::{Metadata, Position, RecordedEvent, StreamId, Timestamp};
+use crate::error::{AppendError, CommandError, LoadError, ReadError};
+use crate::store::{AppendOutcome, AppendRequest, EventStore, ExpectedVersion, Snapshot, StreamRead};
+
+/// How many events a load reads per round trip.
+const LOAD_PAGE: usize = 512;
+
+/// Settings of a [`Repository`].
+#[derive(Clone, Debug)]
+pub struct RepositoryConfig {
+    /// How many times a command is decided and appended before giving up when the
+    /// stream keeps changing underneath it. At least 1.
+    pub max_attempts: u32,
+}
+
+impl Default for RepositoryConfig {
+    fn default() -> Self {
+        Self { max_attempts: 5 }
+    }
+}
+
+/// Who sent a command and what it expects, carried into the events' metadata.
+#[derive(Clone, Debug)]
+pub struct CommandContext {
+    /// The command's id, also its idempotency key: sending the same id twice
+    /// returns the first result and writes nothing new.
+    pub command_id: Uuid,
+    /// The id of the whole conversation; the command id when not given.
+    pub correlation_id: Option<Uuid>,
+    /// What caused the command (an event, for process managers); the command id
+    /// when not given.
+    pub causation_id: Option<Uuid>,
+    /// When set, the command only applies to the aggregate at exactly this version
+    /// and is not retried on conflict (HTTP's `If-Match`).
+    pub expected_version: Option<u64>,
+    /// Free key/values stored with every event.
+    pub extra: BTreeMap<String, String>,
+}
+
+impl Default for CommandContext {
+    fn default() -> Self {
+        Self::new(Uuid::now_v7())
+    }
+}
+
+impl CommandContext {
+    /// A context for the command with this id.
+    pub fn new(command_id: Uuid) -> Self {
+        Self {
+            command_id,
+            correlation_id: None,
+            causation_id: None,
+            expected_version: None,
+            extra: BTreeMap::new(),
+        }
+    }
+
+    /// Requires the aggregate to be at this version.
+    pub fn expecting_version(mut self, version: u64) -> Self {
+        self.expected_version = Some(version);
+        self
+    }
+
+    fn metadata(&self) -> Metadata {
+        Metadata {
+            command_id: Some(self.command_id),
+            correlation_id: Some(self.correlation_id.unwrap_or(self.command_id)),
+            causation_id: Some(self.causation_id.unwrap_or(self.command_id)),
+            extra: self.extra.clone(),
+        }
+    }
+}
+
+/// An aggregate's state as loaded, and the version it reflects.
+#[derive(Clone, Debug)]
+pub struct Loaded<A> {
+    /// The aggregate's stream.
+    pub stream: StreamId,
+    /// The state.
+    pub state: A,
+    /// The last event applied (0 when the stream does not exist).
+    pub version: u64,
+    /// The time of the last event applied, when there was one.
+    pub last_recorded_at: Option<Timestamp>,
+}
+
+/// What a command did.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CommandOutcome {
+    /// The aggregate's stream.
+    pub stream: StreamId,
+    /// The events written, or the ones the first run wrote when deduplicated.
+    pub events: Vec<RecordedEvent>,
+    /// The stream's version after the command.
+    pub version: u64,
+    /// The global position of the last event written (a consistency token), or 0
+    /// when the command decided no events.
+    pub position: Position,
+    /// True when this command id had already been handled.
+    pub deduplicated: bool,
+}
+
+/// Loads and runs commands against aggregates of one type.
+pub struct Repository<A: Aggregate> {
+    store: Arc<dyn EventStore>,
+    codec: EventCodec<A::Event>,
+    config: RepositoryConfig,
+}
+
+impl<A: Aggregate> Clone for Repository<A> {
+    fn clone(&self) -> Self {
+        Self {
+            store: Arc::clone(&self.store),
+            codec: self.codec.clone(),
+            config: self.config.clone(),
+        }
+    }
+}
+
+impl<A: Aggregate> Repository<A> {
+    /// A repository on this store with default settings.
+    pub fn new(store: Arc<dyn EventStore>) -> Self {
+        Self::with_config(store, RepositoryConfig::default())
+    }
+
+    /// A repository with explicit settings.
+    pub fn with_config(store: Arc<dyn EventStore>, config: RepositoryConfig) -> Self {
+        Self {
+            store,
+            codec: EventCodec::new(A::upcasters()),
+            config,
+        }
+    }
+
+    /// The codec used for this aggregate's events.
+    pub fn codec(&self) -> &EventCodec<A::Event> {
+        &self.codec
+    }
+
+    /// The stream of the aggregate with this id.
+    pub fn stream_of(&self, id: &str) -> Result<StreamId, LoadError> {
+        Ok(StreamId::for_aggregate(A::KIND, id)?)
+    }
+
+    /// The current state: the latest usable snapshot plus the events after it.
+    pub async fn load(&self, id: &str) -> Result<Loaded<A>, LoadError> {
+        self.load_until(id, u64::MAX, None).await
+    }
+
+    /// The state as it was right after version `version` (or the current state when
+    /// the stream is shorter).
+    pub async fn load_at_version(&self, id: &str, version: u64) -> Result<Loaded<A>, LoadError> {
+        self.load_until(id, version, None).await
+    }
+
+    /// The state as it was at time `at`: every event recorded at or before it.
+    pub async fn load_at_time(&self, id: &str, at: Timestamp) -> Result<Loaded<A>, LoadError> {
+        self.load_until(id, u64::MAX, Some(at)).await
+    }
+
+    /// Runs a command: load, decide, append at the loaded version; on a conflict,
+    /// load and decide again, up to [`RepositoryConfig::max_attempts`] times.
+    pub async fn execute(
+        &self,
+        id: &str,
+        command: &A::Command,
+        context: &CommandContext,
+    ) -> Result<CommandOutcome, CommandError<A::Error>> {
+        let stream = self.stream_of(id)?;
+        let key = context.command_id.to_string();
+        // A repeated command must return its first result even if deciding it again
+        // would now fail (the stock it reserved is gone, say), so look first.
+        if let Some(first) = self
+            .store
+            .find_idempotent_append(&key)
+            .await
+            .map_err(LoadError::from)?
+        {
+            return outcome_of_repeat(stream, key, first);
+        }
+        let attempts = self.config.max_attempts.max(1);
+        let mut last_conflict = None;
+        for _ in 0..attempts {
+            let loaded = self.load(id).await?;
+            if let Some(expected) = context.expected_version {
+                if expected != loaded.version {
+                    return Err(CommandError::Append(AppendError::Conflict {
+                        stream,
+                        expected: ExpectedVersion::Exact(expected),
+                        actual: loaded.version,
+                    }));
+                }
+            }
+            let decided = loaded.state.decide(command).map_err(CommandError::Rejected)?;
+            if decided.is_empty() {
+                return Ok(CommandOutcome {
+                    stream,
+                    events: Vec::new(),
+                    version: loaded.version,
+                    position: Position::START,
+                    deduplicated: false,
+                });
+            }
+            let metadata = context.metadata();
+            let events = decided
+                .iter()
+                .map(|event| Ok(self.codec.encode(event)?.with_metadata(metadata.clone())))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(CommandError::Encode)?;
+            let request = AppendRequest::new(
+                stream.clone(),
+                ExpectedVersion::Exact(loaded.version),
+                events,
+            )
+            .with_idempotency_key(key.clone());
+            match self.store.append(request).await {
+                Ok(outcome) => {
+                    if !outcome.deduplicated {
+                        self.snapshot_if_due(loaded, &decided).await;
+                    }
+                    return Ok(CommandOutcome {
+                        stream,
+                        version: outcome.last_version(),
+                        position: outcome.last_position(),
+                        deduplicated: outcome.deduplicated,
+                        events: outcome.events,
+                    });
+                }
+                Err(conflict @ AppendError::Conflict { .. })
+                    if context.expected_version.is_none() =>
+                {
+                    last_conflict = Some(conflict);
+                }
+                Err(other) => return Err(CommandError::Append(other)),
+            }
+        }
+        Err(CommandError::TooManyConflicts {
+            attempts,
+            last: last_conflict.unwrap_or(AppendError::Conflict {
+                stream,
+                expected: ExpectedVersion::Any,
+                actual: 0,
+            }),
+        })
+    }
+
+    async fn load_until(
+        &self,
+        id: &str,
+        max_version: u64,
+        at: Option<Timestamp>,
+    ) -> Result<Loaded<A>, LoadError> {
+        let stream = self.stream_of(id)?;
+        let mut loaded = Loaded {
+            stream: stream.clone(),
+            state: A::default(),
+            version: 0,
+            last_recorded_at: None,
+        };
+        // A snapshot is only a shortcut; it is skipped for loads by time because its
+        // events' times are not known without reading them anyway.
+        if at.is_none() {
+            if let Some(snapshot) = self.store.load_snapshot(&stream).await? {
+                if let Some(state) = usable_state::<A>(&snapshot, max_version) {
+                    loaded.state = state;
+                    loaded.version = snapshot.version;
+                }
+            }
+        }
+        while loaded.version < max_version {
+            let read = StreamRead::forward(stream.clone(), loaded.version + 1, LOAD_PAGE);
+            let page = match self.store.read_stream(read).await {
+                Ok(page) => page,
+                Err(ReadError::StreamNotFound { .. }) => break,
+                Err(error) => return Err(error.into()),
+            };
+            let full_page = page.len() == LOAD_PAGE;
+            for recorded in page {
+                if recorded.stream_version > max_version
+                    || at.is_some_and(|at| recorded.recorded_at > at)
+                {
+                    return Ok(loaded);
+                }
+                let event = self.codec.decode(&recorded)?;
+                loaded.state.evolve(&event);
+                loaded.version = recorded.stream_version;
+                loaded.last_recorded_at = Some(recorded.recorded_at);
+            }
+            if !full_page {
+                break;
+            }
+        }
+        Ok(loaded)
+    }
+
+    /// Saves a snapshot when the policy says so. A failure here costs only speed
+    /// (the next load replays more events), so it never fails the command.
+    async fn snapshot_if_due(&self, loaded: Loaded<A>, decided: &[A::Event]) {
+        let before = loaded.version;
+        let after = before + decided.len() as u64;
+        if !A::snapshot_policy().is_due(before, after) {
+            return;
+        }
+        let mut state = loaded.state;
+        for event in decided {
+            state.evolve(event);
+        }
+        let Ok(state) = serde_json::to_value(&state) else {
+            return;
+        };
+        let snapshot = Snapshot {
+            stream: loaded.stream,
+            version: after,
+            state_version: A::STATE_VERSION,
+            state,
+            taken_at: Timestamp::now(),
+        };
+        let _ = self.store.save_snapshot(snapshot).await;
+    }
+}
+
+fn usable_state<A: Aggregate>(snapshot: &Snapshot, max_version: u64) -> Option<A> {
+    if snapshot.state_version != A::STATE_VERSION || snapshot.version > max_version {
+        return None;
+    }
+    serde_json::from_value(snapshot.state.clone()).ok()
+}
+
+fn outcome_of_repeat<E>(
+    stream: StreamId,
+    key: String,
+    first: AppendOutcome,
+) -> Result<CommandOutcome, CommandError<E>> {
+    let first_stream = first.events.first().map(|event| event.stream_id.clone());
+    if let Some(first_stream) = first_stream.filter(|first_stream| *first_stream != stream) {
+        return Err(CommandError::Append(AppendError::IdempotencyKeyReused {
+            key,
+            first_stream,
+            stream,
+        }));
+    }
+    Ok(CommandOutcome {
+        stream,
+        version: first.last_version(),
+        position: first.last_position(),
+        deduplicated: true,
+        events: first.events,
+    })
+}

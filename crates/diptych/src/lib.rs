@@ -1,1 +1,21 @@
-//! placeholder
+//! diptych: an event-sourced CQRS platform for Rust.
+//!
+//! This is the crate applications depend on. It re-exports the model from
+//! `diptych-core` (aggregates, the event store contract, codecs, subscriptions) and,
+//! behind one additive feature per backend, the backends themselves:
+//!
+//! | feature  | default | gives you |
+//! |----------|---------|-----------|
+//! | `sqlite` | yes     | [`sqlite::SqliteStore`], the embedded event store |
+//! | `testkit`| no      | `testkit`, the backend conformance suite |
+//!
+//! Start with [`Aggregate`] and [`Repository`]; open a store with
+//! `diptych::sqlite::SqliteStore::open("data/events.db")`.
+
+pub use diptych_core::*;
+
+/// The embedded SQLite backend.
+#[cfg(feature = "sqlite")]
+pub mod sqlite {
+    pub use diptych_sqlite::*;
+}

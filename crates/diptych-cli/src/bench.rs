@@ -1,0 +1,301 @@
+//! `diptych bench`: throughput and latency measured against a floor in the same run.
+//!
+//! Every scenario is measured twice on the same machine, minutes apart at most:
+//! once through the store, and once as the *floor*: the same rows inserted with
+//! plain rusqlite into the same schema, with the same durability (WAL,
+//! `synchronous=FULL`), in batched transactions as large as the scenario's whole
+//! concurrency (writers × events per append), with no store logic at all. The
+//! ratio of the two is what to read: it holds on a noisy machine where absolute
+//! numbers do not.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use diptych::sqlite::SqliteStore;
+use diptych::{AppendRequest, EventStore, ExpectedVersion, NewEvent, StreamId, Timestamp};
+use serde::Serialize;
+use serde_json::json;
+
+/// What to run.
+#[derive(Clone, Debug)]
+pub struct AppendBenchConfig {
+    /// Concurrent writers per scenario.
+    pub writers: Vec<usize>,
+    /// Events per append.
+    pub events_per_append: Vec<usize>,
+    /// How long each measurement (store and floor alike) runs.
+    pub duration: Duration,
+    /// Where the database files go (a temporary directory when `None`).
+    pub directory: Option<PathBuf>,
+}
+
+/// One result line.
+#[derive(Debug, Serialize)]
+pub struct AppendBenchResult {
+    /// Always `append`.
+    pub bench: &'static str,
+    /// Concurrent writers.
+    pub writers: usize,
+    /// Events per append.
+    pub events_per_append: usize,
+    /// `own` (each writer on its own stream, at exact versions) or `hot` (all on
+    /// one stream, at any version).
+    pub streams: &'static str,
+    /// Events made durable per second through the store.
+    pub events_per_sec: f64,
+    /// Appends acknowledged per second.
+    pub appends_per_sec: f64,
+    /// Median append latency, microseconds.
+    pub p50_us: u64,
+    /// 99th percentile append latency, microseconds.
+    pub p99_us: u64,
+    /// Events per second of the floor.
+    pub floor_events_per_sec: f64,
+    /// Median floor transaction latency, microseconds.
+    pub floor_p50_us: u64,
+    /// 99th percentile floor transaction latency, microseconds.
+    pub floor_p99_us: u64,
+    /// `events_per_sec / floor_events_per_sec`.
+    pub ratio: f64,
+}
+
+/// Runs every scenario, handing each result to `report` as soon as it is known.
+pub async fn run_append(
+    config: &AppendBenchConfig,
+    mut report: impl FnMut(&AppendBenchResult),
+) -> Result<()> {
+    let temporary;
+    let directory = match &config.directory {
+        Some(directory) => directory.clone(),
+        None => {
+            temporary = tempfile::tempdir().context("creating a temporary directory")?;
+            temporary.path().to_owned()
+        }
+    };
+    std::fs::create_dir_all(&directory)
+        .with_context(|| format!("creating {}", directory.display()))?;
+    let mut run = 0;
+    for &hot in &[false, true] {
+        for &events_per_append in &config.events_per_append {
+            for &writers in &config.writers {
+                run += 1;
+                let scenario = Scenario {
+                    writers,
+                    events_per_append,
+                    hot,
+                };
+                let store_path = directory.join(format!("bench-store-{run}.db"));
+                let floor_path = directory.join(format!("bench-floor-{run}.db"));
+                let through_store = measure_store(&store_path, scenario, config.duration).await?;
+                let floor = measure_floor(&floor_path, scenario, config.duration)?;
+                remove_database(&store_path);
+                remove_database(&floor_path);
+                report(&AppendBenchResult {
+                    bench: "append",
+                    writers,
+                    events_per_append,
+                    streams: if hot { "hot" } else { "own" },
+                    events_per_sec: through_store.events_per_sec,
+                    appends_per_sec: through_store.operations_per_sec,
+                    p50_us: through_store.p50_us,
+                    p99_us: through_store.p99_us,
+                    floor_events_per_sec: floor.events_per_sec,
+                    floor_p50_us: floor.p50_us,
+                    floor_p99_us: floor.p99_us,
+                    ratio: through_store.events_per_sec / floor.events_per_sec.max(f64::EPSILON),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Scenario {
+    writers: usize,
+    events_per_append: usize,
+    hot: bool,
+}
+
+struct Measured {
+    events_per_sec: f64,
+    operations_per_sec: f64,
+    p50_us: u64,
+    p99_us: u64,
+}
+
+impl Measured {
+    fn from_samples(events: usize, elapsed: Duration, mut latencies_us: Vec<u64>) -> Self {
+        latencies_us.sort_unstable();
+        let percentile = |p: f64| -> u64 {
+            if latencies_us.is_empty() {
+                return 0;
+            }
+            let index = ((latencies_us.len() as f64 - 1.0) * p).round() as usize;
+            latencies_us[index]
+        };
+        let seconds = elapsed.as_secs_f64().max(f64::EPSILON);
+        Self {
+            events_per_sec: events as f64 / seconds,
+            operations_per_sec: latencies_us.len() as f64 / seconds,
+            p50_us: percentile(0.50),
+            p99_us: percentile(0.99),
+        }
+    }
+}
+
+/// A payload of the size and shape of a typical domain event (about 150 bytes).
+///
+/// Built once and cloned: the bench measures the store, so its clients should
+/// spend as little of the two shared cores as an application's would.
+fn payload_template() -> serde_json::Value {
+    json!({
+        "order_id": "order-0193a1c2-7f55-7000-8000-000000000000",
+        "customer_id": "customer-42",
+        "lines": [{"product_id": "product-17", "quantity": 2, "price_cents": 1299}],
+        "total_cents": 2598,
+    })
+}
+
+async fn measure_store(path: &Path, scenario: Scenario, duration: Duration) -> Result<Measured> {
+    let store: Arc<dyn EventStore> = Arc::new(
+        SqliteStore::open(path).with_context(|| format!("opening {}", path.display()))?,
+    );
+    let started = Instant::now();
+    let deadline = started + duration;
+    let tasks: Vec<_> = (0..scenario.writers)
+        .map(|writer| {
+            let store = Arc::clone(&store);
+            tokio::spawn(async move { append_until(store, scenario, writer, deadline).await })
+        })
+        .collect();
+    let mut latencies = Vec::new();
+    let mut events = 0;
+    for task in tasks {
+        let (task_events, task_latencies) = task.await.context("a bench writer panicked")??;
+        events += task_events;
+        latencies.extend(task_latencies);
+    }
+    let elapsed = started.elapsed();
+    Ok(Measured::from_samples(events, elapsed, latencies))
+}
+
+async fn append_until(
+    store: Arc<dyn EventStore>,
+    scenario: Scenario,
+    writer: usize,
+    deadline: Instant,
+) -> Result<(usize, Vec<u64>)> {
+    let stream = if scenario.hot {
+        StreamId::new("bench-hot")?
+    } else {
+        StreamId::new(format!("bench-{writer}"))?
+    };
+    let mut version = 0;
+    let mut events = 0;
+    let mut latencies = Vec::new();
+    let template = payload_template();
+    while Instant::now() < deadline {
+        let batch = (0..scenario.events_per_append)
+            .map(|_| NewEvent::new("OrderPlaced", template.clone()))
+            .collect();
+        let expected = if scenario.hot {
+            ExpectedVersion::Any
+        } else {
+            ExpectedVersion::Exact(version)
+        };
+        let started = Instant::now();
+        let outcome = store
+            .append(AppendRequest::new(stream.clone(), expected, batch))
+            .await?;
+        latencies.push(started.elapsed().as_micros() as u64);
+        version = outcome.last_version();
+        events += scenario.events_per_append;
+    }
+    Ok((events, latencies))
+}
+
+/// The floor: the same rows, same schema, same durability, batched, no store.
+fn measure_floor(path: &Path, scenario: Scenario, duration: Duration) -> Result<Measured> {
+    // Let the store create the schema so the floor writes into exactly the same
+    // tables and indexes.
+    drop(SqliteStore::open(path).with_context(|| format!("opening {}", path.display()))?);
+    let mut connection = rusqlite::Connection::open(path)?;
+    connection.execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL;")?;
+    let rows_per_transaction = scenario.writers * scenario.events_per_append;
+    let mut versions = vec![0i64; scenario.writers];
+    let mut hot_version = 0i64;
+    let mut position = 0i64;
+    let payload = payload_template().to_string();
+    let mut latencies = Vec::new();
+    let mut events = 0;
+    // Only time inside transactions counts, so the floor is the database's own
+    // speed, with row preparation excluded: a strict floor.
+    let mut busy = Duration::ZERO;
+    let deadline = Instant::now() + duration;
+    while Instant::now() < deadline {
+        // Prepared outside the timed part, as the store's callers serialize
+        // payloads before the writer sees them.
+        let mut rows = Vec::with_capacity(rows_per_transaction);
+        for writer in 0..scenario.writers {
+            for _ in 0..scenario.events_per_append {
+                position += 1;
+                let (stream, version) = if scenario.hot {
+                    hot_version += 1;
+                    ("bench-hot".to_owned(), hot_version)
+                } else {
+                    versions[writer] += 1;
+                    (format!("bench-{writer}"), versions[writer])
+                };
+                rows.push((
+                    position,
+                    stream,
+                    version,
+                    uuid::Uuid::now_v7(),
+                    payload.clone(),
+                ));
+            }
+        }
+        let transaction_started = Instant::now();
+        let transaction = connection.transaction()?;
+        {
+            let mut insert = transaction.prepare_cached(
+                "INSERT INTO events (position, stream_id, version, event_id, event_type, \
+                 schema_version, payload, metadata, recorded_at) \
+                 VALUES (?1, ?2, ?3, ?4, 'OrderPlaced', 1, ?5, '{}', ?6)",
+            )?;
+            let recorded_at = Timestamp::now().as_unix_micros();
+            for (position, stream, version, event_id, payload) in &rows {
+                insert.execute(rusqlite::params![
+                    position,
+                    stream,
+                    version,
+                    event_id.as_bytes().as_slice(),
+                    payload,
+                    recorded_at
+                ])?;
+            }
+        }
+        transaction.commit()?;
+        let elapsed = transaction_started.elapsed();
+        busy += elapsed;
+        // Every writer's append in this round waited for this one transaction.
+        latencies.extend(std::iter::repeat_n(elapsed.as_micros() as u64, scenario.writers));
+        events += rows.len();
+    }
+    let mut measured = Measured::from_samples(events, busy, latencies);
+    // One operation of the floor is one writer's share of a transaction.
+    measured.operations_per_sec = events as f64 / scenario.events_per_append as f64
+        / busy.as_secs_f64().max(f64::EPSILON);
+    Ok(measured)
+}
+
+fn remove_database(path: &Path) {
+    for suffix in ["", "-wal", "-shm"] {
+        let mut file = path.as_os_str().to_owned();
+        file.push(suffix);
+        let _ = std::fs::remove_file(PathBuf::from(file));
+    }
+}

@@ -1,0 +1,110 @@
+//! The on-disk format and its migrations.
+//!
+//! A diptych database is marked by `PRAGMA application_id` (so a stranger's SQLite
+//! file is refused instead of written into) and versioned by `PRAGMA user_version`
+//! (so a file written by a newer diptych is refused instead of misread). Migrations
+//! run in order, each in its own transaction with the version bump, so a crash
+//! mid-migration leaves the previous version intact.
+
+use std::path::Path;
+
+use rusqlite::{Connection, ErrorCode};
+
+use crate::error::{OpenError, backend};
+
+/// `DPTY` in ASCII: the mark of a diptych database in its header.
+pub const APPLICATION_ID: i32 = 0x4450_5459;
+
+/// The migrations, in order; the schema version is their count.
+const MIGRATIONS: &[&str] = &[
+    // 1: the log, idempotency keys and snapshots.
+    "CREATE TABLE events (
+        position       INTEGER PRIMARY KEY,
+        stream_id      TEXT    NOT NULL,
+        version        INTEGER NOT NULL,
+        event_id       BLOB    NOT NULL UNIQUE,
+        event_type     TEXT    NOT NULL,
+        schema_version INTEGER NOT NULL,
+        payload        TEXT    NOT NULL,
+        metadata       TEXT    NOT NULL,
+        recorded_at    INTEGER NOT NULL,
+        UNIQUE (stream_id, version)
+    ) STRICT;
+    CREATE TABLE idempotency (
+        key            TEXT    PRIMARY KEY,
+        stream_id      TEXT    NOT NULL,
+        first_position INTEGER NOT NULL,
+        last_position  INTEGER NOT NULL
+    ) STRICT, WITHOUT ROWID;
+    CREATE TABLE snapshots (
+        stream_id      TEXT    PRIMARY KEY,
+        version        INTEGER NOT NULL,
+        state_version  INTEGER NOT NULL,
+        state          TEXT    NOT NULL,
+        taken_at       INTEGER NOT NULL
+    ) STRICT, WITHOUT ROWID;",
+];
+
+/// The schema version this build writes and reads.
+pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
+
+/// Checks that the file is a diptych database this build can read, or an empty
+/// file it may initialise, without writing anything to it.
+pub fn check_identity(connection: &Connection, path: &Path) -> Result<(), OpenError> {
+    let read_header = |connection: &Connection| -> rusqlite::Result<(i32, i64, i64)> {
+        let application_id = connection.query_row("PRAGMA application_id", [], |row| row.get(0))?;
+        let user_version = connection.query_row("PRAGMA user_version", [], |row| row.get(0))?;
+        let objects =
+            connection.query_row("SELECT count(*) FROM sqlite_schema", [], |row| row.get(0))?;
+        Ok((application_id, user_version, objects))
+    };
+    let (application_id, user_version, objects) = match read_header(connection) {
+        Ok(header) => header,
+        Err(rusqlite::Error::SqliteFailure(error, _)) if error.code == ErrorCode::NotADatabase => {
+            return Err(OpenError::NotDiptychDatabase {
+                path: path.to_owned(),
+                reason: "the file is not an SQLite database".to_owned(),
+            });
+        }
+        Err(error) => return Err(OpenError::Backend(backend("reading the database header", error))),
+    };
+    let is_fresh = application_id == 0 && objects == 0;
+    if !is_fresh && application_id != APPLICATION_ID {
+        return Err(OpenError::NotDiptychDatabase {
+            path: path.to_owned(),
+            reason: format!(
+                "it is an SQLite database of another application (application id {application_id:#x})"
+            ),
+        });
+    }
+    if user_version > SCHEMA_VERSION {
+        return Err(OpenError::NewerSchema {
+            path: path.to_owned(),
+            found: user_version,
+            supported: SCHEMA_VERSION,
+        });
+    }
+    Ok(())
+}
+
+/// Brings the schema up to [`SCHEMA_VERSION`], one migration per transaction.
+pub fn migrate(connection: &mut Connection) -> Result<(), OpenError> {
+    let current: i64 = connection
+        .query_row("PRAGMA user_version", [], |row| row.get(0))
+        .map_err(|error| OpenError::Backend(backend("reading the schema version", error)))?;
+    for (index, migration) in MIGRATIONS.iter().enumerate().skip(current as usize) {
+        let target = index as i64 + 1;
+        let apply = |connection: &mut Connection| -> rusqlite::Result<()> {
+            let transaction = connection.transaction()?;
+            transaction.execute_batch(migration)?;
+            transaction.execute_batch(&format!(
+                "PRAGMA application_id = {APPLICATION_ID}; PRAGMA user_version = {target};"
+            ))?;
+            transaction.commit()
+        };
+        apply(connection).map_err(|error| {
+            OpenError::Backend(backend(format!("migrating the schema to version {target}"), error))
+        })?;
+    }
+    Ok(())
+}

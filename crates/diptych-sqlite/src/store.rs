@@ -1,0 +1,361 @@
+//! [`SqliteStore`]: the event store on one SQLite file.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use diptych_core::{
+    AppendError, AppendOutcome, AppendRequest, BackendError, Direction, EventStore, Position,
+    ReadError, RecordedEvent, Snapshot, SnapshotError, StreamId, StreamRead, Timestamp,
+    check_append_shape,
+};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+use tokio::sync::{Semaphore, oneshot, watch};
+
+use crate::error::{OpenError, backend};
+use crate::rows::{EVENT_COLUMNS, events_between, query_events, to_sql_int};
+use crate::schema;
+use crate::writer::{self, Job, PreparedAppend, Queued};
+
+/// Settings of a [`SqliteStore`].
+#[derive(Clone, Debug)]
+pub struct SqliteConfig {
+    /// How many reader connections to keep open (more are opened under load and
+    /// closed again).
+    pub reader_connections: usize,
+    /// The most events one group commit holds; bounds a transaction's size.
+    pub max_group_events: usize,
+    /// How many appends may wait for the writer before callers wait to enqueue.
+    pub queue_capacity: usize,
+}
+
+impl Default for SqliteConfig {
+    fn default() -> Self {
+        Self {
+            reader_connections: 4,
+            max_group_events: 4096,
+            queue_capacity: 4096,
+        }
+    }
+}
+
+/// The event store on one SQLite file, in WAL mode with `synchronous=FULL`: an
+/// acknowledged append has been fsynced and survives a power loss.
+///
+/// One writer thread owns the only writing connection and commits appends in
+/// groups (see the crate documentation); reads run on a small pool of their own
+/// connections on tokio's blocking threads, so they never wait for the writer.
+pub struct SqliteStore {
+    path: PathBuf,
+    jobs: Option<std::sync::mpsc::Sender<Queued>>,
+    /// Bounds the queue: a caller takes a slot before enqueueing and the writer
+    /// frees it when done, so a flood of appends waits instead of piling up.
+    queue_slots: Arc<Semaphore>,
+    writer: Option<JoinHandle<()>>,
+    readers: Arc<ReaderPool>,
+    head: watch::Sender<Position>,
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the store at `path` with default settings.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self, OpenError> {
+        Self::open_with(path, SqliteConfig::default())
+    }
+
+    /// Opens (creating if needed) the store at `path`.
+    ///
+    /// Refuses, without writing anything, a file that is not a diptych database or
+    /// whose schema is newer than this build's.
+    pub fn open_with(path: impl AsRef<Path>, config: SqliteConfig) -> Result<Self, OpenError> {
+        let path = path.as_ref().to_owned();
+        if let Some(parent) = path.parent().filter(|parent| !parent.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent).map_err(|error| {
+                BackendError::with_source(format!("creating directory {}", parent.display()), error)
+            })?;
+        }
+        let mut connection = Connection::open(&path).map_err(|error| {
+            OpenError::Backend(backend(format!("opening {}", path.display()), error))
+        })?;
+        schema::check_identity(&connection, &path)?;
+        configure_writer(&connection)?;
+        schema::migrate(&mut connection)?;
+        let head = Position(
+            connection
+                .query_row("SELECT COALESCE(MAX(position), 0) FROM events", [], |row| {
+                    row.get::<_, i64>(0)
+                })
+                .map_err(|error| backend("reading the head position", error))? as u64,
+        );
+        let head = watch::Sender::new(head);
+        let (jobs, receiver) = std::sync::mpsc::channel();
+        let writer = writer::spawn(
+            connection,
+            receiver,
+            head.clone(),
+            config.max_group_events.max(1),
+        )
+        .map_err(|error| BackendError::with_source("starting the writer thread", error))?;
+        Ok(Self {
+            readers: Arc::new(ReaderPool {
+                path: path.clone(),
+                idle: Mutex::new(Vec::new()),
+                keep: config.reader_connections.max(1),
+            }),
+            path,
+            jobs: Some(jobs),
+            queue_slots: Arc::new(Semaphore::new(config.queue_capacity.max(1))),
+            writer: Some(writer),
+            head,
+        })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    async fn submit(&self, job: Job) -> Result<(), BackendError> {
+        let Some(jobs) = &self.jobs else {
+            return Err(writer_gone());
+        };
+        let permit = Arc::clone(&self.queue_slots)
+            .acquire_owned()
+            .await
+            .map_err(|_| writer_gone())?;
+        jobs.send(Queued { job, permit }).map_err(|_| writer_gone())
+    }
+
+    async fn read<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&Connection) -> Result<T, ReadError> + Send + 'static,
+    ) -> Result<T, ReadError> {
+        let readers = Arc::clone(&self.readers);
+        tokio::task::spawn_blocking(move || readers.with_connection(work))
+            .await
+            .map_err(|error| {
+                ReadError::Backend(BackendError::with_source("a read task failed", error))
+            })?
+    }
+}
+
+impl Drop for SqliteStore {
+    fn drop(&mut self) {
+        // Closing the channel lets the writer finish its last group and exit; joining
+        // makes sure the file is closed when the store is gone.
+        self.jobs.take();
+        if let Some(writer) = self.writer.take() {
+            let _ = writer.join();
+        }
+    }
+}
+
+fn writer_gone() -> BackendError {
+    BackendError::msg("the SQLite writer thread has stopped; reopen the store")
+}
+
+fn configure_writer(connection: &Connection) -> Result<(), OpenError> {
+    connection
+        .execute_batch(
+            "PRAGMA journal_mode = WAL;
+             PRAGMA synchronous = FULL;
+             PRAGMA foreign_keys = ON;",
+        )
+        .and_then(|()| connection.busy_timeout(Duration::from_secs(5)))
+        .map_err(|error| OpenError::Backend(backend("configuring the writer connection", error)))
+}
+
+/// Reader connections, opened on demand and kept for reuse.
+struct ReaderPool {
+    path: PathBuf,
+    idle: Mutex<Vec<Connection>>,
+    keep: usize,
+}
+
+impl ReaderPool {
+    fn with_connection<T>(
+        &self,
+        work: impl FnOnce(&Connection) -> Result<T, ReadError>,
+    ) -> Result<T, ReadError> {
+        let idle = self.idle.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).pop();
+        let connection = match idle {
+            Some(connection) => connection,
+            None => self.open()?,
+        };
+        let result = work(&connection);
+        let mut idle = self.idle.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if idle.len() < self.keep {
+            idle.push(connection);
+        }
+        result
+    }
+
+    fn open(&self) -> Result<Connection, ReadError> {
+        let connection = Connection::open_with_flags(
+            &self.path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .and_then(|connection| {
+            connection.execute_batch("PRAGMA query_only = ON;")?;
+            connection.busy_timeout(Duration::from_secs(5))?;
+            Ok(connection)
+        })
+        .map_err(|error| backend("opening a reader connection", error))?;
+        Ok(connection)
+    }
+}
+
+#[async_trait]
+impl EventStore for SqliteStore {
+    async fn append(&self, request: AppendRequest) -> Result<AppendOutcome, AppendError> {
+        check_append_shape(&request)?;
+        let (reply, outcome) = oneshot::channel();
+        let append = PreparedAppend::new(request);
+        self.submit(Job::Append { append, reply }).await?;
+        outcome.await.map_err(|_| writer_gone())?
+    }
+
+    async fn find_idempotent_append(&self, key: &str) -> Result<Option<AppendOutcome>, ReadError> {
+        let key = key.to_owned();
+        self.read(move |connection| {
+            let range: Option<(i64, i64)> = connection
+                .prepare_cached("SELECT first_position, last_position FROM idempotency WHERE key = ?1")
+                .and_then(|mut statement| {
+                    statement
+                        .query_row(params![key], |row| Ok((row.get(0)?, row.get(1)?)))
+                        .optional()
+                })
+                .map_err(|error| backend("looking up an idempotency key", error))?;
+            let Some((first, last)) = range else {
+                return Ok(None);
+            };
+            Ok(Some(AppendOutcome {
+                events: events_between(connection, first, last)?,
+                deduplicated: true,
+            }))
+        })
+        .await
+    }
+
+    async fn read_stream(&self, read: StreamRead) -> Result<Vec<RecordedEvent>, ReadError> {
+        self.read(move |connection| {
+            let sql = match read.direction {
+                Direction::Forward => format!(
+                    "SELECT {EVENT_COLUMNS} FROM events WHERE stream_id = ?1 AND version >= ?2 \
+                     ORDER BY version LIMIT ?3"
+                ),
+                Direction::Backward => format!(
+                    "SELECT {EVENT_COLUMNS} FROM events WHERE stream_id = ?1 AND version <= ?2 \
+                     ORDER BY version DESC LIMIT ?3"
+                ),
+            };
+            let events = query_events(
+                connection,
+                &sql,
+                params![
+                    read.stream.as_str(),
+                    to_sql_int(read.from),
+                    to_sql_int(read.limit as u64)
+                ],
+            )?;
+            if events.is_empty() && stream_version_on(connection, &read.stream)? == 0 {
+                return Err(ReadError::StreamNotFound {
+                    stream: read.stream,
+                });
+            }
+            Ok(events)
+        })
+        .await
+    }
+
+    async fn stream_version(&self, stream: &StreamId) -> Result<u64, ReadError> {
+        let stream = stream.clone();
+        self.read(move |connection| stream_version_on(connection, &stream))
+            .await
+    }
+
+    async fn read_all(
+        &self,
+        after: Position,
+        limit: usize,
+    ) -> Result<Vec<RecordedEvent>, ReadError> {
+        self.read(move |connection| {
+            Ok(query_events(
+                connection,
+                &format!(
+                    "SELECT {EVENT_COLUMNS} FROM events WHERE position > ?1 ORDER BY position LIMIT ?2"
+                ),
+                params![to_sql_int(after.0), to_sql_int(limit as u64)],
+            )?)
+        })
+        .await
+    }
+
+    async fn head(&self) -> Result<Position, ReadError> {
+        self.read(|connection| {
+            let head: i64 = connection
+                .prepare_cached("SELECT COALESCE(MAX(position), 0) FROM events")
+                .and_then(|mut statement| statement.query_row([], |row| row.get(0)))
+                .map_err(|error| backend("reading the head position", error))?;
+            Ok(Position(head as u64))
+        })
+        .await
+    }
+
+    fn head_watch(&self) -> watch::Receiver<Position> {
+        self.head.subscribe()
+    }
+
+    async fn load_snapshot(&self, stream: &StreamId) -> Result<Option<Snapshot>, SnapshotError> {
+        let stream = stream.clone();
+        let loaded = self
+            .read(move |connection| {
+                let row: Option<(i64, u32, String, i64)> = connection
+                    .prepare_cached(
+                        "SELECT version, state_version, state, taken_at FROM snapshots \
+                         WHERE stream_id = ?1",
+                    )
+                    .and_then(|mut statement| {
+                        statement
+                            .query_row(params![stream.as_str()], |row| {
+                                Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?))
+                            })
+                            .optional()
+                    })
+                    .map_err(|error| backend("loading a snapshot", error))?;
+                let Some((version, state_version, state, taken_at)) = row else {
+                    return Ok(None);
+                };
+                let state = serde_json::from_str(&state).map_err(|error| {
+                    BackendError::with_source(format!("the snapshot of `{stream}` is corrupt"), error)
+                })?;
+                Ok(Some(Snapshot {
+                    stream,
+                    version: version as u64,
+                    state_version,
+                    state,
+                    taken_at: Timestamp::from_unix_micros(taken_at),
+                }))
+            })
+            .await;
+        loaded.map_err(|error| match error {
+            ReadError::Backend(error) => SnapshotError::Backend(error),
+            other => SnapshotError::Backend(BackendError::with_source("loading a snapshot", other)),
+        })
+    }
+
+    async fn save_snapshot(&self, snapshot: Snapshot) -> Result<(), SnapshotError> {
+        let (reply, outcome) = oneshot::channel();
+        self.submit(Job::SaveSnapshot { snapshot, reply }).await?;
+        outcome.await.map_err(|_| writer_gone())?
+    }
+}
+
+fn stream_version_on(connection: &Connection, stream: &StreamId) -> Result<u64, ReadError> {
+    let version: i64 = connection
+        .prepare_cached("SELECT COALESCE(MAX(version), 0) FROM events WHERE stream_id = ?1")
+        .and_then(|mut statement| statement.query_row(params![stream.as_str()], |row| row.get(0)))
+        .map_err(|error| backend("reading a stream version", error))?;
+    Ok(version as u64)
+}

@@ -1,0 +1,548 @@
+//! The writer thread: the one connection that writes, committing appends in groups.
+//!
+//! Appends arrive on a channel. The writer takes one, then everything else already
+//! waiting (up to a cap), and commits them all in one transaction with one fsync:
+//! while it waits for the disk, the next group gathers in the channel. So the
+//! number of fsyncs falls as concurrency rises, and each append still waits for the
+//! fsync of its own group before it is acknowledged.
+//!
+//! Each append is checked on its own: one that fails its checks (a version
+//! conflict, a reused key) writes nothing and the rest of the group commits; one
+//! that fails halfway through its inserts (a duplicate event id) makes the writer
+//! roll back and write the group again without it. If the commit itself fails,
+//! every append in the group fails.
+
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use diptych_core::{
+    AppendError, AppendOutcome, AppendRequest, BackendError, Position, RecordedEvent, Snapshot,
+    SnapshotError, StreamId, Timestamp,
+};
+use rusqlite::{Connection, ErrorCode, OptionalExtension, params};
+use tokio::sync::{OwnedSemaphorePermit, oneshot, watch};
+
+use crate::error::backend;
+use crate::rows::{events_between, to_sql_int};
+
+/// An append with its payloads already serialized by the caller's task, so the
+/// single writer thread spends its time on SQLite, not on JSON.
+pub struct PreparedAppend {
+    /// The request.
+    pub request: AppendRequest,
+    /// Each event's payload as JSON text.
+    pub payloads: Vec<String>,
+    /// Each event's metadata as JSON text.
+    pub metadata: Vec<String>,
+}
+
+impl PreparedAppend {
+    /// Serializes the payloads and metadata of a request.
+    pub fn new(request: AppendRequest) -> Self {
+        let payloads = request
+            .events
+            .iter()
+            .map(|event| event.payload.to_string())
+            .collect();
+        let metadata = request
+            .events
+            .iter()
+            .map(|event| serde_json::to_string(&event.metadata).unwrap_or_else(|_| "{}".into()))
+            .collect();
+        Self {
+            request,
+            payloads,
+            metadata,
+        }
+    }
+}
+
+/// Work for the writer thread, with the queue slot it holds until it is done.
+pub struct Queued {
+    /// The work.
+    pub job: Job,
+    /// Released when the job is done, making room for another caller.
+    pub permit: OwnedSemaphorePermit,
+}
+
+/// Work for the writer thread.
+pub enum Job {
+    /// Append and reply with the outcome once durable.
+    Append {
+        /// The append.
+        append: PreparedAppend,
+        /// Where the outcome goes.
+        reply: oneshot::Sender<Result<AppendOutcome, AppendError>>,
+    },
+    /// Save a snapshot.
+    SaveSnapshot {
+        /// The snapshot.
+        snapshot: Snapshot,
+        /// Where the result goes.
+        reply: oneshot::Sender<Result<(), SnapshotError>>,
+    },
+}
+
+impl Job {
+    fn event_count(&self) -> usize {
+        match self {
+            Job::Append { append, .. } => append.request.events.len(),
+            Job::SaveSnapshot { .. } => 1,
+        }
+    }
+}
+
+/// Starts the writer thread on `connection`.
+pub fn spawn(
+    connection: Connection,
+    jobs: Receiver<Queued>,
+    head: watch::Sender<Position>,
+    max_group_events: usize,
+) -> std::io::Result<JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("diptych-sqlite-writer".into())
+        .spawn(move || {
+            Writer {
+                connection,
+                head,
+                max_group_events,
+            }
+            .run(jobs);
+        })
+}
+
+struct Writer {
+    connection: Connection,
+    head: watch::Sender<Position>,
+    max_group_events: usize,
+}
+
+impl Writer {
+    fn run(self, jobs: Receiver<Queued>) {
+        let mut pacer = GroupPacer::default();
+        while let Ok(first) = jobs.recv() {
+            // The group's transaction opens with its first append and takes the
+            // others as they arrive, so inserting overlaps with callers preparing
+            // their appends instead of waiting for all of them first.
+            let mut group = OpenGroup::begin(&self.connection);
+            group.push(&self.connection, first);
+            let gather_until = Instant::now() + pacer.patience();
+            while group.events < self.max_group_events {
+                let next = match jobs.try_recv() {
+                    Ok(queued) => Ok(queued),
+                    Err(_) if group.jobs.len() < pacer.expected_group() => {
+                        jobs.recv_timeout(gather_until.saturating_duration_since(Instant::now()))
+                    }
+                    Err(_) => Err(RecvTimeoutError::Timeout),
+                };
+                let Ok(queued) = next else { break };
+                group.push(&self.connection, queued);
+            }
+            let appends = group.jobs.len();
+            let commit_started = Instant::now();
+            let recorded_at = group.recorded_at;
+            let (jobs, results) = group.commit(&self.connection);
+            pacer.record(appends, commit_started.elapsed());
+            self.reply(jobs, results, recorded_at);
+        }
+    }
+
+    fn reply(&self, jobs: Vec<Job>, results: Vec<Result<Written, AppendError>>, recorded_at: Timestamp) {
+        let mut new_head = None;
+        for (job, result) in jobs.into_iter().zip(results) {
+            match job {
+                Job::Append { append, reply } => {
+                    let result = result.map(|written| finish_append(append, written, recorded_at));
+                    if let Ok(outcome) = &result {
+                        if !outcome.deduplicated {
+                            new_head = new_head.max(Some(outcome.last_position()));
+                        }
+                    }
+                    let _ = reply.send(result);
+                }
+                Job::SaveSnapshot { reply, .. } => {
+                    let _ = reply.send(result.map(|_| ()).map_err(|error| match error {
+                        AppendError::Backend(error) => SnapshotError::Backend(error),
+                        other => SnapshotError::Backend(BackendError::msg(other.to_string())),
+                    }));
+                }
+            }
+        }
+        if let Some(head) = new_head {
+            self.head.send_if_modified(|current| {
+                let moved = head > *current;
+                *current = (*current).max(head);
+                moved
+            });
+        }
+    }
+}
+
+/// A group commit in progress: one open transaction and the jobs written into it.
+///
+/// Checks that can refuse an append (idempotency key, expected version) run
+/// before it writes anything, so a refused append leaves nothing to undo. Only a
+/// failure in the middle of an append's inserts (a duplicate event id, or I/O)
+/// leaves partial writes: then the transaction is rolled back and the group is
+/// written again without that append. This keeps the common path free of
+/// per-append savepoints, which cost a statement journal each.
+struct OpenGroup {
+    jobs: Vec<Job>,
+    /// Queue slots, freed when the group is done.
+    permits: Vec<OwnedSemaphorePermit>,
+    /// Jobs that failed halfway and are left out of rewrites.
+    failed: Vec<Option<AppendError>>,
+    results: Vec<Result<Written, AppendError>>,
+    next_position: i64,
+    /// Set once the transaction itself failed: every job then fails with it.
+    broken: Option<BackendError>,
+    events: usize,
+    recorded_at: Timestamp,
+}
+
+impl OpenGroup {
+    fn begin(connection: &Connection) -> Self {
+        let mut group = Self {
+            jobs: Vec::new(),
+            permits: Vec::new(),
+            failed: Vec::new(),
+            results: Vec::new(),
+            next_position: 1,
+            broken: None,
+            events: 0,
+            recorded_at: Timestamp::now(),
+        };
+        group.open_transaction(connection);
+        group
+    }
+
+    fn open_transaction(&mut self, connection: &Connection) {
+        let opened = connection
+            .prepare_cached("BEGIN IMMEDIATE")
+            .and_then(|mut begin| begin.execute([]))
+            .map_err(|error| backend("starting a write transaction", error))
+            .and_then(|_| {
+                connection
+                    .prepare_cached("SELECT COALESCE(MAX(position), 0) + 1 FROM events")
+                    .and_then(|mut statement| statement.query_row([], |row| row.get(0)))
+                    .map_err(|error| backend("reading the head position", error))
+            });
+        match opened {
+            Ok(next_position) => self.next_position = next_position,
+            Err(error) => self.broken = Some(error),
+        }
+    }
+
+    fn push(&mut self, connection: &Connection, queued: Queued) {
+        self.events += queued.job.event_count();
+        self.jobs.push(queued.job);
+        self.permits.push(queued.permit);
+        self.failed.push(None);
+        self.write(connection, self.jobs.len() - 1);
+    }
+
+    fn write(&mut self, connection: &Connection, index: usize) {
+        if self.broken.is_some() {
+            return;
+        }
+        if let Some(error) = &self.failed[index] {
+            self.results.push(Err(error.clone()));
+            return;
+        }
+        let result = match &self.jobs[index] {
+            Job::Append { append, .. } => {
+                write_append(connection, append, self.next_position, self.recorded_at)
+            }
+            Job::SaveSnapshot { snapshot, .. } => save_snapshot(connection, snapshot)
+                .map(|()| Written::Snapshot)
+                .map_err(|error| Partial(AppendError::Backend(error))),
+        };
+        match result {
+            Ok(written) => {
+                if let Written::Events {
+                    first_position,
+                    count,
+                    ..
+                } = &written
+                {
+                    self.next_position = first_position + *count as i64;
+                }
+                self.results.push(Ok(written));
+            }
+            Err(Refused(error)) => self.results.push(Err(error)),
+            Err(Partial(error)) => {
+                self.failed[index] = Some(error);
+                self.rewrite(connection);
+            }
+        }
+    }
+
+    /// Rolls back and writes every job again, leaving out those that failed.
+    fn rewrite(&mut self, connection: &Connection) {
+        if let Err(error) = connection.execute_batch("ROLLBACK") {
+            self.broken = Some(backend("rolling back a failed append", error));
+            return;
+        }
+        self.results.clear();
+        self.open_transaction(connection);
+        for index in 0..self.jobs.len() {
+            self.write(connection, index);
+        }
+    }
+
+    /// Commits, returning each job with its result: all written, or all failed.
+    fn commit(mut self, connection: &Connection) -> (Vec<Job>, Vec<Result<Written, AppendError>>) {
+        if self.broken.is_none() {
+            let committed = connection
+                .prepare_cached("COMMIT")
+                .and_then(|mut commit| commit.execute([]));
+            if let Err(error) = committed {
+                let _ = connection.execute_batch("ROLLBACK");
+                self.broken = Some(backend("committing appended events", error));
+            }
+        }
+        let results = match self.broken {
+            None => self.results,
+            Some(error) => self
+                .failed
+                .into_iter()
+                .map(|own| Err(own.unwrap_or_else(|| AppendError::Backend(error.clone()))))
+                .collect(),
+        };
+        (self.jobs, results)
+    }
+}
+
+/// What one job wrote, to be turned into its reply once the group is durable.
+enum Written {
+    /// New events at these positions and versions.
+    Events {
+        first_position: i64,
+        first_version: u64,
+        count: usize,
+    },
+    /// A repeat of an earlier append with the same idempotency key.
+    Repeat(Vec<RecordedEvent>),
+    /// A snapshot.
+    Snapshot,
+}
+
+/// How one job failed inside a transaction.
+enum JobFailure {
+    /// Refused before writing anything: the transaction is unharmed.
+    Refused(AppendError),
+    /// Failed after writing part of itself: the transaction must be rolled back.
+    Partial(AppendError),
+}
+
+use JobFailure::{Partial, Refused};
+
+/// Decides how long the writer waits for a group to fill before committing.
+///
+/// Right after a commit, the callers it acknowledged come back with their next
+/// appends one by one; committing as soon as the first arrives would split them
+/// into a small group and a large one, doubling the fsyncs. So when the last groups
+/// were larger than what is queued now, the writer waits a little for the rest:
+/// at most half the last commit's duration, which bounds the added latency by the
+/// fsync it saves. With one caller the expected group is 1 and it never waits.
+#[derive(Default)]
+struct GroupPacer {
+    recent_groups: [usize; 2],
+    last_commit: Duration,
+}
+
+impl GroupPacer {
+    const MAX_PATIENCE: Duration = Duration::from_millis(2);
+
+    fn expected_group(&self) -> usize {
+        self.recent_groups[0].max(self.recent_groups[1])
+    }
+
+    fn patience(&self) -> Duration {
+        (self.last_commit / 2).min(Self::MAX_PATIENCE)
+    }
+
+    fn record(&mut self, appends: usize, commit: Duration) {
+        self.recent_groups = [appends, self.recent_groups[0]];
+        self.last_commit = commit;
+    }
+}
+
+/// Checks and inserts one append. Refusals happen before any write.
+fn write_append(
+    connection: &Connection,
+    append: &PreparedAppend,
+    first_position: i64,
+    recorded_at: Timestamp,
+) -> Result<Written, JobFailure> {
+    let request = &append.request;
+    if let Some(key) = &request.idempotency_key {
+        let first: Option<(String, i64, i64)> = connection
+            .prepare_cached(
+                "SELECT stream_id, first_position, last_position FROM idempotency WHERE key = ?1",
+            )
+            .and_then(|mut statement| {
+                statement
+                    .query_row(params![key], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))
+                    .optional()
+            })
+            .map_err(|error| Refused(backend("looking up an idempotency key", error).into()))?;
+        if let Some((first_stream, first, last)) = first {
+            if first_stream != request.stream.as_str() {
+                let first_stream = StreamId::new(first_stream).map_err(|error| {
+                    Refused(BackendError::msg(format!("corrupt idempotency entry: {error}")).into())
+                })?;
+                return Err(Refused(AppendError::IdempotencyKeyReused {
+                    key: key.clone(),
+                    first_stream,
+                    stream: request.stream.clone(),
+                }));
+            }
+            let events = events_between(connection, first, last).map_err(|error| Refused(error.into()))?;
+            return Ok(Written::Repeat(events));
+        }
+    }
+    let actual: i64 = connection
+        .prepare_cached("SELECT COALESCE(MAX(version), 0) FROM events WHERE stream_id = ?1")
+        .and_then(|mut statement| statement.query_row(params![request.stream.as_str()], |row| row.get(0)))
+        .map_err(|error| Refused(backend("reading a stream version", error).into()))?;
+    let actual = actual as u64;
+    if !request.expected.admits(actual) {
+        return Err(Refused(AppendError::Conflict {
+            stream: request.stream.clone(),
+            expected: request.expected,
+            actual,
+        }));
+    }
+    let mut insert = connection
+        .prepare_cached(
+            "INSERT INTO events (position, stream_id, version, event_id, event_type, \
+             schema_version, payload, metadata, recorded_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+        )
+        .map_err(|error| Refused(backend("preparing the event insert", error).into()))?;
+    for (offset, ((event, payload), metadata)) in request
+        .events
+        .iter()
+        .zip(&append.payloads)
+        .zip(&append.metadata)
+        .enumerate()
+    {
+        let inserted = insert.execute(params![
+            first_position + offset as i64,
+            request.stream.as_str(),
+            to_sql_int(actual + offset as u64 + 1),
+            event.event_id.as_bytes().as_slice(),
+            event.event_type,
+            event.schema_version,
+            payload,
+            metadata,
+            recorded_at.as_unix_micros(),
+        ]);
+        if let Err(error) = inserted {
+            let is_unique_violation = matches!(
+                &error,
+                rusqlite::Error::SqliteFailure(failure, _)
+                    if failure.code == ErrorCode::ConstraintViolation
+                        && failure.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE
+            );
+            // The first insert of an append writes nothing when it fails, but later
+            // ones leave their predecessors behind: either way, roll back to be safe.
+            return Err(Partial(if is_unique_violation {
+                AppendError::DuplicateEventId {
+                    event_id: event.event_id,
+                }
+            } else {
+                AppendError::Backend(backend("inserting an event", error))
+            }));
+        }
+    }
+    let count = request.events.len();
+    if let Some(key) = &request.idempotency_key {
+        connection
+            .prepare_cached(
+                "INSERT INTO idempotency (key, stream_id, first_position, last_position) \
+                 VALUES (?1, ?2, ?3, ?4)",
+            )
+            .and_then(|mut statement| {
+                statement.execute(params![
+                    key,
+                    request.stream.as_str(),
+                    first_position,
+                    first_position + count as i64 - 1
+                ])
+            })
+            .map_err(|error| Partial(backend("recording an idempotency key", error).into()))?;
+    }
+    Ok(Written::Events {
+        first_position,
+        first_version: actual + 1,
+        count,
+    })
+}
+
+/// Turns what was written into the caller's outcome, moving the events' payloads
+/// rather than copying them.
+fn finish_append(append: PreparedAppend, written: Written, recorded_at: Timestamp) -> AppendOutcome {
+    match written {
+        Written::Repeat(events) => AppendOutcome {
+            events,
+            deduplicated: true,
+        },
+        Written::Events {
+            first_position,
+            first_version,
+            ..
+        } => {
+            let stream = append.request.stream;
+            let events = append
+                .request
+                .events
+                .into_iter()
+                .enumerate()
+                .map(|(offset, event)| RecordedEvent {
+                    event_id: event.event_id,
+                    stream_id: stream.clone(),
+                    stream_version: first_version + offset as u64,
+                    position: Position((first_position + offset as i64) as u64),
+                    recorded_at,
+                    event_type: event.event_type,
+                    schema_version: event.schema_version,
+                    payload: event.payload,
+                    metadata: event.metadata,
+                })
+                .collect();
+            AppendOutcome {
+                events,
+                deduplicated: false,
+            }
+        }
+        Written::Snapshot => AppendOutcome {
+            events: Vec::new(),
+            deduplicated: false,
+        },
+    }
+}
+
+fn save_snapshot(connection: &Connection, snapshot: &Snapshot) -> Result<(), BackendError> {
+    connection
+        .prepare_cached(
+            "INSERT INTO snapshots (stream_id, version, state_version, state, taken_at) \
+             VALUES (?1, ?2, ?3, ?4, ?5) \
+             ON CONFLICT (stream_id) DO UPDATE SET version = excluded.version, \
+             state_version = excluded.state_version, state = excluded.state, \
+             taken_at = excluded.taken_at",
+        )
+        .and_then(|mut statement| {
+            statement.execute(params![
+                snapshot.stream.as_str(),
+                to_sql_int(snapshot.version),
+                snapshot.state_version,
+                snapshot.state.to_string(),
+                snapshot.taken_at.as_unix_micros(),
+            ])
+        })
+        .map(|_| ())
+        .map_err(|error| backend("saving a snapshot", error))
+}

@@ -1,0 +1,98 @@
+//! Opening files: diptych's own, a stranger's, a newer diptych's. A refused file is
+//! never written to.
+
+use std::path::Path;
+
+use diptych_core::{AppendRequest, EventStore, ExpectedVersion, NewEvent, StreamId, StreamRead};
+use diptych_sqlite::{OpenError, SCHEMA_VERSION, SqliteStore};
+use serde_json::json;
+
+fn file_bytes(path: &Path) -> Vec<u8> {
+    std::fs::read(path).unwrap()
+}
+
+#[test]
+fn a_file_that_is_not_sqlite_is_refused_untouched() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("notes.txt");
+    let garbage: Vec<u8> = (0..8192u32).map(|i| (i * 7 % 251) as u8).collect();
+    std::fs::write(&path, &garbage).unwrap();
+
+    let error = SqliteStore::open(&path).err().expect("garbage must be refused");
+
+    assert!(matches!(error, OpenError::NotDiptychDatabase { .. }), "{error}");
+    assert!(error.to_string().contains("not an SQLite database"), "{error}");
+    assert_eq!(file_bytes(&path), garbage);
+}
+
+#[test]
+fn another_applications_sqlite_database_is_refused_untouched() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("other.db");
+    {
+        let connection = rusqlite::Connection::open(&path).unwrap();
+        connection
+            .execute_batch("CREATE TABLE invoices (id INTEGER PRIMARY KEY); INSERT INTO invoices VALUES (1);")
+            .unwrap();
+    }
+    let before = file_bytes(&path);
+
+    let error = SqliteStore::open(&path).err().expect("a foreign database must be refused");
+
+    assert!(matches!(error, OpenError::NotDiptychDatabase { .. }), "{error}");
+    assert_eq!(file_bytes(&path), before);
+    assert!(!dir.path().join("other.db-wal").exists(), "no WAL may be created");
+}
+
+#[test]
+fn a_database_from_a_newer_diptych_is_refused_untouched() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store.db");
+    drop(SqliteStore::open(&path).unwrap());
+    {
+        let connection = rusqlite::Connection::open(&path).unwrap();
+        connection
+            .execute_batch(&format!(
+                "PRAGMA user_version = {}; PRAGMA wal_checkpoint(TRUNCATE); PRAGMA journal_mode = DELETE;",
+                SCHEMA_VERSION + 1
+            ))
+            .unwrap();
+    }
+    let before = file_bytes(&path);
+
+    let error = SqliteStore::open(&path).err().expect("a newer schema must be refused");
+
+    match &error {
+        OpenError::NewerSchema { found, supported, .. } => {
+            assert_eq!(*found, SCHEMA_VERSION + 1);
+            assert_eq!(*supported, SCHEMA_VERSION);
+        }
+        other => panic!("expected NewerSchema, got {other}"),
+    }
+    assert!(error.to_string().contains("upgrade diptych"), "{error}");
+    assert_eq!(file_bytes(&path), before);
+}
+
+#[tokio::test]
+async fn events_survive_closing_and_reopening() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("nested/dir/store.db");
+    let stream = StreamId::new("order-1").unwrap();
+    {
+        let store = SqliteStore::open(&path).unwrap();
+        let events = vec![NewEvent::new("OrderPlaced", json!({"total_cents": 1250}))];
+        store
+            .append(AppendRequest::new(stream.clone(), ExpectedVersion::NoStream, events))
+            .await
+            .unwrap();
+    }
+    let store = SqliteStore::open(&path).unwrap();
+    let events = store
+        .read_stream(StreamRead::forward(stream, 1, 10))
+        .await
+        .unwrap();
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].payload, json!({"total_cents": 1250}));
+    assert_eq!(store.head().await.unwrap().0, 1);
+    assert_eq!(*store.head_watch().borrow(), diptych_core::Position(1));
+}

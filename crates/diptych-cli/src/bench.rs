@@ -88,8 +88,9 @@ pub async fn run_append(
                 };
                 let store_path = directory.join(format!("bench-store-{run}.db"));
                 let floor_path = directory.join(format!("bench-floor-{run}.db"));
-                let through_store = measure_store(&store_path, scenario, config.duration).await?;
-                let floor = measure_floor(&floor_path, scenario, config.duration)?;
+                let (through_store, floor) =
+                    measure_alternating(&store_path, &floor_path, scenario, config.duration)
+                        .await?;
                 remove_database(&store_path);
                 remove_database(&floor_path);
                 report(&AppendBenchResult {
@@ -159,39 +160,61 @@ fn payload_template() -> serde_json::Value {
     })
 }
 
-async fn measure_store(path: &Path, scenario: Scenario, duration: Duration) -> Result<Measured> {
+/// Alternates short slices of the store and the floor, so that both see the same
+/// disk and the same neighbours: a disk that slows down for a second slows both.
+const SLICES: u32 = 6;
+
+async fn measure_alternating(
+    store_path: &Path,
+    floor_path: &Path,
+    scenario: Scenario,
+    duration: Duration,
+) -> Result<(Measured, Measured)> {
     let store: Arc<dyn EventStore> = Arc::new(
-        SqliteStore::open(path).with_context(|| format!("opening {}", path.display()))?,
+        SqliteStore::open(store_path)
+            .with_context(|| format!("opening {}", store_path.display()))?,
     );
-    let started = Instant::now();
-    let deadline = started + duration;
-    let tasks: Vec<_> = (0..scenario.writers)
-        .map(|writer| {
-            let store = Arc::clone(&store);
-            tokio::spawn(async move { append_until(store, scenario, writer, deadline).await })
-        })
-        .collect();
-    let mut latencies = Vec::new();
-    let mut events = 0;
-    for task in tasks {
-        let (task_events, task_latencies) = task.await.context("a bench writer panicked")??;
-        events += task_events;
-        latencies.extend(task_latencies);
+    let mut floor = Floor::open(floor_path, scenario)?;
+    let slice = duration / SLICES;
+    let mut store_events = 0;
+    let mut store_latencies = Vec::new();
+    let mut store_elapsed = Duration::ZERO;
+    for round in 0..SLICES {
+        let started = Instant::now();
+        let deadline = started + slice;
+        let tasks: Vec<_> = (0..scenario.writers)
+            .map(|writer| {
+                let store = Arc::clone(&store);
+                tokio::spawn(
+                    async move { append_until(store, scenario, round, writer, deadline).await },
+                )
+            })
+            .collect();
+        for task in tasks {
+            let (events, latencies) = task.await.context("a bench writer panicked")??;
+            store_events += events;
+            store_latencies.extend(latencies);
+        }
+        store_elapsed += started.elapsed();
+        floor.run_for(slice)?;
     }
-    let elapsed = started.elapsed();
-    Ok(Measured::from_samples(events, elapsed, latencies))
+    Ok((
+        Measured::from_samples(store_events, store_elapsed, store_latencies),
+        floor.measured(),
+    ))
 }
 
 async fn append_until(
     store: Arc<dyn EventStore>,
     scenario: Scenario,
+    round: u32,
     writer: usize,
     deadline: Instant,
 ) -> Result<(usize, Vec<u64>)> {
     let stream = if scenario.hot {
-        StreamId::new("bench-hot")?
+        StreamId::new(format!("bench-hot-{round}"))?
     } else {
-        StreamId::new(format!("bench-{writer}"))?
+        StreamId::new(format!("bench-{round}-{writer}"))?
     };
     let mut version = 0;
     let mut events = 0;
@@ -218,78 +241,96 @@ async fn append_until(
 }
 
 /// The floor: the same rows, same schema, same durability, batched, no store.
-fn measure_floor(path: &Path, scenario: Scenario, duration: Duration) -> Result<Measured> {
-    // Let the store create the schema so the floor writes into exactly the same
-    // tables and indexes.
-    drop(SqliteStore::open(path).with_context(|| format!("opening {}", path.display()))?);
-    let mut connection = rusqlite::Connection::open(path)?;
-    connection.execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL;")?;
-    let rows_per_transaction = scenario.writers * scenario.events_per_append;
-    let mut versions = vec![0i64; scenario.writers];
-    let mut hot_version = 0i64;
-    let mut position = 0i64;
-    let payload = payload_template().to_string();
-    let mut latencies = Vec::new();
-    let mut events = 0;
-    // Only time inside transactions counts, so the floor is the database's own
-    // speed, with row preparation excluded: a strict floor.
-    let mut busy = Duration::ZERO;
-    let deadline = Instant::now() + duration;
-    while Instant::now() < deadline {
-        // Prepared outside the timed part, as the store's callers serialize
-        // payloads before the writer sees them.
-        let mut rows = Vec::with_capacity(rows_per_transaction);
-        for writer in 0..scenario.writers {
-            for _ in 0..scenario.events_per_append {
-                position += 1;
-                let (stream, version) = if scenario.hot {
-                    hot_version += 1;
-                    ("bench-hot".to_owned(), hot_version)
-                } else {
-                    versions[writer] += 1;
-                    (format!("bench-{writer}"), versions[writer])
-                };
-                rows.push((
-                    position,
-                    stream,
-                    version,
-                    uuid::Uuid::now_v7(),
-                    payload.clone(),
-                ));
-            }
-        }
-        let transaction_started = Instant::now();
-        let transaction = connection.transaction()?;
-        {
-            let mut insert = transaction.prepare_cached(
-                "INSERT INTO events (position, stream_id, version, event_id, event_type, \
-                 schema_version, payload, metadata, recorded_at) \
-                 VALUES (?1, ?2, ?3, ?4, 'OrderPlaced', 1, ?5, '{}', ?6)",
-            )?;
-            let recorded_at = Timestamp::now().as_unix_micros();
-            for (position, stream, version, event_id, payload) in &rows {
-                insert.execute(rusqlite::params![
-                    position,
-                    stream,
-                    version,
-                    event_id.as_bytes().as_slice(),
-                    payload,
-                    recorded_at
-                ])?;
-            }
-        }
-        transaction.commit()?;
-        let elapsed = transaction_started.elapsed();
-        busy += elapsed;
-        // Every writer's append in this round waited for this one transaction.
-        latencies.extend(std::iter::repeat_n(elapsed.as_micros() as u64, scenario.writers));
-        events += rows.len();
+struct Floor {
+    connection: rusqlite::Connection,
+    scenario: Scenario,
+    payload: String,
+    versions: Vec<i64>,
+    hot_version: i64,
+    position: i64,
+    latencies: Vec<u64>,
+    events: usize,
+    /// Only time inside transactions counts, so the floor is the database's own
+    /// speed with row preparation excluded: a strict floor.
+    busy: Duration,
+}
+
+impl Floor {
+    fn open(path: &Path, scenario: Scenario) -> Result<Self> {
+        // Let the store create the schema so the floor writes into exactly the
+        // same tables and indexes.
+        drop(SqliteStore::open(path).with_context(|| format!("opening {}", path.display()))?);
+        let connection = rusqlite::Connection::open(path)?;
+        connection.execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL;")?;
+        Ok(Self {
+            connection,
+            scenario,
+            payload: payload_template().to_string(),
+            versions: vec![0; scenario.writers],
+            hot_version: 0,
+            position: 0,
+            latencies: Vec::new(),
+            events: 0,
+            busy: Duration::ZERO,
+        })
     }
-    let mut measured = Measured::from_samples(events, busy, latencies);
-    // One operation of the floor is one writer's share of a transaction.
-    measured.operations_per_sec = events as f64 / scenario.events_per_append as f64
-        / busy.as_secs_f64().max(f64::EPSILON);
-    Ok(measured)
+
+    fn run_for(&mut self, duration: Duration) -> Result<()> {
+        let scenario = self.scenario;
+        let deadline = Instant::now() + duration;
+        while Instant::now() < deadline {
+            // Prepared outside the timed part, as the store's callers serialize
+            // payloads before the writer sees them.
+            let mut rows = Vec::with_capacity(scenario.writers * scenario.events_per_append);
+            for writer in 0..scenario.writers {
+                for _ in 0..scenario.events_per_append {
+                    self.position += 1;
+                    let (stream, version) = if scenario.hot {
+                        self.hot_version += 1;
+                        ("bench-hot".to_owned(), self.hot_version)
+                    } else {
+                        self.versions[writer] += 1;
+                        (format!("bench-{writer}"), self.versions[writer])
+                    };
+                    rows.push((self.position, stream, version, uuid::Uuid::now_v7()));
+                }
+            }
+            let transaction_started = Instant::now();
+            let transaction = self.connection.transaction()?;
+            {
+                let mut insert = transaction.prepare_cached(
+                    "INSERT INTO events (position, stream_id, version, event_id, event_type, \
+                     schema_version, payload, metadata, recorded_at) \
+                     VALUES (?1, ?2, ?3, ?4, 'OrderPlaced', 1, ?5, '{}', ?6)",
+                )?;
+                let recorded_at = Timestamp::now().as_unix_micros();
+                for (position, stream, version, event_id) in &rows {
+                    insert.execute(rusqlite::params![
+                        position,
+                        stream,
+                        version,
+                        event_id.as_bytes().as_slice(),
+                        self.payload,
+                        recorded_at
+                    ])?;
+                }
+            }
+            transaction.commit()?;
+            let elapsed = transaction_started.elapsed();
+            self.busy += elapsed;
+            // Every writer's append in this round waited for this one transaction.
+            self.latencies.extend(std::iter::repeat_n(
+                elapsed.as_micros() as u64,
+                scenario.writers,
+            ));
+            self.events += rows.len();
+        }
+        Ok(())
+    }
+
+    fn measured(self) -> Measured {
+        Measured::from_samples(self.events, self.busy, self.latencies)
+    }
 }
 
 fn remove_database(path: &Path) {

@@ -123,7 +123,14 @@ async fn run(cli: Cli) -> Result<()> {
             if !json {
                 println!(
                     "{:>7} {:>6} {:>5} {:>12} {:>9} {:>9} {:>12} {:>6}",
-                    "writers", "events", "streams", "events/s", "p50 us", "p99 us", "floor ev/s", "ratio"
+                    "writers",
+                    "events",
+                    "streams",
+                    "events/s",
+                    "p50 us",
+                    "p99 us",
+                    "floor ev/s",
+                    "ratio"
                 );
             }
             bench::run_append(&config, |result| {

@@ -377,7 +377,13 @@ mod tests {
         let upcasters = Upcasters::new().add("Circle", 1, |_| Err("no radius".to_owned()));
         let codec = EventCodec::<Shape>::new(upcasters);
         let error = codec.decode(&stored("Circle", 1, json!({}))).unwrap_err();
-        assert!(matches!(error, DecodeError::UpcastFailed { from_version: 1, .. }));
+        assert!(matches!(
+            error,
+            DecodeError::UpcastFailed {
+                from_version: 1,
+                ..
+            }
+        ));
     }
 
     #[test]

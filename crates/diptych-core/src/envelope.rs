@@ -206,12 +206,16 @@ impl NewEvent {
 
     /// An event whose payload arrives as JSON text (from a wire or a file). Text that
     /// is not JSON is refused here, before anything reaches a store.
-    pub fn from_json_text(event_type: impl Into<String>, payload: &str) -> Result<Self, InvalidEvent> {
+    pub fn from_json_text(
+        event_type: impl Into<String>,
+        payload: &str,
+    ) -> Result<Self, InvalidEvent> {
         let event_type = event_type.into();
-        let payload = serde_json::from_str(payload).map_err(|source| InvalidEvent::PayloadNotJson {
-            event_type: event_type.clone(),
-            reason: source.to_string(),
-        })?;
+        let payload =
+            serde_json::from_str(payload).map_err(|source| InvalidEvent::PayloadNotJson {
+                event_type: event_type.clone(),
+                reason: source.to_string(),
+            })?;
         Ok(Self::new(event_type, payload))
     }
 

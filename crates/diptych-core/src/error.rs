@@ -84,7 +84,9 @@ impl BackendError {
 #[non_exhaustive]
 pub enum AppendError {
     /// The stream was not at the expected version. Reload and decide again.
-    #[error("version conflict on `{stream}`: expected {expected}, but the stream is at version {actual}")]
+    #[error(
+        "version conflict on `{stream}`: expected {expected}, but the stream is at version {actual}"
+    )]
     Conflict {
         /// The stream.
         stream: StreamId,
@@ -100,7 +102,9 @@ pub enum AppendError {
         stream: StreamId,
     },
     /// The idempotency key was first used for another stream.
-    #[error("idempotency key `{key}` was already used for stream `{first_stream}`, not `{stream}`: use a fresh key per command")]
+    #[error(
+        "idempotency key `{key}` was already used for stream `{first_stream}`, not `{stream}`: use a fresh key per command"
+    )]
     IdempotencyKeyReused {
         /// The key.
         key: String,
@@ -160,7 +164,9 @@ pub enum SnapshotError {
 #[non_exhaustive]
 pub enum DecodeError {
     /// No variant of the event enum has this name.
-    #[error("unknown event type `{event_type}` at `{stream}` version {version}: add it to the event enum or register an upcaster that renames it")]
+    #[error(
+        "unknown event type `{event_type}` at `{stream}` version {version}: add it to the event enum or register an upcaster that renames it"
+    )]
     UnknownEventType {
         /// The stored type name.
         event_type: String,
@@ -170,7 +176,9 @@ pub enum DecodeError {
         version: u64,
     },
     /// The payload does not fit the type.
-    #[error("payload of `{event_type}` at `{stream}` version {version} does not match its type: {reason}")]
+    #[error(
+        "payload of `{event_type}` at `{stream}` version {version} does not match its type: {reason}"
+    )]
     InvalidPayload {
         /// The type name.
         event_type: String,
@@ -182,7 +190,9 @@ pub enum DecodeError {
         reason: String,
     },
     /// The event was written by newer code than this.
-    #[error("`{event_type}` at `{stream}` version {version} has schema version {found}, newer than the {current} this code knows: upgrade the application")]
+    #[error(
+        "`{event_type}` at `{stream}` version {version} has schema version {found}, newer than the {current} this code knows: upgrade the application"
+    )]
     FutureSchemaVersion {
         /// The type name.
         event_type: String,

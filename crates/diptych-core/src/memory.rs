@@ -51,7 +51,9 @@ impl MemoryStore {
     fn lock(&self) -> MutexGuard<'_, Inner> {
         // A panic while holding the lock cannot leave a half-done append behind
         // (appends mutate only after every check), so a poisoned lock is still sound.
-        self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.inner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
@@ -64,7 +66,9 @@ impl Inner {
     }
 
     fn version_of(&self, stream: &StreamId) -> u64 {
-        self.streams.get(stream).map_or(0, |indexes| indexes.len() as u64)
+        self.streams
+            .get(stream)
+            .map_or(0, |indexes| indexes.len() as u64)
     }
 }
 
@@ -175,7 +179,9 @@ impl EventStore for MemoryStore {
         limit: usize,
     ) -> Result<Vec<RecordedEvent>, ReadError> {
         let inner = self.lock();
-        let start = usize::try_from(after.0).unwrap_or(usize::MAX).min(inner.log.len());
+        let start = usize::try_from(after.0)
+            .unwrap_or(usize::MAX)
+            .min(inner.log.len());
         Ok(inner.log[start..].iter().take(limit).cloned().collect())
     }
 
@@ -192,7 +198,9 @@ impl EventStore for MemoryStore {
     }
 
     async fn save_snapshot(&self, snapshot: Snapshot) -> Result<(), SnapshotError> {
-        self.lock().snapshots.insert(snapshot.stream.clone(), snapshot);
+        self.lock()
+            .snapshots
+            .insert(snapshot.stream.clone(), snapshot);
         Ok(())
     }
 }

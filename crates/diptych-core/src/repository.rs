@@ -10,7 +10,9 @@ use crate::aggregate::Aggregate;
 use crate::codec::EventCodec;
 use crate::envelope::{Metadata, Position, RecordedEvent, StreamId, Timestamp};
 use crate::error::{AppendError, CommandError, LoadError, ReadError};
-use crate::store::{AppendOutcome, AppendRequest, EventStore, ExpectedVersion, Snapshot, StreamRead};
+use crate::store::{
+    AppendOutcome, AppendRequest, EventStore, ExpectedVersion, Snapshot, StreamRead,
+};
 
 /// How many events a load reads per round trip.
 const LOAD_PAGE: usize = 512;
@@ -201,7 +203,10 @@ impl<A: Aggregate> Repository<A> {
                     }));
                 }
             }
-            let decided = loaded.state.decide(command).map_err(CommandError::Rejected)?;
+            let decided = loaded
+                .state
+                .decide(command)
+                .map_err(CommandError::Rejected)?;
             if decided.is_empty() {
                 return Ok(CommandOutcome {
                     stream,

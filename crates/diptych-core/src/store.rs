@@ -3,7 +3,7 @@
 //! # Contract
 //!
 //! A backend is correct when the conformance suite (`testkit`, run with
-//! [`crate::event_store_conformance!`]) passes. In words:
+//! `diptych_core::event_store_conformance!`) passes. In words:
 //!
 //! 1. **Atomic appends.** [`EventStore::append`] writes all of its events or none.
 //!    Versions in a stream are 1, 2, 3… with no gap and no duplicate, however many
@@ -20,6 +20,14 @@
 //!    back what is not yet safe to read.)
 //! 4. **Durability.** Once `append` returns `Ok`, the events survive a crash of the
 //!    process and of the machine.
+//!
+//! When an append breaks several rules, the one reported is the first of: its shape
+//! ([`check_append_shape`]), a repeated idempotency key (a repeat for the same
+//! stream wins over every later check), the expected version, then event id
+//! uniqueness (the first offending id in request order). [`MemoryStore`] is the
+//! reference for this order, and the property tests hold every backend to it.
+//!
+//! [`MemoryStore`]: crate::MemoryStore
 //!
 //! Reads of a stream that has no events fail with [`ReadError::StreamNotFound`].
 //! [`EventStore::head_watch`] wakes waiters whenever the readable head moves, so
@@ -204,8 +212,11 @@ pub trait EventStore: Send + Sync + 'static {
 
     /// Up to `limit` events of the global log with positions greater than `after`,
     /// in position order, holding back any not yet safe to read (see invariant 3).
-    async fn read_all(&self, after: Position, limit: usize)
-    -> Result<Vec<RecordedEvent>, ReadError>;
+    async fn read_all(
+        &self,
+        after: Position,
+        limit: usize,
+    ) -> Result<Vec<RecordedEvent>, ReadError>;
 
     /// The position of the last readable event (0 for an empty store).
     async fn head(&self) -> Result<Position, ReadError>;
@@ -229,7 +240,11 @@ pub fn check_append_shape(request: &AppendRequest) -> Result<(), AppendError> {
             stream: request.stream.clone(),
         });
     }
-    if request.events.iter().any(|event| event.event_type.is_empty()) {
+    if request
+        .events
+        .iter()
+        .any(|event| event.event_type.is_empty())
+    {
         return Err(InvalidEvent::EmptyEventType.into());
     }
     Ok(())

@@ -77,7 +77,10 @@ impl Subscription {
 
     /// Reads the next page into the buffer, waiting for a commit while there is none.
     async fn fill(&mut self) -> Result<(), ReadError> {
-        let read_from = self.buffer.back().map_or(self.after, |event| event.position);
+        let read_from = self
+            .buffer
+            .back()
+            .map_or(self.after, |event| event.position);
         loop {
             // Mark the current head as seen before reading: a commit that lands after
             // the read then still changes the watch and wakes the wait below.

@@ -82,7 +82,9 @@ where
         let expected: Vec<A::Event> = expected.into_iter().collect();
         match self.result {
             Ok(events) => assert_eq!(events, expected, "the command decided other events"),
-            Err(error) => panic!("expected events {expected:?}, but the command was rejected: {error}"),
+            Err(error) => {
+                panic!("expected events {expected:?}, but the command was rejected: {error}")
+            }
         }
     }
 
@@ -93,8 +95,13 @@ where
         A::Error: PartialEq + Debug,
     {
         match self.result {
-            Ok(events) => panic!("expected rejection {expected:?}, but the command decided {events:?}"),
-            Err(error) => assert_eq!(error, expected, "the command was rejected for another reason"),
+            Ok(events) => {
+                panic!("expected rejection {expected:?}, but the command decided {events:?}")
+            }
+            Err(error) => assert_eq!(
+                error, expected,
+                "the command was rejected for another reason"
+            ),
         }
     }
 

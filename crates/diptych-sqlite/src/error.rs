@@ -9,7 +9,9 @@ use diptych_core::BackendError;
 #[non_exhaustive]
 pub enum OpenError {
     /// The file exists but is not a diptych database.
-    #[error("{path} is not a diptych database ({reason}): point diptych at another file or an empty directory")]
+    #[error(
+        "{path} is not a diptych database ({reason}): point diptych at another file or an empty directory"
+    )]
     NotDiptychDatabase {
         /// The file.
         path: PathBuf,
@@ -17,7 +19,9 @@ pub enum OpenError {
         reason: String,
     },
     /// The file was written by a newer diptych with a schema this build cannot read.
-    #[error("{path} has schema version {found}, newer than the {supported} this build of diptych knows: upgrade diptych to open it")]
+    #[error(
+        "{path} has schema version {found}, newer than the {supported} this build of diptych knows: upgrade diptych to open it"
+    )]
     NewerSchema {
         /// The file.
         path: PathBuf,

@@ -66,7 +66,12 @@ pub fn check_identity(connection: &Connection, path: &Path) -> Result<(), OpenEr
                 reason: "the file is not an SQLite database".to_owned(),
             });
         }
-        Err(error) => return Err(OpenError::Backend(backend("reading the database header", error))),
+        Err(error) => {
+            return Err(OpenError::Backend(backend(
+                "reading the database header",
+                error,
+            )));
+        }
     };
     let is_fresh = application_id == 0 && objects == 0;
     if !is_fresh && application_id != APPLICATION_ID {
@@ -103,7 +108,10 @@ pub fn migrate(connection: &mut Connection) -> Result<(), OpenError> {
             transaction.commit()
         };
         apply(connection).map_err(|error| {
-            OpenError::Backend(backend(format!("migrating the schema to version {target}"), error))
+            OpenError::Backend(backend(
+                format!("migrating the schema to version {target}"),
+                error,
+            ))
         })?;
     }
     Ok(())

@@ -70,7 +70,10 @@ impl SqliteStore {
     /// whose schema is newer than this build's.
     pub fn open_with(path: impl AsRef<Path>, config: SqliteConfig) -> Result<Self, OpenError> {
         let path = path.as_ref().to_owned();
-        if let Some(parent) = path.parent().filter(|parent| !parent.as_os_str().is_empty()) {
+        if let Some(parent) = path
+            .parent()
+            .filter(|parent| !parent.as_os_str().is_empty())
+        {
             std::fs::create_dir_all(parent).map_err(|error| {
                 BackendError::with_source(format!("creating directory {}", parent.display()), error)
             })?;
@@ -178,13 +181,20 @@ impl ReaderPool {
         &self,
         work: impl FnOnce(&Connection) -> Result<T, ReadError>,
     ) -> Result<T, ReadError> {
-        let idle = self.idle.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).pop();
+        let idle = self
+            .idle
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .pop();
         let connection = match idle {
             Some(connection) => connection,
             None => self.open()?,
         };
         let result = work(&connection);
-        let mut idle = self.idle.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut idle = self
+            .idle
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         if idle.len() < self.keep {
             idle.push(connection);
         }
@@ -220,7 +230,9 @@ impl EventStore for SqliteStore {
         let key = key.to_owned();
         self.read(move |connection| {
             let range: Option<(i64, i64)> = connection
-                .prepare_cached("SELECT first_position, last_position FROM idempotency WHERE key = ?1")
+                .prepare_cached(
+                    "SELECT first_position, last_position FROM idempotency WHERE key = ?1",
+                )
                 .and_then(|mut statement| {
                     statement
                         .query_row(params![key], |row| Ok((row.get(0)?, row.get(1)?)))
@@ -328,7 +340,10 @@ impl EventStore for SqliteStore {
                     return Ok(None);
                 };
                 let state = serde_json::from_str(&state).map_err(|error| {
-                    BackendError::with_source(format!("the snapshot of `{stream}` is corrupt"), error)
+                    BackendError::with_source(
+                        format!("the snapshot of `{stream}` is corrupt"),
+                        error,
+                    )
                 })?;
                 Ok(Some(Snapshot {
                     stream,

@@ -148,7 +148,12 @@ impl Writer {
         }
     }
 
-    fn reply(&self, jobs: Vec<Job>, results: Vec<Result<Written, AppendError>>, recorded_at: Timestamp) {
+    fn reply(
+        &self,
+        jobs: Vec<Job>,
+        results: Vec<Result<Written, AppendError>>,
+        recorded_at: Timestamp,
+    ) {
         let mut new_head = None;
         for (job, result) in jobs.into_iter().zip(results) {
             match job {
@@ -384,7 +389,9 @@ fn write_append(
             )
             .and_then(|mut statement| {
                 statement
-                    .query_row(params![key], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))
+                    .query_row(params![key], |row| {
+                        Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+                    })
                     .optional()
             })
             .map_err(|error| Refused(backend("looking up an idempotency key", error).into()))?;
@@ -399,13 +406,16 @@ fn write_append(
                     stream: request.stream.clone(),
                 }));
             }
-            let events = events_between(connection, first, last).map_err(|error| Refused(error.into()))?;
+            let events =
+                events_between(connection, first, last).map_err(|error| Refused(error.into()))?;
             return Ok(Written::Repeat(events));
         }
     }
     let actual: i64 = connection
         .prepare_cached("SELECT COALESCE(MAX(version), 0) FROM events WHERE stream_id = ?1")
-        .and_then(|mut statement| statement.query_row(params![request.stream.as_str()], |row| row.get(0)))
+        .and_then(|mut statement| {
+            statement.query_row(params![request.stream.as_str()], |row| row.get(0))
+        })
         .map_err(|error| Refused(backend("reading a stream version", error).into()))?;
     let actual = actual as u64;
     if !request.expected.admits(actual) {
@@ -484,7 +494,11 @@ fn write_append(
 
 /// Turns what was written into the caller's outcome, moving the events' payloads
 /// rather than copying them.
-fn finish_append(append: PreparedAppend, written: Written, recorded_at: Timestamp) -> AppendOutcome {
+fn finish_append(
+    append: PreparedAppend,
+    written: Written,
+    recorded_at: Timestamp,
+) -> AppendOutcome {
     match written {
         Written::Repeat(events) => AppendOutcome {
             events,

@@ -18,10 +18,18 @@ fn a_file_that_is_not_sqlite_is_refused_untouched() {
     let garbage: Vec<u8> = (0..8192u32).map(|i| (i * 7 % 251) as u8).collect();
     std::fs::write(&path, &garbage).unwrap();
 
-    let error = SqliteStore::open(&path).err().expect("garbage must be refused");
+    let error = SqliteStore::open(&path)
+        .err()
+        .expect("garbage must be refused");
 
-    assert!(matches!(error, OpenError::NotDiptychDatabase { .. }), "{error}");
-    assert!(error.to_string().contains("not an SQLite database"), "{error}");
+    assert!(
+        matches!(error, OpenError::NotDiptychDatabase { .. }),
+        "{error}"
+    );
+    assert!(
+        error.to_string().contains("not an SQLite database"),
+        "{error}"
+    );
     assert_eq!(file_bytes(&path), garbage);
 }
 
@@ -32,16 +40,26 @@ fn another_applications_sqlite_database_is_refused_untouched() {
     {
         let connection = rusqlite::Connection::open(&path).unwrap();
         connection
-            .execute_batch("CREATE TABLE invoices (id INTEGER PRIMARY KEY); INSERT INTO invoices VALUES (1);")
+            .execute_batch(
+                "CREATE TABLE invoices (id INTEGER PRIMARY KEY); INSERT INTO invoices VALUES (1);",
+            )
             .unwrap();
     }
     let before = file_bytes(&path);
 
-    let error = SqliteStore::open(&path).err().expect("a foreign database must be refused");
+    let error = SqliteStore::open(&path)
+        .err()
+        .expect("a foreign database must be refused");
 
-    assert!(matches!(error, OpenError::NotDiptychDatabase { .. }), "{error}");
+    assert!(
+        matches!(error, OpenError::NotDiptychDatabase { .. }),
+        "{error}"
+    );
     assert_eq!(file_bytes(&path), before);
-    assert!(!dir.path().join("other.db-wal").exists(), "no WAL may be created");
+    assert!(
+        !dir.path().join("other.db-wal").exists(),
+        "no WAL may be created"
+    );
 }
 
 #[test]
@@ -60,10 +78,14 @@ fn a_database_from_a_newer_diptych_is_refused_untouched() {
     }
     let before = file_bytes(&path);
 
-    let error = SqliteStore::open(&path).err().expect("a newer schema must be refused");
+    let error = SqliteStore::open(&path)
+        .err()
+        .expect("a newer schema must be refused");
 
     match &error {
-        OpenError::NewerSchema { found, supported, .. } => {
+        OpenError::NewerSchema {
+            found, supported, ..
+        } => {
             assert_eq!(*found, SCHEMA_VERSION + 1);
             assert_eq!(*supported, SCHEMA_VERSION);
         }
@@ -82,7 +104,11 @@ async fn events_survive_closing_and_reopening() {
         let store = SqliteStore::open(&path).unwrap();
         let events = vec![NewEvent::new("OrderPlaced", json!({"total_cents": 1250}))];
         store
-            .append(AppendRequest::new(stream.clone(), ExpectedVersion::NoStream, events))
+            .append(AppendRequest::new(
+                stream.clone(),
+                ExpectedVersion::NoStream,
+                events,
+            ))
             .await
             .unwrap();
     }

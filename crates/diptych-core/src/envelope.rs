@@ -260,3 +260,58 @@ pub struct RecordedEvent {
     /// Ids and free key/values.
     pub metadata: Metadata,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_empty_stream_id_is_refused() {
+        assert_eq!(StreamId::new(""), Err(InvalidStreamId::Empty));
+    }
+
+    #[test]
+    fn a_stream_id_over_256_bytes_is_refused_with_its_length() {
+        // 129 two-byte characters: 258 bytes although only 129 characters.
+        let id = "é".repeat(129);
+        assert_eq!(
+            StreamId::new(id),
+            Err(InvalidStreamId::TooLong {
+                length: 258,
+                max: MAX_STREAM_ID_BYTES
+            })
+        );
+        assert!(StreamId::new("x".repeat(MAX_STREAM_ID_BYTES)).is_ok());
+    }
+
+    #[test]
+    fn an_invalid_stream_id_is_refused_when_deserialized_too() {
+        let error = serde_json::from_str::<StreamId>("\"\"").unwrap_err();
+        assert!(error.to_string().contains("stream id is empty"), "{error}");
+    }
+
+    #[test]
+    fn an_aggregate_stream_id_is_kind_dash_id_and_its_category_is_the_kind() {
+        let stream = StreamId::for_aggregate("order", "42-a").unwrap();
+        assert_eq!(stream.as_str(), "order-42-a");
+        assert_eq!(stream.category(), "order");
+    }
+
+    #[test]
+    fn payload_text_that_is_not_json_is_refused_naming_the_event_type() {
+        let error = NewEvent::from_json_text("OrderPlaced", "{\"total\": ").unwrap_err();
+        assert!(
+            matches!(&error, InvalidEvent::PayloadNotJson { event_type, .. } if event_type == "OrderPlaced"),
+            "{error:?}"
+        );
+        assert!(error.to_string().contains("not valid JSON"));
+    }
+
+    #[test]
+    fn timestamps_format_and_parse_as_rfc3339() {
+        let at = Timestamp::parse_rfc3339("2026-11-22T10:00:00.000250Z").unwrap();
+        assert_eq!(at.as_unix_micros(), 1_795_341_600_000_250);
+        assert_eq!(at.to_string(), "2026-11-22T10:00:00.00025Z");
+        assert!(Timestamp::parse_rfc3339("yesterday").is_err());
+    }
+}

@@ -28,6 +28,7 @@
 //! `schema.rs`.
 
 mod error;
+mod queue;
 mod rows;
 mod schema;
 mod store;

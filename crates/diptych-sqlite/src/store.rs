@@ -15,6 +15,7 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use tokio::sync::{Semaphore, oneshot, watch};
 
 use crate::error::{OpenError, backend};
+use crate::queue::{JobSender, job_queue};
 use crate::rows::{EVENT_COLUMNS, events_between, query_events, to_sql_int};
 use crate::schema;
 use crate::writer::{self, Job, PreparedAppend, Queued};
@@ -49,7 +50,7 @@ impl Default for SqliteConfig {
 /// connections on tokio's blocking threads, so they never wait for the writer.
 pub struct SqliteStore {
     path: PathBuf,
-    jobs: Option<std::sync::mpsc::Sender<Queued>>,
+    jobs: Option<JobSender>,
     /// Bounds the queue: a caller takes a slot before enqueueing and the writer
     /// frees it when done, so a flood of appends waits instead of piling up.
     queue_slots: Arc<Semaphore>,
@@ -92,7 +93,7 @@ impl SqliteStore {
                 .map_err(|error| backend("reading the head position", error))? as u64,
         );
         let head = watch::Sender::new(head);
-        let (jobs, receiver) = std::sync::mpsc::channel();
+        let (jobs, receiver) = job_queue();
         let writer = writer::spawn(
             connection,
             receiver,
@@ -223,7 +224,8 @@ impl EventStore for SqliteStore {
         let (reply, outcome) = oneshot::channel();
         let append = PreparedAppend::new(request);
         self.submit(Job::Append { append, reply }).await?;
-        outcome.await.map_err(|_| writer_gone())?
+        let (append, written) = outcome.await.map_err(|_| writer_gone())?;
+        Ok(append.finish(written?))
     }
 
     async fn find_idempotent_append(&self, key: &str) -> Result<Option<AppendOutcome>, ReadError> {

@@ -12,18 +12,19 @@
 //! roll back and write the group again without it. If the commit itself fails,
 //! every append in the group fails.
 
-use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::collections::HashMap;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use diptych_core::{
-    AppendError, AppendOutcome, AppendRequest, BackendError, Position, RecordedEvent, Snapshot,
-    SnapshotError, StreamId, Timestamp,
+    AppendError, AppendOutcome, AppendRequest, BackendError, Metadata, Position, RecordedEvent,
+    Snapshot, SnapshotError, StreamId, Timestamp,
 };
 use rusqlite::{Connection, ErrorCode, OptionalExtension, params};
 use tokio::sync::{OwnedSemaphorePermit, oneshot, watch};
 
 use crate::error::backend;
+use crate::queue::JobReceiver;
 use crate::rows::{events_between, to_sql_int};
 
 /// An append with its payloads already serialized by the caller's task, so the
@@ -48,7 +49,13 @@ impl PreparedAppend {
         let metadata = request
             .events
             .iter()
-            .map(|event| serde_json::to_string(&event.metadata).unwrap_or_else(|_| "{}".into()))
+            .map(|event| {
+                if event.metadata == Metadata::default() {
+                    "{}".to_owned()
+                } else {
+                    serde_json::to_string(&event.metadata).unwrap_or_else(|_| "{}".into())
+                }
+            })
             .collect();
         Self {
             request,
@@ -66,6 +73,11 @@ pub struct Queued {
     pub permit: OwnedSemaphorePermit,
 }
 
+/// Where the writer sends an append's result, handing the append back with it:
+/// the caller turns it into its outcome (and frees it) on its own task, keeping
+/// that work off the single writer thread.
+pub type AppendReply = oneshot::Sender<(PreparedAppend, Result<Written, AppendError>)>;
+
 /// Work for the writer thread.
 pub enum Job {
     /// Append and reply with the outcome once durable.
@@ -73,7 +85,7 @@ pub enum Job {
         /// The append.
         append: PreparedAppend,
         /// Where the outcome goes.
-        reply: oneshot::Sender<Result<AppendOutcome, AppendError>>,
+        reply: AppendReply,
     },
     /// Save a snapshot.
     SaveSnapshot {
@@ -96,7 +108,7 @@ impl Job {
 /// Starts the writer thread on `connection`.
 pub fn spawn(
     connection: Connection,
-    jobs: Receiver<Queued>,
+    jobs: JobReceiver,
     head: watch::Sender<Position>,
     max_group_events: usize,
 ) -> std::io::Result<JoinHandle<()>> {
@@ -119,9 +131,10 @@ struct Writer {
 }
 
 impl Writer {
-    fn run(self, jobs: Receiver<Queued>) {
+    fn run(self, jobs: JobReceiver) {
+        jobs.attach_to_current_thread();
         let mut pacer = GroupPacer::default();
-        while let Ok(first) = jobs.recv() {
+        while let Some(first) = jobs.recv() {
             // The group's transaction opens with its first append and takes the
             // others as they arrive, so inserting overlaps with callers preparing
             // their appends instead of waiting for all of them first.
@@ -129,42 +142,33 @@ impl Writer {
             group.push(&self.connection, first);
             let gather_until = Instant::now() + pacer.patience();
             while group.events < self.max_group_events {
-                let next = match jobs.try_recv() {
-                    Ok(queued) => Ok(queued),
-                    Err(_) if group.jobs.len() < pacer.expected_group() => {
-                        jobs.recv_timeout(gather_until.saturating_duration_since(Instant::now()))
-                    }
-                    Err(_) => Err(RecvTimeoutError::Timeout),
-                };
-                let Ok(queued) = next else { break };
-                group.push(&self.connection, queued);
+                if let Some(queued) = jobs.try_recv() {
+                    group.push(&self.connection, queued);
+                    continue;
+                }
+                let missing = pacer.expected_group().saturating_sub(group.jobs.len());
+                if missing == 0 || Instant::now() >= gather_until {
+                    break;
+                }
+                jobs.wait_for(missing, Some(gather_until));
             }
             let appends = group.jobs.len();
             let commit_started = Instant::now();
-            let recorded_at = group.recorded_at;
             let (jobs, results) = group.commit(&self.connection);
             pacer.record(appends, commit_started.elapsed());
-            self.reply(jobs, results, recorded_at);
+            self.reply(jobs, results);
         }
     }
 
-    fn reply(
-        &self,
-        jobs: Vec<Job>,
-        results: Vec<Result<Written, AppendError>>,
-        recorded_at: Timestamp,
-    ) {
+    fn reply(&self, jobs: Vec<Job>, results: Vec<Result<Written, AppendError>>) {
         let mut new_head = None;
         for (job, result) in jobs.into_iter().zip(results) {
             match job {
                 Job::Append { append, reply } => {
-                    let result = result.map(|written| finish_append(append, written, recorded_at));
-                    if let Ok(outcome) = &result {
-                        if !outcome.deduplicated {
-                            new_head = new_head.max(Some(outcome.last_position()));
-                        }
+                    if let Ok(written) = &result {
+                        new_head = new_head.max(written.last_position());
                     }
-                    let _ = reply.send(result);
+                    let _ = reply.send((append, result));
                 }
                 Job::SaveSnapshot { reply, .. } => {
                     let _ = reply.send(result.map(|_| ()).map_err(|error| match error {
@@ -204,6 +208,9 @@ struct OpenGroup {
     broken: Option<BackendError>,
     events: usize,
     recorded_at: Timestamp,
+    /// Versions of the streams this transaction has read or written, so a hot
+    /// stream's version is read from SQLite once per group, not once per append.
+    versions: HashMap<StreamId, u64>,
 }
 
 impl OpenGroup {
@@ -217,12 +224,14 @@ impl OpenGroup {
             broken: None,
             events: 0,
             recorded_at: Timestamp::now(),
+            versions: HashMap::new(),
         };
         group.open_transaction(connection);
         group
     }
 
     fn open_transaction(&mut self, connection: &Connection) {
+        self.versions.clear();
         let opened = connection
             .prepare_cached("BEGIN IMMEDIATE")
             .and_then(|mut begin| begin.execute([]))
@@ -256,9 +265,13 @@ impl OpenGroup {
             return;
         }
         let result = match &self.jobs[index] {
-            Job::Append { append, .. } => {
-                write_append(connection, append, self.next_position, self.recorded_at)
-            }
+            Job::Append { append, .. } => write_append(
+                connection,
+                append,
+                self.next_position,
+                self.recorded_at,
+                &mut self.versions,
+            ),
             Job::SaveSnapshot { snapshot, .. } => save_snapshot(connection, snapshot)
                 .map(|()| Written::Snapshot)
                 .map_err(|error| Partial(AppendError::Backend(error))),
@@ -320,17 +333,35 @@ impl OpenGroup {
 }
 
 /// What one job wrote, to be turned into its reply once the group is durable.
-enum Written {
+pub enum Written {
     /// New events at these positions and versions.
     Events {
+        /// The position of the first event.
         first_position: i64,
+        /// The stream version of the first event.
         first_version: u64,
+        /// How many events.
         count: usize,
+        /// The time stamped on them.
+        recorded_at: Timestamp,
     },
     /// A repeat of an earlier append with the same idempotency key.
     Repeat(Vec<RecordedEvent>),
     /// A snapshot.
     Snapshot,
+}
+
+impl Written {
+    fn last_position(&self) -> Option<Position> {
+        match self {
+            Written::Events {
+                first_position,
+                count,
+                ..
+            } => Some(Position((first_position + *count as i64 - 1) as u64)),
+            Written::Repeat(_) | Written::Snapshot => None,
+        }
+    }
 }
 
 /// How one job failed inside a transaction.
@@ -380,6 +411,7 @@ fn write_append(
     append: &PreparedAppend,
     first_position: i64,
     recorded_at: Timestamp,
+    versions: &mut HashMap<StreamId, u64>,
 ) -> Result<Written, JobFailure> {
     let request = &append.request;
     if let Some(key) = &request.idempotency_key {
@@ -411,13 +443,19 @@ fn write_append(
             return Ok(Written::Repeat(events));
         }
     }
-    let actual: i64 = connection
-        .prepare_cached("SELECT COALESCE(MAX(version), 0) FROM events WHERE stream_id = ?1")
-        .and_then(|mut statement| {
-            statement.query_row(params![request.stream.as_str()], |row| row.get(0))
-        })
-        .map_err(|error| Refused(backend("reading a stream version", error).into()))?;
-    let actual = actual as u64;
+    let actual = match versions.get(&request.stream) {
+        Some(&version) => version,
+        None => {
+            let version: i64 = connection
+                .prepare_cached("SELECT COALESCE(MAX(version), 0) FROM events WHERE stream_id = ?1")
+                .and_then(|mut statement| {
+                    statement.query_row(params![request.stream.as_str()], |row| row.get(0))
+                })
+                .map_err(|error| Refused(backend("reading a stream version", error).into()))?;
+            versions.insert(request.stream.clone(), version as u64);
+            version as u64
+        }
+    };
     if !request.expected.admits(actual) {
         return Err(Refused(AppendError::Conflict {
             stream: request.stream.clone(),
@@ -469,6 +507,7 @@ fn write_append(
         }
     }
     let count = request.events.len();
+    versions.insert(request.stream.clone(), actual + count as u64);
     if let Some(key) = &request.idempotency_key {
         connection
             .prepare_cached(
@@ -489,53 +528,53 @@ fn write_append(
         first_position,
         first_version: actual + 1,
         count,
+        recorded_at,
     })
 }
 
-/// Turns what was written into the caller's outcome, moving the events' payloads
-/// rather than copying them.
-fn finish_append(
-    append: PreparedAppend,
-    written: Written,
-    recorded_at: Timestamp,
-) -> AppendOutcome {
-    match written {
-        Written::Repeat(events) => AppendOutcome {
-            events,
-            deduplicated: true,
-        },
-        Written::Events {
-            first_position,
-            first_version,
-            ..
-        } => {
-            let stream = append.request.stream;
-            let events = append
-                .request
-                .events
-                .into_iter()
-                .enumerate()
-                .map(|(offset, event)| RecordedEvent {
-                    event_id: event.event_id,
-                    stream_id: stream.clone(),
-                    stream_version: first_version + offset as u64,
-                    position: Position((first_position + offset as i64) as u64),
-                    recorded_at,
-                    event_type: event.event_type,
-                    schema_version: event.schema_version,
-                    payload: event.payload,
-                    metadata: event.metadata,
-                })
-                .collect();
-            AppendOutcome {
+impl PreparedAppend {
+    /// Turns what was written into the caller's outcome, moving the events'
+    /// payloads rather than copying them.
+    pub fn finish(self, written: Written) -> AppendOutcome {
+        match written {
+            Written::Repeat(events) => AppendOutcome {
                 events,
-                deduplicated: false,
+                deduplicated: true,
+            },
+            Written::Events {
+                first_position,
+                first_version,
+                recorded_at,
+                ..
+            } => {
+                let stream = self.request.stream;
+                let events = self
+                    .request
+                    .events
+                    .into_iter()
+                    .enumerate()
+                    .map(|(offset, event)| RecordedEvent {
+                        event_id: event.event_id,
+                        stream_id: stream.clone(),
+                        stream_version: first_version + offset as u64,
+                        position: Position((first_position + offset as i64) as u64),
+                        recorded_at,
+                        event_type: event.event_type,
+                        schema_version: event.schema_version,
+                        payload: event.payload,
+                        metadata: event.metadata,
+                    })
+                    .collect();
+                AppendOutcome {
+                    events,
+                    deduplicated: false,
+                }
             }
+            Written::Snapshot => AppendOutcome {
+                events: Vec::new(),
+                deduplicated: false,
+            },
         }
-        Written::Snapshot => AppendOutcome {
-            events: Vec::new(),
-            deduplicated: false,
-        },
     }
 }
 

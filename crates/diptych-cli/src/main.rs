@@ -81,11 +81,12 @@ enum StreamsCommand {
 
 fn main() {
     let cli = Cli::parse();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    let result = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
-        .expect("the tokio runtime starts");
-    if let Err(error) = runtime.block_on(run(cli)) {
+        .context("starting the async runtime")
+        .and_then(|runtime| runtime.block_on(run(cli)));
+    if let Err(error) = result {
         if is_broken_pipe(&error) {
             return;
         }

@@ -117,6 +117,25 @@ fn an_empty_stream_id_is_refused() {
 }
 
 #[test]
+fn showing_a_stream_that_does_not_exist_says_so() {
+    let data = tempfile::tempdir().unwrap();
+    seed_store(data.path());
+    let output = diptych(&[
+        "streams",
+        "show",
+        "order-2",
+        "--data",
+        data.path().to_str().unwrap(),
+    ]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(
+        stderr(&output).contains("stream `order-2` does not exist"),
+        "{}",
+        stderr(&output)
+    );
+}
+
+#[test]
 fn bench_refuses_a_zero_duration_and_zero_writers() {
     let output = diptych(&["bench", "append", "--seconds", "0"]);
     assert_eq!(output.status.code(), Some(1));

@@ -387,6 +387,24 @@ mod tests {
     }
 
     #[test]
+    fn a_gap_in_the_upcaster_chain_is_reported_not_skipped() {
+        // Steps from 2 to 3 exist, but nothing takes version 1 to 2.
+        let upcasters = Upcasters::new().add("Circle", 2, Ok);
+        let codec = EventCodec::<Shape>::new(upcasters);
+        let error = codec
+            .decode(&stored("Circle", 1, json!({"radius": 1})))
+            .unwrap_err();
+        match error {
+            DecodeError::UpcastFailed {
+                from_version: 1,
+                reason,
+                ..
+            } => assert!(reason.contains("no upcaster registered"), "{reason}"),
+            other => panic!("expected UpcastFailed, got {other:?}"),
+        }
+    }
+
+    #[test]
     fn events_from_newer_code_are_refused_not_misread() {
         let codec = EventCodec::<Shape>::default();
         let error = codec

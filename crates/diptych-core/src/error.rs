@@ -146,14 +146,6 @@ pub enum ReadError {
 #[derive(Clone, Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum SnapshotError {
-    /// The aggregate state could not be turned into JSON.
-    #[error("snapshot of `{stream}` could not be encoded: {reason}")]
-    Encode {
-        /// The stream.
-        stream: StreamId,
-        /// What the encoder said.
-        reason: String,
-    },
     /// The storage failed.
     #[error("snapshot storage failed: {0}")]
     Backend(#[from] BackendError),

@@ -198,9 +198,14 @@ impl EventStore for MemoryStore {
     }
 
     async fn save_snapshot(&self, snapshot: Snapshot) -> Result<(), SnapshotError> {
-        self.lock()
+        let mut inner = self.lock();
+        let newer_kept = inner
             .snapshots
-            .insert(snapshot.stream.clone(), snapshot);
+            .get(&snapshot.stream)
+            .is_some_and(|kept| kept.version > snapshot.version);
+        if !newer_kept {
+            inner.snapshots.insert(snapshot.stream.clone(), snapshot);
+        }
         Ok(())
     }
 }

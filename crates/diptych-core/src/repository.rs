@@ -182,13 +182,8 @@ impl<A: Aggregate> Repository<A> {
         let key = context.command_id.to_string();
         // A repeated command must return its first result even if deciding it again
         // would now fail (the stock it reserved is gone, say), so look first.
-        if let Some(first) = self
-            .store
-            .find_idempotent_append(&key)
-            .await
-            .map_err(LoadError::from)?
-        {
-            return outcome_of_repeat(stream, key, first);
+        if let Some(repeat) = self.repeat_of(&stream, &key).await? {
+            return Ok(repeat);
         }
         let attempts = self.config.max_attempts.max(1);
         let mut last_conflict = None;
@@ -257,6 +252,22 @@ impl<A: Aggregate> Repository<A> {
                 actual: 0,
             }),
         })
+    }
+
+    /// The outcome of an earlier run of the command with this key, if there was one.
+    async fn repeat_of(
+        &self,
+        stream: &StreamId,
+        key: &str,
+    ) -> Result<Option<CommandOutcome>, CommandError<A::Error>> {
+        let first = self
+            .store
+            .find_idempotent_append(key)
+            .await
+            .map_err(LoadError::from)?;
+        first
+            .map(|first| outcome_of_repeat(stream.clone(), key.to_owned(), first))
+            .transpose()
     }
 
     async fn load_until(
@@ -361,4 +372,163 @@ fn outcome_of_repeat<E>(
         deduplicated: true,
         events: first.events,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use async_trait::async_trait;
+    use serde::{Deserialize, Serialize};
+    use tokio::sync::watch;
+
+    use super::*;
+    use crate::error::{Error, InvalidStreamId, SnapshotError};
+    use crate::memory::MemoryStore;
+    use crate::store::StreamRead;
+
+    #[derive(Default, Serialize, Deserialize)]
+    struct Counter {
+        value: u64,
+    }
+
+    #[derive(Debug, PartialEq, Serialize, Deserialize)]
+    enum CounterEvent {
+        Added { by: u64 },
+    }
+
+    #[derive(Debug, PartialEq, thiserror::Error)]
+    #[error("nothing to add")]
+    struct NothingToAdd;
+
+    impl Aggregate for Counter {
+        const KIND: &'static str = "counter";
+        type Command = u64;
+        type Event = CounterEvent;
+        type Error = NothingToAdd;
+        fn decide(&self, by: &u64) -> Result<Vec<CounterEvent>, NothingToAdd> {
+            if *by == 0 {
+                return Err(NothingToAdd);
+            }
+            Ok(vec![CounterEvent::Added { by: *by }])
+        }
+        fn evolve(&mut self, CounterEvent::Added { by }: &CounterEvent) {
+            self.value += by;
+        }
+    }
+
+    /// A store where some other writer always got there first: every append
+    /// conflicts. Reads go to an empty memory store.
+    struct AlwaysConflicting(MemoryStore);
+
+    #[async_trait]
+    impl EventStore for AlwaysConflicting {
+        async fn append(&self, request: AppendRequest) -> Result<AppendOutcome, AppendError> {
+            Err(AppendError::Conflict {
+                stream: request.stream,
+                expected: request.expected,
+                actual: 99,
+            })
+        }
+        async fn find_idempotent_append(
+            &self,
+            key: &str,
+        ) -> Result<Option<AppendOutcome>, ReadError> {
+            self.0.find_idempotent_append(key).await
+        }
+        async fn read_stream(&self, read: StreamRead) -> Result<Vec<RecordedEvent>, ReadError> {
+            self.0.read_stream(read).await
+        }
+        async fn stream_version(&self, stream: &StreamId) -> Result<u64, ReadError> {
+            self.0.stream_version(stream).await
+        }
+        async fn read_all(
+            &self,
+            after: Position,
+            limit: usize,
+        ) -> Result<Vec<RecordedEvent>, ReadError> {
+            self.0.read_all(after, limit).await
+        }
+        async fn head(&self) -> Result<Position, ReadError> {
+            self.0.head().await
+        }
+        fn head_watch(&self) -> watch::Receiver<Position> {
+            self.0.head_watch()
+        }
+        async fn load_snapshot(
+            &self,
+            stream: &StreamId,
+        ) -> Result<Option<Snapshot>, SnapshotError> {
+            self.0.load_snapshot(stream).await
+        }
+        async fn save_snapshot(&self, snapshot: Snapshot) -> Result<(), SnapshotError> {
+            self.0.save_snapshot(snapshot).await
+        }
+    }
+
+    #[tokio::test]
+    async fn a_stream_that_keeps_changing_gives_up_after_the_configured_attempts() {
+        let store = Arc::new(AlwaysConflicting(MemoryStore::new()));
+        let counters =
+            Repository::<Counter>::with_config(store, RepositoryConfig { max_attempts: 3 });
+
+        let error = counters
+            .execute("1", &5, &CommandContext::default())
+            .await
+            .unwrap_err();
+
+        match &error {
+            CommandError::TooManyConflicts { attempts, last } => {
+                assert_eq!(*attempts, 3);
+                assert!(matches!(last, AppendError::Conflict { actual: 99, .. }));
+            }
+            other => panic!("expected TooManyConflicts, got {other:?}"),
+        }
+        assert!(
+            error.to_string().contains("gave up after 3 attempts"),
+            "{error}"
+        );
+        assert!(matches!(
+            Error::from(error),
+            Error::Append(AppendError::Conflict { .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn an_aggregate_id_too_long_for_a_stream_id_is_refused_before_any_io() {
+        let store = Arc::new(MemoryStore::new());
+        let counters = Repository::<Counter>::new(store.clone());
+
+        let error = counters
+            .execute(&"9".repeat(300), &1, &CommandContext::default())
+            .await
+            .unwrap_err();
+
+        assert!(
+            matches!(
+                error,
+                CommandError::Load(LoadError::InvalidStreamId(InvalidStreamId::TooLong {
+                    length: 308,
+                    ..
+                }))
+            ),
+            "{error:?}"
+        );
+        assert_eq!(
+            store.head().await.unwrap(),
+            Position::START,
+            "nothing may be written"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_rejection_converts_into_the_crate_error_keeping_its_message() {
+        let counters = Repository::<Counter>::new(Arc::new(MemoryStore::new()));
+        let error = counters
+            .execute("1", &0, &CommandContext::default())
+            .await
+            .unwrap_err();
+        assert!(matches!(error, CommandError::Rejected(NothingToAdd)));
+        let error = Error::from(error);
+        assert!(matches!(error, Error::Rejected(_)));
+        assert_eq!(error.to_string(), "command rejected: nothing to add");
+    }
 }

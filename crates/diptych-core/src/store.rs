@@ -228,7 +228,8 @@ pub trait EventStore: Send + Sync + 'static {
     /// The latest snapshot of a stream, if one was saved.
     async fn load_snapshot(&self, stream: &StreamId) -> Result<Option<Snapshot>, SnapshotError>;
 
-    /// Saves a snapshot, replacing an older one of the same stream.
+    /// Saves a snapshot, replacing the stream's snapshot unless that one is at a
+    /// higher version (racing commands must not roll a snapshot back).
     async fn save_snapshot(&self, snapshot: Snapshot) -> Result<(), SnapshotError>;
 }
 

@@ -7,11 +7,13 @@
 //! An fsync costs far more than the inserts it protects, so appends are **group
 //! committed**: one writer thread owns the only writing connection, takes every
 //! append waiting on its channel, and commits them in one transaction with one
-//! fsync. Each append runs in its own savepoint, so each is still checked and
-//! atomic on its own: a conflicting append is rolled back alone and reported to its
-//! caller while the rest of its group commits. Payloads are serialized by the
-//! calling task before they reach the writer, so the writer spends its time in
-//! SQLite.
+//! fsync. Each append is still checked and atomic on its own: the checks that can
+//! refuse it (expected version, idempotency key) run before it writes anything,
+//! so a refused append is reported to its caller while the rest of its group
+//! commits; an append that fails halfway (a duplicate event id) makes the writer
+//! roll back and rewrite the group without it. Payloads are serialized by the
+//! calling task before they reach the writer, and outcomes are built back in the
+//! calling task, so the single writer thread spends its time in SQLite.
 //!
 //! Reads run on their own connections (WAL lets them proceed while the writer
 //! commits) on tokio's blocking threads. Positions are assigned inside the write

@@ -53,6 +53,10 @@ impl Doorbell {
     }
 }
 
+/// The writer thread has exited: nothing will take the job.
+#[derive(Debug)]
+pub struct WriterGone;
+
 /// The callers' end. Dropping it lets the writer finish the queue and stop.
 pub struct JobSender {
     sender: mpsc::Sender<Queued>,
@@ -61,8 +65,8 @@ pub struct JobSender {
 
 impl JobSender {
     /// Enqueues a job, waking the writer if it waits for this many.
-    pub fn send(&self, job: Queued) -> Result<(), Queued> {
-        self.sender.send(job).map_err(|error| error.0)?;
+    pub fn send(&self, job: Queued) -> Result<(), WriterGone> {
+        self.sender.send(job).map_err(|_| WriterGone)?;
         let pending = self.bell.pending.fetch_add(1, SeqCst) + 1;
         if pending >= self.bell.ring_at.load(SeqCst) {
             self.bell.ring();

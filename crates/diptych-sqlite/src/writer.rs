@@ -253,16 +253,20 @@ impl OpenGroup {
         self.jobs.push(queued.job);
         self.permits.push(queued.permit);
         self.failed.push(None);
-        self.write(connection, self.jobs.len() - 1);
+        if !self.write(connection, self.jobs.len() - 1) {
+            self.rewrite(connection);
+        }
     }
 
-    fn write(&mut self, connection: &Connection, index: usize) {
+    /// Writes one job. Returns false when it failed halfway: the transaction
+    /// then holds partial writes and must be rewritten without it.
+    fn write(&mut self, connection: &Connection, index: usize) -> bool {
         if self.broken.is_some() {
-            return;
+            return true;
         }
         if let Some(error) = &self.failed[index] {
             self.results.push(Err(error.clone()));
-            return;
+            return true;
         }
         let result = match &self.jobs[index] {
             Job::Append { append, .. } => write_append(
@@ -287,25 +291,38 @@ impl OpenGroup {
                     self.next_position = first_position + *count as i64;
                 }
                 self.results.push(Ok(written));
+                true
             }
-            Err(Refused(error)) => self.results.push(Err(error)),
+            Err(Refused(error)) => {
+                self.results.push(Err(error));
+                true
+            }
             Err(Partial(error)) => {
                 self.failed[index] = Some(error);
-                self.rewrite(connection);
+                false
             }
         }
     }
 
     /// Rolls back and writes every job again, leaving out those that failed.
+    ///
+    /// A loop, not recursion: if another job fails halfway during the rewrite,
+    /// it starts over from a fresh transaction rather than writing the rest twice.
+    /// Each round leaves one more job out, so it ends.
     fn rewrite(&mut self, connection: &Connection) {
-        if let Err(error) = connection.execute_batch("ROLLBACK") {
-            self.broken = Some(backend("rolling back a failed append", error));
+        'rounds: loop {
+            if let Err(error) = connection.execute_batch("ROLLBACK") {
+                self.broken = Some(backend("rolling back a failed append", error));
+                return;
+            }
+            self.results.clear();
+            self.open_transaction(connection);
+            for index in 0..self.jobs.len() {
+                if !self.write(connection, index) {
+                    continue 'rounds;
+                }
+            }
             return;
-        }
-        self.results.clear();
-        self.open_transaction(connection);
-        for index in 0..self.jobs.len() {
-            self.write(connection, index);
         }
     }
 
@@ -316,9 +333,13 @@ impl OpenGroup {
                 .prepare_cached("COMMIT")
                 .and_then(|mut commit| commit.execute([]));
             if let Err(error) = committed {
-                let _ = connection.execute_batch("ROLLBACK");
                 self.broken = Some(backend("committing appended events", error));
             }
+        }
+        // Whatever failed, never leave a transaction open: every later group
+        // would fail to begin and the store would be stuck.
+        if !connection.is_autocommit() {
+            let _ = connection.execute_batch("ROLLBACK");
         }
         let results = match self.broken {
             None => self.results,
@@ -489,20 +510,20 @@ fn write_append(
             recorded_at.as_unix_micros(),
         ]);
         if let Err(error) = inserted {
-            let is_unique_violation = matches!(
-                &error,
-                rusqlite::Error::SqliteFailure(failure, _)
-                    if failure.code == ErrorCode::ConstraintViolation
-                        && failure.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE
-            );
             // The first insert of an append writes nothing when it fails, but later
             // ones leave their predecessors behind: either way, roll back to be safe.
-            return Err(Partial(if is_unique_violation {
-                AppendError::DuplicateEventId {
+            return Err(Partial(match unique_violation(&error) {
+                Some(UniqueIndex::EventId) => AppendError::DuplicateEventId {
                     event_id: event.event_id,
-                }
-            } else {
-                AppendError::Backend(backend("inserting an event", error))
+                },
+                // Only another process writing the same file between our version
+                // read and this insert can get here; it is a conflict all the same.
+                Some(UniqueIndex::StreamVersion) => AppendError::Conflict {
+                    stream: request.stream.clone(),
+                    expected: request.expected,
+                    actual: actual + offset as u64 + 1,
+                },
+                None => AppendError::Backend(backend("inserting an event", error)),
             }));
         }
     }
@@ -530,6 +551,31 @@ fn write_append(
         count,
         recorded_at,
     })
+}
+
+/// The unique indexes of the events table.
+enum UniqueIndex {
+    EventId,
+    StreamVersion,
+}
+
+/// Which unique index an insert violated, if that is why it failed. SQLite names
+/// the columns in the message; the extended code alone does not say which index.
+fn unique_violation(error: &rusqlite::Error) -> Option<UniqueIndex> {
+    match error {
+        rusqlite::Error::SqliteFailure(failure, message)
+            if failure.code == ErrorCode::ConstraintViolation
+                && failure.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE =>
+        {
+            let message = message.as_deref().unwrap_or_default();
+            if message.contains("events.event_id") {
+                Some(UniqueIndex::EventId)
+            } else {
+                Some(UniqueIndex::StreamVersion)
+            }
+        }
+        _ => None,
+    }
 }
 
 impl PreparedAppend {
@@ -585,7 +631,8 @@ fn save_snapshot(connection: &Connection, snapshot: &Snapshot) -> Result<(), Bac
              VALUES (?1, ?2, ?3, ?4, ?5) \
              ON CONFLICT (stream_id) DO UPDATE SET version = excluded.version, \
              state_version = excluded.state_version, state = excluded.state, \
-             taken_at = excluded.taken_at",
+             taken_at = excluded.taken_at \
+             WHERE excluded.version >= snapshots.version",
         )
         .and_then(|mut statement| {
             statement.execute(params![

@@ -95,6 +95,19 @@ fn a_database_from_a_newer_diptych_is_refused_untouched() {
     assert_eq!(file_bytes(&path), before);
 }
 
+#[test]
+fn a_path_that_cannot_be_a_database_file_is_a_backend_error_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let error = SqliteStore::open(dir.path())
+        .err()
+        .expect("a directory is not a file");
+    assert!(matches!(error, OpenError::Backend(_)), "{error}");
+    assert!(
+        error.to_string().contains("could not open the store"),
+        "{error}"
+    );
+}
+
 #[tokio::test]
 async fn events_survive_closing_and_reopening() {
     let dir = tempfile::tempdir().unwrap();

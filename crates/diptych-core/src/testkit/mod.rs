@@ -12,7 +12,7 @@
 //!
 //! diptych_core::event_store_conformance!(|| async {
 //!     let dir = tempfile::tempdir().unwrap();
-//!     let store = SqliteStore::open(dir.path().join("events.db")).await.unwrap();
+//!     let store = SqliteStore::open(dir.path().join("events.db")).unwrap();
 //!     // The directory must outlive the store, so the fixture keeps it.
 //!     Fixture::new(Arc::new(store)).with_guard(dir)
 //! });

@@ -467,15 +467,34 @@ pub async fn repository_writes_and_uses_snapshots(store: Arc<dyn EventStore>) {
         (500, 4),
         "a load must start from the stored snapshot"
     );
-    plant_snapshot(&*store, &stream, 2, json!({"total": 1000, "additions": 2})).await;
-    let loaded = tallies.load("snap").await.expect("load");
+    // A snapshot behind the stream's head: written straight to the store, so no
+    // newer snapshot exists for this stream.
+    let behind = StreamId::new("tally-behind").expect("valid id");
+    let events = [1, 2, 3, 4]
+        .map(|amount| {
+            tallies
+                .codec()
+                .encode(&TallyEvent::Added { amount })
+                .expect("encode")
+        })
+        .to_vec();
+    store
+        .append(AppendRequest::new(
+            behind.clone(),
+            ExpectedVersion::NoStream,
+            events,
+        ))
+        .await
+        .expect("setup append");
+    plant_snapshot(&*store, &behind, 2, json!({"total": 1000, "additions": 2})).await;
+    let loaded = tallies.load("behind").await.expect("load");
     assert_eq!(
         (loaded.state.total, loaded.version),
         (1007, 4),
         "a load must replay the events after the snapshot"
     );
     let early = tallies
-        .load_at_version("snap", 1)
+        .load_at_version("behind", 1)
         .await
         .expect("load_at_version");
     assert_eq!(

@@ -887,6 +887,7 @@ pub async fn snapshots_round_trip_and_are_replaced(store: Arc<dyn EventStore>) {
         taken_at: Timestamp::now(),
     };
     save(early.clone()).await;
+    let early_copy = early.clone();
     assert_eq!(
         load(first_stream.clone()).await,
         Some(early),
@@ -904,6 +905,20 @@ pub async fn snapshots_round_trip_and_are_replaced(store: Arc<dyn EventStore>) {
         load(first_stream.clone()).await,
         Some(later),
         "saving a snapshot must replace the stream's earlier one"
+    );
+    // Two commands racing to snapshot: the one at the lower version may finish
+    // last, and must not roll the snapshot back.
+    let stale = Snapshot {
+        version: 3,
+        ..early_copy
+    };
+    save(stale).await;
+    assert_eq!(
+        load(first_stream.clone())
+            .await
+            .map(|snapshot| snapshot.version),
+        Some(5),
+        "an older snapshot must never replace a newer one"
     );
     assert_eq!(
         load(other).await,

@@ -649,5 +649,55 @@ async fn check_batches(
             ));
         }
     }
+    replay_against_the_model(attempts, &log).await?;
+    Ok(())
+}
+
+/// Compares the concurrent run with the reference model: replaying the appends that
+/// wrote, in the order of their positions, into a fresh [`MemoryStore`] with their
+/// original expected versions and keys must accept every one of them and produce
+/// the same log. So the backend's history is one the model could have produced
+/// sequentially.
+async fn replay_against_the_model(
+    attempts: &[(AppendRequest, Result<AppendOutcome, AppendError>)],
+    log: &[RecordedEvent],
+) -> Result<(), String> {
+    let mut writers: Vec<(&AppendRequest, Position)> = attempts
+        .iter()
+        .filter_map(|(request, result)| match result {
+            Ok(outcome) if !outcome.deduplicated => {
+                Some((request, outcome.events.first()?.position))
+            }
+            _ => None,
+        })
+        .collect();
+    writers.sort_by_key(|&(_, position)| position);
+    let model = MemoryStore::new();
+    for (request, _) in writers {
+        if let Err(error) = model.append(request.clone()).await {
+            return Err(format!(
+                "the model refuses the append to `{}` expecting {} that the backend took, \
+                 in the backend's order: {error}",
+                request.stream, request.expected
+            ));
+        }
+    }
+    let model_log = read_whole_log(&model).await;
+    let shape = |event: &RecordedEvent| {
+        (
+            event.event_id,
+            event.stream_id.clone(),
+            event.stream_version,
+            event.payload.clone(),
+        )
+    };
+    let backend: Vec<_> = log.iter().map(shape).collect();
+    let modelled: Vec<_> = model_log.iter().map(shape).collect();
+    if backend != modelled {
+        return Err(format!(
+            "the backend's log differs from the model's replay of the same appends:\n\
+             backend: {backend:?}\nmodel: {modelled:?}"
+        ));
+    }
     Ok(())
 }

@@ -240,6 +240,11 @@ async fn append_until(
     Ok((events, latencies))
 }
 
+/// The floor's connection settings: the store's durability (WAL, fsync at every
+/// commit) and its page cache size, so the floor is not slowed by a smaller cache.
+const FLOOR_PRAGMAS: &str = "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; \
+                             PRAGMA cache_size = -65536;";
+
 /// The floor: the same rows, same schema, same durability, batched, no store.
 struct Floor {
     connection: rusqlite::Connection,
@@ -261,7 +266,7 @@ impl Floor {
         // same tables and indexes.
         drop(SqliteStore::open(path).with_context(|| format!("opening {}", path.display()))?);
         let connection = rusqlite::Connection::open(path)?;
-        connection.execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL;")?;
+        connection.execute_batch(FLOOR_PRAGMAS)?;
         Ok(Self {
             connection,
             scenario,

@@ -164,6 +164,7 @@ fn configure_writer(connection: &Connection) -> Result<(), OpenError> {
         .execute_batch(
             "PRAGMA journal_mode = WAL;
              PRAGMA synchronous = FULL;
+             PRAGMA cache_size = -65536;
              PRAGMA foreign_keys = ON;",
         )
         .and_then(|()| connection.busy_timeout(Duration::from_secs(5)))

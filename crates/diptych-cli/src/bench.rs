@@ -162,7 +162,7 @@ fn payload_template() -> serde_json::Value {
 
 /// Alternates short slices of the store and the floor, so that both see the same
 /// disk and the same neighbours: a disk that slows down for a second slows both.
-const SLICES: u32 = 6;
+const SLICES: u32 = 10;
 
 async fn measure_alternating(
     store_path: &Path,
@@ -179,21 +179,27 @@ async fn measure_alternating(
     let mut store_events = 0;
     let mut store_latencies = Vec::new();
     let mut store_elapsed = Duration::ZERO;
-    for round in 0..SLICES {
+    // Each writer's stream and version carry over from slice to slice, so the
+    // store's streams grow exactly as the floor's do.
+    let mut versions = vec![0; scenario.writers];
+    for _ in 0..SLICES {
         let started = Instant::now();
         let deadline = started + slice;
-        let tasks: Vec<_> = (0..scenario.writers)
-            .map(|writer| {
+        let tasks: Vec<_> = versions
+            .iter()
+            .enumerate()
+            .map(|(writer, &version)| {
                 let store = Arc::clone(&store);
-                tokio::spawn(
-                    async move { append_until(store, scenario, round, writer, deadline).await },
-                )
+                tokio::spawn(async move {
+                    append_until(store, scenario, writer, version, deadline).await
+                })
             })
             .collect();
-        for task in tasks {
-            let (events, latencies) = task.await.context("a bench writer panicked")??;
-            store_events += events;
-            store_latencies.extend(latencies);
+        for (writer, task) in tasks.into_iter().enumerate() {
+            let run = task.await.context("a bench writer panicked")??;
+            store_events += run.events;
+            store_latencies.extend(run.latencies_us);
+            versions[writer] = run.version;
         }
         store_elapsed += started.elapsed();
         floor.run_for(slice)?;
@@ -204,19 +210,27 @@ async fn measure_alternating(
     ))
 }
 
+/// What one writer did in one slice.
+struct WriterRun {
+    events: usize,
+    latencies_us: Vec<u64>,
+    /// The version of its stream afterwards (own streams only).
+    version: u64,
+}
+
 async fn append_until(
     store: Arc<dyn EventStore>,
     scenario: Scenario,
-    round: u32,
     writer: usize,
+    mut version: u64,
     deadline: Instant,
-) -> Result<(usize, Vec<u64>)> {
+) -> Result<WriterRun> {
+    // The same stream names as the floor's rows.
     let stream = if scenario.hot {
-        StreamId::new(format!("bench-hot-{round}"))?
+        StreamId::new("bench-hot")?
     } else {
-        StreamId::new(format!("bench-{round}-{writer}"))?
+        StreamId::new(format!("bench-{writer}"))?
     };
-    let mut version = 0;
     let mut events = 0;
     let mut latencies = Vec::new();
     let template = payload_template();
@@ -237,7 +251,11 @@ async fn append_until(
         version = outcome.last_version();
         events += scenario.events_per_append;
     }
-    Ok((events, latencies))
+    Ok(WriterRun {
+        events,
+        latencies_us: latencies,
+        version,
+    })
 }
 
 /// The floor's connection settings: the store's durability (WAL, fsync at every

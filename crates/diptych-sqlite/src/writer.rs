@@ -528,7 +528,12 @@ fn write_append(
         }
     }
     let count = request.events.len();
-    versions.insert(request.stream.clone(), actual + count as u64);
+    match versions.get_mut(&request.stream) {
+        Some(version) => *version = actual + count as u64,
+        None => {
+            versions.insert(request.stream.clone(), actual + count as u64);
+        }
+    }
     if let Some(key) = &request.idempotency_key {
         connection
             .prepare_cached(

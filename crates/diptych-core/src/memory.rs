@@ -107,7 +107,10 @@ impl EventStore for MemoryStore {
             }
         }
         let start = inner.log.len();
-        let recorded_at = Timestamp::now();
+        // Never before the previous event, whatever the wall clock does.
+        let recorded_at = inner.log.last().map_or(Timestamp::now(), |last| {
+            last.recorded_at.max(Timestamp::now())
+        });
         for (offset, event) in request.events.into_iter().enumerate() {
             let index = inner.log.len();
             inner.event_ids.insert(event.event_id);

@@ -116,6 +116,7 @@ pub fn spawn(
         .name("diptych-sqlite-writer".into())
         .spawn(move || {
             Writer {
+                last_recorded_at: last_recorded_at(&connection),
                 connection,
                 head,
                 max_group_events,
@@ -126,19 +127,24 @@ pub fn spawn(
 
 struct Writer {
     connection: Connection,
+    /// The time stamped on the last group.
+    last_recorded_at: Timestamp,
     head: watch::Sender<Position>,
     max_group_events: usize,
 }
 
 impl Writer {
-    fn run(self, jobs: JobReceiver) {
+    fn run(mut self, jobs: JobReceiver) {
         jobs.attach_to_current_thread();
         let mut pacer = GroupPacer::default();
         while let Some(first) = jobs.recv() {
             // The group's transaction opens with its first append and takes the
             // others as they arrive, so inserting overlaps with callers preparing
             // their appends instead of waiting for all of them first.
-            let mut group = OpenGroup::begin(&self.connection);
+            // Times never go backwards along the log, even if the wall clock
+            // does, so "the state at time T" is always a prefix of each stream.
+            self.last_recorded_at = self.last_recorded_at.max(Timestamp::now());
+            let mut group = OpenGroup::begin(&self.connection, self.last_recorded_at);
             group.push(&self.connection, first);
             let gather_until = Instant::now() + pacer.patience();
             while group.events < self.max_group_events {
@@ -188,6 +194,20 @@ impl Writer {
     }
 }
 
+/// The time of the newest event in the file (the epoch for an empty one).
+fn last_recorded_at(connection: &Connection) -> Timestamp {
+    connection
+        .query_row(
+            "SELECT recorded_at FROM events ORDER BY position DESC LIMIT 1",
+            [],
+            |row| row.get(0),
+        )
+        .optional()
+        .ok()
+        .flatten()
+        .map_or(Timestamp::from_unix_micros(0), Timestamp::from_unix_micros)
+}
+
 /// A group commit in progress: one open transaction and the jobs written into it.
 ///
 /// Checks that can refuse an append (idempotency key, expected version) run
@@ -214,7 +234,8 @@ struct OpenGroup {
 }
 
 impl OpenGroup {
-    fn begin(connection: &Connection) -> Self {
+    /// Opens a group stamped `recorded_at`.
+    fn begin(connection: &Connection, recorded_at: Timestamp) -> Self {
         let mut group = Self {
             jobs: Vec::new(),
             permits: Vec::new(),
@@ -223,7 +244,7 @@ impl OpenGroup {
             next_position: 1,
             broken: None,
             events: 0,
-            recorded_at: Timestamp::now(),
+            recorded_at,
             versions: HashMap::new(),
         };
         group.open_transaction(connection);

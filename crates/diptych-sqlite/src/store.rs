@@ -159,6 +159,9 @@ fn writer_gone() -> BackendError {
     BackendError::msg("the SQLite writer thread has stopped; reopen the store")
 }
 
+/// WAL so readers never wait for the writer; FULL so a commit is fsynced before
+/// it returns; a 64 MiB page cache because with the default 2 MiB a third of the
+/// writer's time went to re-reading evicted index pages (see BENCHMARKS.md).
 fn configure_writer(connection: &Connection) -> Result<(), OpenError> {
     connection
         .execute_batch(

@@ -189,8 +189,14 @@ impl<A: Aggregate> Repository<A> {
         let mut last_conflict = None;
         for _ in 0..attempts {
             let loaded = self.load(id).await?;
+            // A first run of this same command may have committed since the check
+            // above (a client retrying after a timeout): its result, not an answer
+            // computed from the state it changed, is the answer.
             if let Some(expected) = context.expected_version {
                 if expected != loaded.version {
+                    if let Some(repeat) = self.repeat_of(&stream, &key).await? {
+                        return Ok(repeat);
+                    }
                     return Err(CommandError::Append(AppendError::Conflict {
                         stream,
                         expected: ExpectedVersion::Exact(expected),
@@ -198,11 +204,19 @@ impl<A: Aggregate> Repository<A> {
                     }));
                 }
             }
-            let decided = loaded
-                .state
-                .decide(command)
-                .map_err(CommandError::Rejected)?;
+            let decided = match loaded.state.decide(command) {
+                Ok(decided) => decided,
+                Err(rejection) => {
+                    if let Some(repeat) = self.repeat_of(&stream, &key).await? {
+                        return Ok(repeat);
+                    }
+                    return Err(CommandError::Rejected(rejection));
+                }
+            };
             if decided.is_empty() {
+                if let Some(repeat) = self.repeat_of(&stream, &key).await? {
+                    return Ok(repeat);
+                }
                 return Ok(CommandOutcome {
                     stream,
                     events: Vec::new(),
@@ -415,58 +429,105 @@ mod tests {
         }
     }
 
-    /// A store where some other writer always got there first: every append
-    /// conflicts. Reads go to an empty memory store.
-    struct AlwaysConflicting(MemoryStore);
+    /// What a [`Interfering`] store does to its caller.
+    enum Interference {
+        /// Some other writer always got there first: every append conflicts.
+        EveryAppendConflicts,
+        /// The first idempotency lookup misses, as if the command's first run
+        /// committed just after it.
+        FirstLookupMisses,
+    }
+
+    /// A memory store that interferes with the repository in one scripted way.
+    struct Interfering {
+        store: MemoryStore,
+        interference: Interference,
+        lookups: std::sync::atomic::AtomicUsize,
+    }
+
+    impl Interfering {
+        fn new(interference: Interference) -> Arc<Self> {
+            Arc::new(Self {
+                store: MemoryStore::new(),
+                interference,
+                lookups: std::sync::atomic::AtomicUsize::new(0),
+            })
+        }
+    }
 
     #[async_trait]
-    impl EventStore for AlwaysConflicting {
+    impl EventStore for Interfering {
         async fn append(&self, request: AppendRequest) -> Result<AppendOutcome, AppendError> {
-            Err(AppendError::Conflict {
-                stream: request.stream,
-                expected: request.expected,
-                actual: 99,
-            })
+            match self.interference {
+                Interference::EveryAppendConflicts => Err(AppendError::Conflict {
+                    stream: request.stream,
+                    expected: request.expected,
+                    actual: 99,
+                }),
+                Interference::FirstLookupMisses => self.store.append(request).await,
+            }
         }
         async fn find_idempotent_append(
             &self,
             key: &str,
         ) -> Result<Option<AppendOutcome>, ReadError> {
-            self.0.find_idempotent_append(key).await
+            let lookup = self
+                .lookups
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            if matches!(self.interference, Interference::FirstLookupMisses) && lookup == 1 {
+                return Ok(None);
+            }
+            self.store.find_idempotent_append(key).await
         }
         async fn read_stream(&self, read: StreamRead) -> Result<Vec<RecordedEvent>, ReadError> {
-            self.0.read_stream(read).await
+            self.store.read_stream(read).await
         }
         async fn stream_version(&self, stream: &StreamId) -> Result<u64, ReadError> {
-            self.0.stream_version(stream).await
+            self.store.stream_version(stream).await
         }
         async fn read_all(
             &self,
             after: Position,
             limit: usize,
         ) -> Result<Vec<RecordedEvent>, ReadError> {
-            self.0.read_all(after, limit).await
+            self.store.read_all(after, limit).await
         }
         async fn head(&self) -> Result<Position, ReadError> {
-            self.0.head().await
+            self.store.head().await
         }
         fn head_watch(&self) -> watch::Receiver<Position> {
-            self.0.head_watch()
+            self.store.head_watch()
         }
         async fn load_snapshot(
             &self,
             stream: &StreamId,
         ) -> Result<Option<Snapshot>, SnapshotError> {
-            self.0.load_snapshot(stream).await
+            self.store.load_snapshot(stream).await
         }
         async fn save_snapshot(&self, snapshot: Snapshot) -> Result<(), SnapshotError> {
-            self.0.save_snapshot(snapshot).await
+            self.store.save_snapshot(snapshot).await
         }
     }
 
     #[tokio::test]
+    async fn a_repeat_that_races_its_first_run_returns_the_first_result() {
+        // The first run's own lookup is call 0; the repeat's first lookup (call 1)
+        // misses, so the repeat loads the state the first run already changed.
+        let store = Interfering::new(Interference::FirstLookupMisses);
+        let counters = Repository::<Counter>::new(store.clone());
+        let context = CommandContext::default().expecting_version(0);
+        let first = counters.execute("1", &5, &context).await.unwrap();
+
+        let repeat = counters.execute("1", &5, &context).await.unwrap();
+
+        assert!(repeat.deduplicated, "{repeat:?}");
+        assert_eq!(repeat.events, first.events);
+        assert_eq!(store.head().await.unwrap(), Position(1), "written once");
+    }
+
+    #[tokio::test]
     async fn a_stream_that_keeps_changing_gives_up_after_the_configured_attempts() {
-        let store = Arc::new(AlwaysConflicting(MemoryStore::new()));
+        let store = Interfering::new(Interference::EveryAppendConflicts);
         let counters =
             Repository::<Counter>::with_config(store, RepositoryConfig { max_attempts: 3 });
 

@@ -314,6 +314,14 @@ impl OpenGroup {
                 self.results.push(Ok(written));
                 true
             }
+            // SQLite rolls a whole transaction back by itself after some errors
+            // (I/O, a full disk, out of memory). Going on would run the next
+            // statements outside any transaction on stale state, so a refusal
+            // that lost the transaction is handled like a partial write.
+            Err(Refused(error)) if connection.is_autocommit() => {
+                self.failed[index] = Some(error);
+                false
+            }
             Err(Refused(error)) => {
                 self.results.push(Err(error));
                 true
@@ -332,9 +340,12 @@ impl OpenGroup {
     /// Each round leaves one more job out, so it ends.
     fn rewrite(&mut self, connection: &Connection) {
         'rounds: loop {
-            if let Err(error) = connection.execute_batch("ROLLBACK") {
-                self.broken = Some(backend("rolling back a failed append", error));
-                return;
+            // Nothing to roll back if SQLite already did.
+            if !connection.is_autocommit() {
+                if let Err(error) = connection.execute_batch("ROLLBACK") {
+                    self.broken = Some(backend("rolling back a failed append", error));
+                    return;
+                }
             }
             self.results.clear();
             self.open_transaction(connection);

@@ -16,6 +16,9 @@ use std::time::Instant;
 
 use crate::writer::Queued;
 
+/// How often an idle writer looks at the queue even without a ring.
+const IDLE_RECHECK: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// Creates a connected sender and receiver.
 pub fn job_queue() -> (JobSender, JobReceiver) {
     let (sender, receiver) = mpsc::channel();
@@ -127,7 +130,10 @@ impl JobReceiver {
         let ready = self.bell.pending.load(SeqCst) >= count || self.bell.closed.load(SeqCst);
         if !ready {
             match deadline {
-                None => std::thread::park(),
+                // Bounded even when idle: a store dropped before the writer thread
+                // registered itself rings no one, and the writer must still see
+                // `closed` and stop.
+                None => std::thread::park_timeout(IDLE_RECHECK),
                 Some(deadline) => {
                     std::thread::park_timeout(deadline.saturating_duration_since(Instant::now()));
                 }

@@ -59,6 +59,8 @@
 //!   a signed SQL integer must clamp, not overflow.
 
 use std::any::Any;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use serde_json::json;
@@ -68,6 +70,7 @@ use crate::error::{AppendError, ReadError};
 use crate::store::{AppendOutcome, AppendRequest, EventStore, StreamRead};
 
 mod concurrency_checks;
+mod durability_checks;
 mod model;
 mod repository_checks;
 mod store_checks;
@@ -77,6 +80,7 @@ pub use concurrency_checks::{
     concurrent_writers_and_subscribers_see_every_event_once,
     subscription_catches_up_then_follows_live, subscription_with_page_size_one_sees_everything,
 };
+pub use durability_checks::acknowledged_writes_survive_reopening;
 pub use model::{check_against_model, check_concurrent_batches};
 pub use repository_checks::{
     repository_business_rejection_writes_nothing, repository_concurrent_commands_all_apply,
@@ -99,12 +103,17 @@ pub use store_checks::{
     snapshots_round_trip_and_are_replaced, stream_id_of_max_length_works,
 };
 
+/// Opens the same storage again, for the durability check.
+type Reopen =
+    Box<dyn Fn() -> Pin<Box<dyn Future<Output = Arc<dyn EventStore>> + Send>> + Send + Sync>;
+
 /// A store under test, plus whatever must live exactly as long as it.
 ///
 /// Fields drop in declaration order, so the store goes first and the guard (a
 /// temporary directory, a database that a drop deletes) after it.
 pub struct Fixture {
     store: Arc<dyn EventStore>,
+    reopen: Option<Reopen>,
     _guard: Box<dyn Any + Send + Sync>,
 }
 
@@ -113,6 +122,7 @@ impl Fixture {
     pub fn new(store: Arc<dyn EventStore>) -> Self {
         Self {
             store,
+            reopen: None,
             _guard: Box::new(()),
         }
     }
@@ -121,14 +131,38 @@ impl Fixture {
     /// directory holding the store's files, say.
     pub fn with_guard(self, guard: impl Any + Send + Sync) -> Self {
         Self {
-            store: self.store,
             _guard: Box::new(guard),
+            ..self
+        }
+    }
+
+    /// Says how to open the same storage again once the store is dropped, which
+    /// enables [`acknowledged_writes_survive_reopening`] (invariant 4).
+    pub fn with_reopen<F, Fut>(self, reopen: F) -> Self
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Arc<dyn EventStore>> + Send + 'static,
+    {
+        Self {
+            reopen: Some(Box::new(move || Box::pin(reopen()))),
+            ..self
         }
     }
 
     /// The store, for handing to a check.
     pub fn store(&self) -> Arc<dyn EventStore> {
         Arc::clone(&self.store)
+    }
+
+    /// Drops the store (the caller must hold no other handle to it) and opens the
+    /// same storage again.
+    async fn reopen_store(&mut self) {
+        let Some(reopen) = &self.reopen else {
+            panic!("this fixture cannot reopen its store: build it with Fixture::with_reopen");
+        };
+        // Replace first, so the old store is closed before the new one opens.
+        self.store = Arc::new(crate::memory::MemoryStore::new());
+        self.store = reopen().await;
     }
 }
 
@@ -149,11 +183,23 @@ pub fn property_cases() -> u32 {
 /// `|| async { Fixture::new(Arc::new(MemoryStore::new())) }`. It is called once per
 /// test (and once per property case), so tests never share a store.
 ///
+/// With `, reopenable` (for a fixture built with [`Fixture::with_reopen`]) it also
+/// checks that acknowledged writes survive closing and reopening the store.
+///
 /// Expands to one test function per check, named after it, in the invoking module;
 /// put the invocation in its own test file or module. The invoking crate needs
 /// `tokio` (features `macros`, `rt-multi-thread`) as a dev-dependency.
 #[macro_export]
 macro_rules! event_store_conformance {
+    ($factory:expr, reopenable $(,)?) => {
+        $crate::event_store_conformance!($factory);
+
+        #[::tokio::test(flavor = "multi_thread", worker_threads = 4)]
+        async fn acknowledged_writes_survive_reopening() {
+            let fixture: $crate::testkit::Fixture = ($factory)().await;
+            $crate::testkit::acknowledged_writes_survive_reopening(fixture).await;
+        }
+    };
     ($factory:expr $(,)?) => {
         $crate::event_store_conformance!(@checks $factory;
             appends_get_dense_versions_and_increasing_positions,

@@ -135,3 +135,78 @@ async fn events_survive_closing_and_reopening() {
     assert_eq!(store.head().await.unwrap().0, 1);
     assert_eq!(*store.head_watch().borrow(), diptych_core::Position(1));
 }
+
+/// Writes one event, then damages a column behind the store's back.
+async fn store_with_damaged(column_update: &str) -> (tempfile::TempDir, SqliteStore) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store.db");
+    {
+        let store = SqliteStore::open(&path).unwrap();
+        let events = vec![NewEvent::new("OrderPlaced", json!({"total_cents": 1}))];
+        let stream = StreamId::new("order-1").unwrap();
+        store
+            .append(AppendRequest::new(
+                stream.clone(),
+                ExpectedVersion::NoStream,
+                events,
+            ))
+            .await
+            .unwrap();
+        store
+            .save_snapshot(diptych_core::Snapshot {
+                stream,
+                version: 1,
+                state_version: 1,
+                state: json!({}),
+                taken_at: diptych_core::Timestamp::now(),
+            })
+            .await
+            .unwrap();
+    }
+    rusqlite::Connection::open(&path)
+        .unwrap()
+        .execute_batch(column_update)
+        .unwrap();
+    let store = SqliteStore::open(&path).unwrap();
+    (dir, store)
+}
+
+#[tokio::test]
+async fn a_corrupt_event_row_is_a_backend_error_naming_its_position() {
+    let (_dir, store) =
+        store_with_damaged("UPDATE events SET payload = '{not json' WHERE position = 1").await;
+
+    let error = store
+        .read_all(diptych_core::Position::START, 10)
+        .await
+        .unwrap_err();
+
+    assert!(
+        matches!(error, diptych_core::ReadError::Backend(_)),
+        "{error:?}"
+    );
+    let message = error.to_string();
+    assert!(message.contains("position 1 is corrupt"), "{message}");
+    assert!(message.contains("payload is not JSON"), "{message}");
+}
+
+#[tokio::test]
+async fn a_corrupt_snapshot_is_a_backend_error_naming_its_stream() {
+    let (_dir, store) = store_with_damaged("UPDATE snapshots SET state = 'garbage'").await;
+
+    let error = store
+        .load_snapshot(&StreamId::new("order-1").unwrap())
+        .await
+        .unwrap_err();
+
+    assert!(
+        matches!(error, diptych_core::SnapshotError::Backend(_)),
+        "{error:?}"
+    );
+    assert!(
+        error
+            .to_string()
+            .contains("snapshot of `order-1` is corrupt"),
+        "{error}"
+    );
+}

@@ -108,31 +108,30 @@ fn a_path_that_cannot_be_a_database_file_is_a_backend_error_naming_it() {
     );
 }
 
+/// Opens the store at `path` and appends one order to `order-1`.
+async fn store_with_one_order(path: &Path) -> SqliteStore {
+    let store = SqliteStore::open(path).unwrap();
+    let events = vec![NewEvent::new("OrderPlaced", json!({"total_cents": 1250}))];
+    let stream = StreamId::new("order-1").unwrap();
+    let request = AppendRequest::new(stream, ExpectedVersion::NoStream, events);
+    store.append(request).await.unwrap();
+    store
+}
+
 #[tokio::test]
-async fn events_survive_closing_and_reopening() {
+async fn missing_parent_directories_are_created_and_the_store_reopens() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("nested/dir/store.db");
-    let stream = StreamId::new("order-1").unwrap();
-    {
-        let store = SqliteStore::open(&path).unwrap();
-        let events = vec![NewEvent::new("OrderPlaced", json!({"total_cents": 1250}))];
-        store
-            .append(AppendRequest::new(
-                stream.clone(),
-                ExpectedVersion::NoStream,
-                events,
-            ))
-            .await
-            .unwrap();
-    }
+    drop(store_with_one_order(&path).await);
+
     let store = SqliteStore::open(&path).unwrap();
+    let stream = StreamId::new("order-1").unwrap();
     let events = store
         .read_stream(StreamRead::forward(stream, 1, 10))
         .await
         .unwrap();
     assert_eq!(events.len(), 1);
     assert_eq!(events[0].payload, json!({"total_cents": 1250}));
-    assert_eq!(store.head().await.unwrap().0, 1);
     assert_eq!(*store.head_watch().borrow(), diptych_core::Position(1));
 }
 
@@ -141,17 +140,8 @@ async fn store_with_damaged(column_update: &str) -> (tempfile::TempDir, SqliteSt
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("store.db");
     {
-        let store = SqliteStore::open(&path).unwrap();
-        let events = vec![NewEvent::new("OrderPlaced", json!({"total_cents": 1}))];
+        let store = store_with_one_order(&path).await;
         let stream = StreamId::new("order-1").unwrap();
-        store
-            .append(AppendRequest::new(
-                stream.clone(),
-                ExpectedVersion::NoStream,
-                events,
-            ))
-            .await
-            .unwrap();
         store
             .save_snapshot(diptych_core::Snapshot {
                 stream,

@@ -1,8 +1,8 @@
-//! Reading events back from rows: shared by the reader connections and the writer
-//! (which reads the first outcome of a repeated idempotency key).
+//! The queries both sides run: the reader connections and the writer (which
+//! checks versions, finds repeated idempotency keys and reads the head too).
 
 use diptych_core::{BackendError, Metadata, Position, RecordedEvent, StreamId, Timestamp};
-use rusqlite::{Connection, Row, params};
+use rusqlite::{Connection, OptionalExtension, Row, params};
 use uuid::Uuid;
 
 use crate::error::backend;
@@ -102,4 +102,58 @@ pub fn events_between(
 /// unsigned 64-bit integers; nothing real gets near the limit).
 pub fn to_sql_int(value: u64) -> i64 {
     i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+/// The position of the last event (0 for an empty log).
+pub fn head_position(connection: &Connection) -> Result<Position, BackendError> {
+    connection
+        .prepare_cached("SELECT COALESCE(MAX(position), 0) FROM events")
+        .and_then(|mut statement| statement.query_row([], |row| row.get::<_, i64>(0)))
+        .map(|head| Position(head as u64))
+        .map_err(|error| backend("reading the head position", error))
+}
+
+/// The version of a stream (0 when it has no events).
+pub fn stream_version(connection: &Connection, stream: &StreamId) -> Result<u64, BackendError> {
+    connection
+        .prepare_cached("SELECT COALESCE(MAX(version), 0) FROM events WHERE stream_id = ?1")
+        .and_then(|mut statement| {
+            statement.query_row(params![stream.as_str()], |row| row.get::<_, i64>(0))
+        })
+        .map(|version| version as u64)
+        .map_err(|error| backend("reading a stream version", error))
+}
+
+/// The append first made with an idempotency key: its stream and its first and
+/// last positions.
+pub struct KeyedAppend {
+    /// The stream, as stored.
+    pub stream: String,
+    /// Its first position.
+    pub first: i64,
+    /// Its last position.
+    pub last: i64,
+}
+
+/// The append first made with `key`, if any.
+pub fn keyed_append(
+    connection: &Connection,
+    key: &str,
+) -> Result<Option<KeyedAppend>, BackendError> {
+    connection
+        .prepare_cached(
+            "SELECT stream_id, first_position, last_position FROM idempotency WHERE key = ?1",
+        )
+        .and_then(|mut statement| {
+            statement
+                .query_row(params![key], |row| {
+                    Ok(KeyedAppend {
+                        stream: row.get(0)?,
+                        first: row.get(1)?,
+                        last: row.get(2)?,
+                    })
+                })
+                .optional()
+        })
+        .map_err(|error| backend("looking up an idempotency key", error))
 }

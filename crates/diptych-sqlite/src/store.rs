@@ -16,7 +16,10 @@ use tokio::sync::{Semaphore, oneshot, watch};
 
 use crate::error::{OpenError, backend};
 use crate::queue::{JobSender, job_queue};
-use crate::rows::{EVENT_COLUMNS, events_between, query_events, to_sql_int};
+use crate::rows::{
+    EVENT_COLUMNS, events_between, head_position, keyed_append, query_events, stream_version,
+    to_sql_int,
+};
 use crate::schema;
 use crate::writer::{self, Job, PreparedAppend, Queued};
 
@@ -85,14 +88,7 @@ impl SqliteStore {
         schema::check_identity(&connection, &path)?;
         configure_writer(&connection)?;
         schema::migrate(&mut connection)?;
-        let head = Position(
-            connection
-                .query_row("SELECT COALESCE(MAX(position), 0) FROM events", [], |row| {
-                    row.get::<_, i64>(0)
-                })
-                .map_err(|error| backend("reading the head position", error))? as u64,
-        );
-        let head = watch::Sender::new(head);
+        let head = watch::Sender::new(head_position(&connection)?);
         let (jobs, receiver) = job_queue();
         let writer = writer::spawn(
             connection,
@@ -235,21 +231,11 @@ impl EventStore for SqliteStore {
     async fn find_idempotent_append(&self, key: &str) -> Result<Option<AppendOutcome>, ReadError> {
         let key = key.to_owned();
         self.read(move |connection| {
-            let range: Option<(i64, i64)> = connection
-                .prepare_cached(
-                    "SELECT first_position, last_position FROM idempotency WHERE key = ?1",
-                )
-                .and_then(|mut statement| {
-                    statement
-                        .query_row(params![key], |row| Ok((row.get(0)?, row.get(1)?)))
-                        .optional()
-                })
-                .map_err(|error| backend("looking up an idempotency key", error))?;
-            let Some((first, last)) = range else {
+            let Some(keyed) = keyed_append(connection, &key)? else {
                 return Ok(None);
             };
             Ok(Some(AppendOutcome {
-                events: events_between(connection, first, last)?,
+                events: events_between(connection, keyed.first, keyed.last)?,
                 deduplicated: true,
             }))
         })
@@ -277,7 +263,7 @@ impl EventStore for SqliteStore {
                     to_sql_int(read.limit as u64)
                 ],
             )?;
-            if events.is_empty() && stream_version_on(connection, &read.stream)? == 0 {
+            if events.is_empty() && stream_version(connection, &read.stream)? == 0 {
                 return Err(ReadError::StreamNotFound {
                     stream: read.stream,
                 });
@@ -289,7 +275,7 @@ impl EventStore for SqliteStore {
 
     async fn stream_version(&self, stream: &StreamId) -> Result<u64, ReadError> {
         let stream = stream.clone();
-        self.read(move |connection| stream_version_on(connection, &stream))
+        self.read(move |connection| Ok(stream_version(connection, &stream)?))
             .await
     }
 
@@ -311,14 +297,7 @@ impl EventStore for SqliteStore {
     }
 
     async fn head(&self) -> Result<Position, ReadError> {
-        self.read(|connection| {
-            let head: i64 = connection
-                .prepare_cached("SELECT COALESCE(MAX(position), 0) FROM events")
-                .and_then(|mut statement| statement.query_row([], |row| row.get(0)))
-                .map_err(|error| backend("reading the head position", error))?;
-            Ok(Position(head as u64))
-        })
-        .await
+        self.read(|connection| Ok(head_position(connection)?)).await
     }
 
     fn head_watch(&self) -> watch::Receiver<Position> {
@@ -371,12 +350,4 @@ impl EventStore for SqliteStore {
         self.submit(Job::SaveSnapshot { snapshot, reply }).await?;
         outcome.await.map_err(|_| writer_gone())?
     }
-}
-
-fn stream_version_on(connection: &Connection, stream: &StreamId) -> Result<u64, ReadError> {
-    let version: i64 = connection
-        .prepare_cached("SELECT COALESCE(MAX(version), 0) FROM events WHERE stream_id = ?1")
-        .and_then(|mut statement| statement.query_row(params![stream.as_str()], |row| row.get(0)))
-        .map_err(|error| backend("reading a stream version", error))?;
-    Ok(version as u64)
 }

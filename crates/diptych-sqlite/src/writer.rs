@@ -1,10 +1,12 @@
 //! The writer thread: the one connection that writes, committing appends in groups.
 //!
-//! Appends arrive on a channel. The writer takes one, then everything else already
-//! waiting (up to a cap), and commits them all in one transaction with one fsync:
-//! while it waits for the disk, the next group gathers in the channel. So the
-//! number of fsyncs falls as concurrency rises, and each append still waits for the
-//! fsync of its own group before it is acknowledged.
+//! Appends arrive on a queue (`queue.rs`). The writer opens a transaction with
+//! the first, writes the others as they arrive (up to a cap, and for a moment
+//! longer while the callers of the last group are still coming back, see
+//! [`GroupPacer`]), and commits them all with one fsync: while it waits for the
+//! disk, the next group gathers in the queue. So the number of fsyncs falls as
+//! concurrency rises, and each append still waits for the fsync of its own group
+//! before it is acknowledged.
 //!
 //! Each append is checked on its own: one that fails its checks (a version
 //! conflict, a reused key) writes nothing and the rest of the group commits; one
@@ -25,7 +27,7 @@ use tokio::sync::{OwnedSemaphorePermit, oneshot, watch};
 
 use crate::error::backend;
 use crate::queue::JobReceiver;
-use crate::rows::{events_between, to_sql_int};
+use crate::rows::{events_between, head_position, keyed_append, stream_version, to_sql_int};
 
 /// An append with its payloads already serialized by the caller's task, so the
 /// single writer thread spends its time on SQLite, not on JSON.
@@ -138,12 +140,12 @@ impl Writer {
         jobs.attach_to_current_thread();
         let mut pacer = GroupPacer::default();
         while let Some(first) = jobs.recv() {
-            // The group's transaction opens with its first append and takes the
-            // others as they arrive, so inserting overlaps with callers preparing
-            // their appends instead of waiting for all of them first.
             // Times never go backwards along the log, even if the wall clock
             // does, so "the state at time T" is always a prefix of each stream.
             self.last_recorded_at = self.last_recorded_at.max(Timestamp::now());
+            // The group's transaction opens with its first append and takes the
+            // others as they arrive, so inserting overlaps with callers preparing
+            // their appends instead of waiting for all of them first.
             let mut group = OpenGroup::begin(&self.connection, self.last_recorded_at);
             group.push(&self.connection, first);
             let gather_until = Instant::now() + pacer.patience();
@@ -257,14 +259,9 @@ impl OpenGroup {
             .prepare_cached("BEGIN IMMEDIATE")
             .and_then(|mut begin| begin.execute([]))
             .map_err(|error| backend("starting a write transaction", error))
-            .and_then(|_| {
-                connection
-                    .prepare_cached("SELECT COALESCE(MAX(position), 0) + 1 FROM events")
-                    .and_then(|mut statement| statement.query_row([], |row| row.get(0)))
-                    .map_err(|error| backend("reading the head position", error))
-            });
+            .and_then(|_| head_position(connection));
         match opened {
-            Ok(next_position) => self.next_position = next_position,
+            Ok(head) => self.next_position = head.0 as i64 + 1,
             Err(error) => self.broken = Some(error),
         }
     }
@@ -468,21 +465,9 @@ fn write_append(
 ) -> Result<Written, JobFailure> {
     let request = &append.request;
     if let Some(key) = &request.idempotency_key {
-        let first: Option<(String, i64, i64)> = connection
-            .prepare_cached(
-                "SELECT stream_id, first_position, last_position FROM idempotency WHERE key = ?1",
-            )
-            .and_then(|mut statement| {
-                statement
-                    .query_row(params![key], |row| {
-                        Ok((row.get(0)?, row.get(1)?, row.get(2)?))
-                    })
-                    .optional()
-            })
-            .map_err(|error| Refused(backend("looking up an idempotency key", error).into()))?;
-        if let Some((first_stream, first, last)) = first {
-            if first_stream != request.stream.as_str() {
-                let first_stream = StreamId::new(first_stream).map_err(|error| {
+        if let Some(first) = keyed_append(connection, key).map_err(|error| Refused(error.into()))? {
+            if first.stream != request.stream.as_str() {
+                let first_stream = StreamId::new(first.stream).map_err(|error| {
                     Refused(BackendError::msg(format!("corrupt idempotency entry: {error}")).into())
                 })?;
                 return Err(Refused(AppendError::IdempotencyKeyReused {
@@ -491,22 +476,18 @@ fn write_append(
                     stream: request.stream.clone(),
                 }));
             }
-            let events =
-                events_between(connection, first, last).map_err(|error| Refused(error.into()))?;
+            let events = events_between(connection, first.first, first.last)
+                .map_err(|error| Refused(error.into()))?;
             return Ok(Written::Repeat(events));
         }
     }
     let actual = match versions.get(&request.stream) {
         Some(&version) => version,
         None => {
-            let version: i64 = connection
-                .prepare_cached("SELECT COALESCE(MAX(version), 0) FROM events WHERE stream_id = ?1")
-                .and_then(|mut statement| {
-                    statement.query_row(params![request.stream.as_str()], |row| row.get(0))
-                })
-                .map_err(|error| Refused(backend("reading a stream version", error).into()))?;
-            versions.insert(request.stream.clone(), version as u64);
-            version as u64
+            let version = stream_version(connection, &request.stream)
+                .map_err(|error| Refused(error.into()))?;
+            versions.insert(request.stream.clone(), version);
+            version
         }
     };
     if !request.expected.admits(actual) {
@@ -560,11 +541,9 @@ fn write_append(
         }
     }
     let count = request.events.len();
-    match versions.get_mut(&request.stream) {
-        Some(version) => *version = actual + count as u64,
-        None => {
-            versions.insert(request.stream.clone(), actual + count as u64);
-        }
+    // The lookup above put the stream in the map.
+    if let Some(version) = versions.get_mut(&request.stream) {
+        *version = actual + count as u64;
     }
     if let Some(key) = &request.idempotency_key {
         connection

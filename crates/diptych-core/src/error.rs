@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use uuid::Uuid;
 
-use crate::envelope::StreamId;
+use crate::envelope::{Position, StreamId};
 use crate::store::ExpectedVersion;
 
 /// A stream id that cannot be used.
@@ -260,6 +260,179 @@ pub enum CommandError<E> {
     Encode(DecodeError),
 }
 
+/// A view store operation that failed.
+#[derive(Clone, Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ViewError {
+    /// A collection, projection or field name that cannot be used.
+    #[error(
+        "{what} name `{name}` is not allowed: use lower-case letters, digits, `-` and `_` (fields: letters, digits, `_`, joined by `.`), starting with a letter, at most 64 bytes"
+    )]
+    InvalidName {
+        /// What the name was for.
+        what: &'static str,
+        /// The name given.
+        name: String,
+    },
+    /// No registered projection declares this collection.
+    #[error("no view named `{0}`: check the name, or start the projection that declares it")]
+    UnknownCollection(String),
+    /// No projection of this name was ever registered.
+    #[error(
+        "no projection named `{0}` in this view store: check the name (`diptych projections status` lists them)"
+    )]
+    UnknownProjection(String),
+    /// The collection is declared by another projection.
+    #[error(
+        "collection `{collection}` already belongs to projection `{owner}`: give each projection its own collections"
+    )]
+    CollectionTaken {
+        /// The collection.
+        collection: String,
+        /// The projection that owns it.
+        owner: String,
+    },
+    /// A filter or ordering on a field the collection has no index for.
+    #[error(
+        "collection `{collection}` has no index on `{field}`: declare it with `CollectionSpec::index`"
+    )]
+    NotIndexed {
+        /// The collection.
+        collection: String,
+        /// The field.
+        field: String,
+    },
+    /// A query that cannot run as given.
+    #[error("invalid query: {0}")]
+    InvalidQuery(String),
+    /// A document that could not be encoded or decoded as the expected type.
+    #[error("document `{key}` in `{collection}`: {reason}")]
+    Document {
+        /// The collection.
+        collection: String,
+        /// The key.
+        key: String,
+        /// What serde said.
+        reason: String,
+    },
+    /// The generation's checkpoint moved since the batch began: another runner is
+    /// applying the same projection, or the generation was replaced by a rebuild.
+    #[error(
+        "projection `{projection}` generation {generation} is at {actual}, not {expected}: another runner is applying it, or a rebuild replaced it; run each projection in one process"
+    )]
+    CheckpointMoved {
+        /// The projection.
+        projection: String,
+        /// The generation.
+        generation: u64,
+        /// The checkpoint the batch started from.
+        expected: u64,
+        /// The checkpoint found.
+        actual: u64,
+    },
+    /// The operation needs something the projection does not have.
+    #[error("projection `{projection}`: {reason}")]
+    NotPossible {
+        /// The projection.
+        projection: String,
+        /// Why, and what to do instead.
+        reason: String,
+    },
+    /// This backend does not support the operation.
+    #[error("{0}")]
+    Unsupported(String),
+    /// See [`BackendError`].
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+}
+
+/// Waiting for a view to reach a position failed.
+#[derive(Clone, Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum WaitError {
+    /// The view did not reach the position in time.
+    #[error(
+        "view `{view}` did not reach position {position} within {waited:?} (it is at {reached}); the projection may be behind, paused or stalled: check `diptych projections status`"
+    )]
+    Timeout {
+        /// The view waited on.
+        view: String,
+        /// The position waited for.
+        position: Position,
+        /// Where the view was when the wait gave up.
+        reached: Position,
+        /// How long it waited.
+        waited: std::time::Duration,
+    },
+    /// No collection or projection of this name.
+    #[error("no view named `{0}`")]
+    UnknownView(String),
+    /// See [`ViewError`].
+    #[error(transparent)]
+    View(#[from] ViewError),
+}
+
+/// A projection or process manager could not handle an event. The runner retries
+/// it with backoff and parks the event if it keeps failing.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct HandlerError {
+    message: String,
+    #[source]
+    source: Option<Box<dyn StdError + Send + Sync>>,
+}
+
+impl HandlerError {
+    /// An error with this message.
+    pub fn msg(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            source: None,
+        }
+    }
+
+    /// An error with this message, caused by `source`.
+    pub fn with_source(
+        message: impl Into<String>,
+        source: impl StdError + Send + Sync + 'static,
+    ) -> Self {
+        Self {
+            message: message.into(),
+            source: Some(Box::new(source)),
+        }
+    }
+
+    /// The message and its causes, joined by `: `.
+    pub fn chain(&self) -> String {
+        let mut text = self.message.clone();
+        let mut cause = self.source.as_deref().map(|source| source as &dyn StdError);
+        while let Some(error) = cause {
+            text.push_str(": ");
+            text.push_str(&error.to_string());
+            cause = error.source();
+        }
+        text
+    }
+}
+
+impl From<ViewError> for HandlerError {
+    fn from(error: ViewError) -> Self {
+        Self::with_source("view store", error)
+    }
+}
+
+impl From<DecodeError> for HandlerError {
+    fn from(error: DecodeError) -> Self {
+        Self::with_source("decoding the event", error)
+    }
+}
+
+impl<E: StdError + Send + Sync + 'static> From<CommandError<E>> for HandlerError {
+    fn from(error: CommandError<E>) -> Self {
+        Self::with_source("issuing a command", error)
+    }
+}
+
 /// Any diptych error, for callers that do not need to tell operations apart.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -288,6 +461,12 @@ pub enum Error {
     /// A business rule rejected a command.
     #[error("command rejected: {0}")]
     Rejected(Box<dyn StdError + Send + Sync>),
+    /// See [`ViewError`].
+    #[error(transparent)]
+    View(#[from] ViewError),
+    /// See [`WaitError`].
+    #[error(transparent)]
+    Wait(#[from] WaitError),
     /// See [`BackendError`].
     #[error(transparent)]
     Backend(#[from] BackendError),

@@ -44,12 +44,17 @@ pub mod codec;
 pub mod envelope;
 pub mod error;
 pub mod memory;
+pub mod memory_views;
+pub mod process;
+pub mod projection;
 pub mod repository;
+pub mod runner;
 pub mod store;
 pub mod subscription;
 pub mod testing;
 #[cfg(feature = "testkit")]
 pub mod testkit;
+pub mod view;
 
 pub use aggregate::{Aggregate, SnapshotPolicy};
 pub use codec::{DomainEvent, EventCodec, Upcasters};
@@ -57,13 +62,25 @@ pub use envelope::{
     MAX_STREAM_ID_BYTES, Metadata, NewEvent, Position, RecordedEvent, StreamId, Timestamp,
 };
 pub use error::{
-    AppendError, BackendError, CommandError, DecodeError, Error, InvalidEvent, InvalidStreamId,
-    LoadError, ReadError, SnapshotError,
+    AppendError, BackendError, CommandError, DecodeError, Error, HandlerError, InvalidEvent,
+    InvalidStreamId, LoadError, ReadError, SnapshotError, ViewError, WaitError,
 };
 pub use memory::MemoryStore;
+pub use memory_views::MemoryViews;
+pub use process::{ProcessManager, spawn_process_manager, state_collection};
+pub use projection::{Interest, Mark, Projection, ViewTx};
 pub use repository::{CommandContext, CommandOutcome, Loaded, Repository, RepositoryConfig};
+pub use runner::{
+    LIVE_WITHIN, ProjectionState, ProjectionStatus, RunnerConfig, RunnerHandle, projection_status,
+    spawn_projection,
+};
 pub use store::{
     AppendOutcome, AppendRequest, Direction, EventStore, ExpectedVersion, Snapshot, StreamRead,
     check_append_shape,
 };
 pub use subscription::Subscription;
+pub use view::{
+    Change, CollectionSpec, Comparison, Control, Cursor, Declaration, Document, Filter,
+    HandlerKind, Order, Page, ParkedEvent, ProjectionRecord, Query, RebuildProgress, ViewCommit,
+    ViewStore, wait_for,
+};

@@ -30,12 +30,15 @@
 //! `schema.rs`.
 
 mod error;
+mod pool;
 mod queue;
 mod rows;
 mod schema;
 mod store;
+mod views;
 mod writer;
 
 pub use error::OpenError;
-pub use schema::{APPLICATION_ID, SCHEMA_VERSION};
+pub use schema::{APPLICATION_ID, SCHEMA_VERSION, VIEWS_APPLICATION_ID};
 pub use store::{SqliteConfig, SqliteStore};
+pub use views::SqliteViews;

@@ -1,7 +1,7 @@
 //! [`SqliteStore`]: the event store on one SQLite file.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -11,10 +11,11 @@ use diptych_core::{
     ReadError, RecordedEvent, Snapshot, SnapshotError, StreamId, StreamRead, Timestamp,
     check_append_shape,
 };
-use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::{Semaphore, oneshot, watch};
 
 use crate::error::{OpenError, backend};
+use crate::pool::ReaderPool;
 use crate::queue::{JobSender, job_queue};
 use crate::rows::{
     EVENT_COLUMNS, events_between, head_position, keyed_append, query_events, stream_version,
@@ -98,11 +99,7 @@ impl SqliteStore {
         )
         .map_err(|error| BackendError::with_source("starting the writer thread", error))?;
         Ok(Self {
-            readers: Arc::new(ReaderPool {
-                path: path.clone(),
-                idle: Mutex::new(Vec::new()),
-                keep: config.reader_connections.max(1),
-            }),
+            readers: Arc::new(ReaderPool::new(path.clone(), config.reader_connections)),
             path,
             jobs: Some(jobs),
             queue_slots: Arc::new(Semaphore::new(config.queue_capacity.max(1))),
@@ -168,53 +165,6 @@ fn configure_writer(connection: &Connection) -> Result<(), OpenError> {
         )
         .and_then(|()| connection.busy_timeout(Duration::from_secs(5)))
         .map_err(|error| OpenError::Backend(backend("configuring the writer connection", error)))
-}
-
-/// Reader connections, opened on demand and kept for reuse.
-struct ReaderPool {
-    path: PathBuf,
-    idle: Mutex<Vec<Connection>>,
-    keep: usize,
-}
-
-impl ReaderPool {
-    fn with_connection<T>(
-        &self,
-        work: impl FnOnce(&Connection) -> Result<T, ReadError>,
-    ) -> Result<T, ReadError> {
-        let idle = self
-            .idle
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .pop();
-        let connection = match idle {
-            Some(connection) => connection,
-            None => self.open()?,
-        };
-        let result = work(&connection);
-        let mut idle = self
-            .idle
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if idle.len() < self.keep {
-            idle.push(connection);
-        }
-        result
-    }
-
-    fn open(&self) -> Result<Connection, ReadError> {
-        let connection = Connection::open_with_flags(
-            &self.path,
-            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        )
-        .and_then(|connection| {
-            connection.execute_batch("PRAGMA query_only = ON;")?;
-            connection.busy_timeout(Duration::from_secs(5))?;
-            Ok(connection)
-        })
-        .map_err(|error| backend("opening a reader connection", error))?;
-        Ok(connection)
-    }
 }
 
 #[async_trait]

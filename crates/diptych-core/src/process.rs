@@ -1,0 +1,154 @@
+//! Process managers (sagas): code that reacts to events by issuing commands.
+//!
+//! A process manager is pure where it decides: [`ProcessManager::react`] turns an
+//! event (and the saga instance's state, if it keeps one) into commands. Sending
+//! them is [`ProcessManager::dispatch`], usually a [`crate::Repository::execute`].
+//!
+//! It runs on the projection runner, so it gets batching, checkpoints, retries,
+//! parking, pause and status for free. Its state lives in a collection of its own,
+//! committed in the same transaction as its checkpoint. Exactly-once *effects* come
+//! from the event store's idempotency: each command's id is derived from the
+//! triggering event, the process manager's name and the command's index
+//! ([`CommandContext::caused_by`]). After a crash between dispatching and the
+//! checkpoint, the same event reacts again from the same committed state, produces
+//! the same command ids, and the store returns the first results instead of
+//! writing again.
+//!
+//! Compensations are ordinary commands issued in reaction to a failure event
+//! (`StockReservationFailed` → release what was reserved).
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use uuid::Uuid;
+
+use crate::envelope::RecordedEvent;
+use crate::error::HandlerError;
+use crate::projection::{Interest, Projection, ViewTx};
+use crate::repository::CommandContext;
+use crate::runner::{RunnerConfig, RunnerHandle, spawn_projection};
+use crate::store::EventStore;
+use crate::view::{CollectionSpec, HandlerKind, ViewStore};
+
+/// Reacts to events by issuing commands.
+#[async_trait]
+pub trait ProcessManager: Send + Sync + 'static {
+    /// The state of one saga instance (`()` for a stateless process manager).
+    type State: Serialize + DeserializeOwned + Default + Send + Sync;
+    /// The commands it issues.
+    type Command: Send + Sync + 'static;
+
+    /// Its name (lower-case letters, digits, `-`, `_`; at most 58 bytes, as its
+    /// state collection is named `<name>-state`).
+    fn name(&self) -> &str;
+
+    /// The events it reacts to.
+    fn interest(&self) -> Interest;
+
+    /// The saga instance an event belongs to (an order id, say), whose state
+    /// [`ProcessManager::react`] receives; `None` for no state.
+    fn instance(&self, event: &RecordedEvent) -> Option<String> {
+        let _ = event;
+        None
+    }
+
+    /// Decides the commands an event calls for, updating the instance's state.
+    /// Must be deterministic: after a crash it runs again on the same state.
+    fn react(
+        &self,
+        state: &mut Self::State,
+        event: &RecordedEvent,
+    ) -> Result<Vec<Self::Command>, HandlerError>;
+
+    /// Sends one command. `context` carries the derived command id (the
+    /// idempotency key) and the correlation and causation ids.
+    async fn dispatch(
+        &self,
+        command: Self::Command,
+        context: CommandContext,
+    ) -> Result<(), HandlerError>;
+}
+
+/// The name of a process manager's state collection.
+pub fn state_collection(process_manager: &str) -> String {
+    format!("{process_manager}-state")
+}
+
+impl CommandContext {
+    /// The context of the `index`-th command that `handler` issues in reaction to
+    /// `event`: the command id is derived from the three, so reacting again to
+    /// the same event issues the same ids; the correlation id is carried over and
+    /// the causation id is the event's id.
+    pub fn caused_by(event: &RecordedEvent, handler: &str, index: usize) -> Self {
+        let name = format!("{handler}/{index}");
+        let mut context = CommandContext::new(Uuid::new_v5(&event.event_id, name.as_bytes()));
+        context.correlation_id = Some(event.metadata.correlation_id.unwrap_or(event.event_id));
+        context.causation_id = Some(event.event_id);
+        context
+    }
+}
+
+/// Starts a runner for a process manager on the current tokio runtime.
+pub fn spawn_process_manager<P: ProcessManager>(
+    store: Arc<dyn EventStore>,
+    views: Arc<dyn ViewStore>,
+    process_manager: Arc<P>,
+    config: RunnerConfig,
+) -> RunnerHandle {
+    let state_collection = state_collection(process_manager.name());
+    let projection = Arc::new(AsProjection {
+        process_manager,
+        state_collection,
+    });
+    spawn_projection(
+        store,
+        views,
+        projection,
+        HandlerKind::ProcessManager,
+        config,
+    )
+}
+
+/// A process manager seen as a projection whose only view is its state.
+struct AsProjection<P> {
+    process_manager: Arc<P>,
+    state_collection: String,
+}
+
+#[async_trait]
+impl<P: ProcessManager> Projection for AsProjection<P> {
+    fn name(&self) -> &str {
+        self.process_manager.name()
+    }
+
+    fn collections(&self) -> Vec<CollectionSpec> {
+        vec![CollectionSpec::new(self.state_collection.clone())]
+    }
+
+    fn interest(&self) -> Interest {
+        self.process_manager.interest()
+    }
+
+    async fn apply(&self, event: &RecordedEvent, views: &mut ViewTx) -> Result<(), HandlerError> {
+        let instance = self.process_manager.instance(event);
+        let mut state = match &instance {
+            Some(key) => views
+                .get::<P::State>(&self.state_collection, key)
+                .await?
+                .unwrap_or_default(),
+            None => P::State::default(),
+        };
+        let commands = self.process_manager.react(&mut state, event)?;
+        if let Some(key) = &instance {
+            views.put(&self.state_collection, key, &state)?;
+        }
+        let name = self.process_manager.name();
+        for (index, command) in commands.into_iter().enumerate() {
+            let context = CommandContext::caused_by(event, name, index);
+            self.process_manager.dispatch(command, context).await?;
+        }
+        Ok(())
+    }
+}

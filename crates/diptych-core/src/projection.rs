@@ -1,0 +1,332 @@
+//! Projections: code that turns events into view documents.
+//!
+//! A projection names itself, declares its collections and the events it wants
+//! ([`Interest`]), and applies one event at a time to a [`ViewTx`]. The runner
+//! ([`crate::runner`]) hands it events in batches and commits each batch's changes
+//! with the checkpoint in one transaction, so the projection itself never deals
+//! with checkpoints, retries or crashes.
+//!
+//! A `ViewTx` buffers the batch's changes in memory and reads through to the view
+//! store for documents the batch has not touched yet. That is safe because a
+//! projection is the only writer of its collections, and it keeps the trait free of
+//! any backend's transaction type. Each event's changes can be undone on their own,
+//! so an event that fails leaves nothing behind in the batch.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::envelope::RecordedEvent;
+use crate::error::{HandlerError, ViewError};
+use crate::view::{Change, CollectionSpec, Document, ViewStore};
+
+/// Which events a projection wants. The runner skips the others without calling
+/// the projection (they still advance its checkpoint).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Interest {
+    event_types: Option<BTreeSet<String>>,
+    categories: Option<BTreeSet<String>>,
+}
+
+impl Interest {
+    /// Every event.
+    pub fn all() -> Self {
+        Self::default()
+    }
+
+    /// Only events of these types.
+    pub fn event_types<I: IntoIterator<Item = S>, S: Into<String>>(types: I) -> Self {
+        Self {
+            event_types: Some(types.into_iter().map(Into::into).collect()),
+            categories: None,
+        }
+    }
+
+    /// Only events of streams in these categories (the part of the stream id before
+    /// the first `-`: `order` for `order-42`).
+    pub fn categories<I: IntoIterator<Item = S>, S: Into<String>>(categories: I) -> Self {
+        Self {
+            event_types: None,
+            categories: Some(categories.into_iter().map(Into::into).collect()),
+        }
+    }
+
+    /// Also restricts to streams in these categories.
+    pub fn in_categories<I: IntoIterator<Item = S>, S: Into<String>>(
+        mut self,
+        categories: I,
+    ) -> Self {
+        self.categories = Some(categories.into_iter().map(Into::into).collect());
+        self
+    }
+
+    /// Whether the projection wants this event.
+    pub fn wants(&self, event: &RecordedEvent) -> bool {
+        self.event_types
+            .as_ref()
+            .is_none_or(|types| types.contains(&event.event_type))
+            && self
+                .categories
+                .as_ref()
+                .is_none_or(|categories| categories.contains(event.stream_id.category()))
+    }
+}
+
+/// Code that keeps views up to date from events.
+#[async_trait]
+pub trait Projection: Send + Sync + 'static {
+    /// The projection's name: lower-case letters, digits, `-`, `_`. Its checkpoint
+    /// and parked events are stored under it.
+    fn name(&self) -> &str;
+
+    /// The collections it writes, which only it writes. A process manager has none.
+    fn collections(&self) -> Vec<CollectionSpec>;
+
+    /// The events it wants.
+    fn interest(&self) -> Interest {
+        Interest::all()
+    }
+
+    /// Applies one event. An error (or a panic) undoes this event's changes; the
+    /// runner retries with backoff and parks the event if it keeps failing.
+    async fn apply(&self, event: &RecordedEvent, views: &mut ViewTx) -> Result<(), HandlerError>;
+}
+
+/// What a key holds inside a batch.
+#[derive(Clone, Debug)]
+enum Slot {
+    /// Read from the store and unchanged.
+    Clean(Option<Document>),
+    /// Written by the batch.
+    Put(Document),
+    /// Deleted by the batch.
+    Deleted,
+}
+
+impl Slot {
+    fn document(&self) -> Option<&Document> {
+        match self {
+            Slot::Clean(document) => document.as_ref(),
+            Slot::Put(document) => Some(document),
+            Slot::Deleted => None,
+        }
+    }
+}
+
+type SlotKey = (String, String);
+
+/// A batch's view changes, buffered until the runner commits them with the
+/// checkpoint. Reads see the batch's own writes.
+pub struct ViewTx {
+    store: Arc<dyn ViewStore>,
+    generation: u64,
+    collections: BTreeSet<String>,
+    slots: BTreeMap<SlotKey, Slot>,
+    /// The order keys were first written in, so commits apply changes in order.
+    written: Vec<SlotKey>,
+    statements: Vec<Change>,
+    undo: Vec<Undo>,
+}
+
+enum Undo {
+    Slot(SlotKey, Option<Slot>),
+    Statement,
+    Written,
+}
+
+/// A point to roll a [`ViewTx`] back to.
+#[derive(Clone, Copy, Debug)]
+pub struct Mark(usize);
+
+impl ViewTx {
+    /// An empty batch on `generation` of the projection owning `collections`.
+    pub fn new(store: Arc<dyn ViewStore>, generation: u64, collections: &[CollectionSpec]) -> Self {
+        Self {
+            store,
+            generation,
+            collections: collections.iter().map(|spec| spec.name.clone()).collect(),
+            slots: BTreeMap::new(),
+            written: Vec::new(),
+            statements: Vec::new(),
+            undo: Vec::new(),
+        }
+    }
+
+    /// The document under `key`, as the batch has left it.
+    pub async fn get<T: DeserializeOwned>(
+        &mut self,
+        collection: &str,
+        key: &str,
+    ) -> Result<Option<T>, ViewError> {
+        let document = self.document(collection, key).await?;
+        document
+            .map(|document| {
+                serde_json::from_value(document).map_err(|error| ViewError::Document {
+                    collection: collection.to_owned(),
+                    key: key.to_owned(),
+                    reason: error.to_string(),
+                })
+            })
+            .transpose()
+    }
+
+    /// The raw document under `key`, as the batch has left it.
+    pub async fn document(
+        &mut self,
+        collection: &str,
+        key: &str,
+    ) -> Result<Option<Document>, ViewError> {
+        self.check_collection(collection)?;
+        let slot_key = (collection.to_owned(), key.to_owned());
+        if let Some(slot) = self.slots.get(&slot_key) {
+            return Ok(slot.document().cloned());
+        }
+        let stored = self.store.get_in(collection, self.generation, key).await?;
+        self.set_slot(slot_key, Slot::Clean(stored.clone()));
+        Ok(stored)
+    }
+
+    /// Stores `document` under `key`, replacing any other.
+    pub fn put<T: Serialize>(
+        &mut self,
+        collection: &str,
+        key: &str,
+        document: &T,
+    ) -> Result<(), ViewError> {
+        self.check_collection(collection)?;
+        let document = serde_json::to_value(document).map_err(|error| ViewError::Document {
+            collection: collection.to_owned(),
+            key: key.to_owned(),
+            reason: error.to_string(),
+        })?;
+        self.write((collection.to_owned(), key.to_owned()), Slot::Put(document));
+        Ok(())
+    }
+
+    /// Changes the document under `key` in place; returns whether there was one.
+    pub async fn update<T: Serialize + DeserializeOwned>(
+        &mut self,
+        collection: &str,
+        key: &str,
+        change: impl FnOnce(&mut T),
+    ) -> Result<bool, ViewError> {
+        match self.get::<T>(collection, key).await? {
+            Some(mut document) => {
+                change(&mut document);
+                self.put(collection, key, &document)?;
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    /// Changes the document under `key` in place, starting from `T::default()` when
+    /// there is none.
+    pub async fn upsert<T: Serialize + DeserializeOwned + Default>(
+        &mut self,
+        collection: &str,
+        key: &str,
+        change: impl FnOnce(&mut T),
+    ) -> Result<(), ViewError> {
+        let mut document = self.get::<T>(collection, key).await?.unwrap_or_default();
+        change(&mut document);
+        self.put(collection, key, &document)
+    }
+
+    /// Removes the document under `key`, if any.
+    pub fn delete(&mut self, collection: &str, key: &str) -> Result<(), ViewError> {
+        self.check_collection(collection)?;
+        self.write((collection.to_owned(), key.to_owned()), Slot::Deleted);
+        Ok(())
+    }
+
+    /// The escape hatch: runs a statement in the backend's SQL in the batch's
+    /// transaction, after the document changes. Write `{collection-name}` where the
+    /// table of one of the projection's collections belongs (for example
+    /// `UPDATE {orders} SET …`). Backends without SQL refuse the batch.
+    pub fn execute_sql(
+        &mut self,
+        statement: impl Into<String>,
+        parameters: Vec<serde_json::Value>,
+    ) {
+        self.statements.push(Change::Sql {
+            statement: statement.into(),
+            parameters,
+        });
+        self.undo.push(Undo::Statement);
+    }
+
+    /// The current point, to roll back to if an event fails.
+    pub fn mark(&self) -> Mark {
+        Mark(self.undo.len())
+    }
+
+    /// Undoes everything done since `mark`.
+    pub fn rollback_to(&mut self, mark: Mark) {
+        while self.undo.len() > mark.0 {
+            match self.undo.pop() {
+                Some(Undo::Slot(key, Some(previous))) => {
+                    self.slots.insert(key, previous);
+                }
+                Some(Undo::Slot(key, None)) => {
+                    self.slots.remove(&key);
+                }
+                Some(Undo::Statement) => {
+                    self.statements.pop();
+                }
+                Some(Undo::Written) => {
+                    self.written.pop();
+                }
+                None => {}
+            }
+        }
+    }
+
+    /// The batch's changes, in the order their keys were first written, then the
+    /// SQL statements.
+    pub fn into_changes(mut self) -> Vec<Change> {
+        let mut changes = Vec::with_capacity(self.written.len() + self.statements.len());
+        for key in self.written {
+            let Some(slot) = self.slots.remove(&key) else {
+                continue;
+            };
+            let (collection, key) = key;
+            match slot {
+                Slot::Put(document) => changes.push(Change::Put {
+                    collection,
+                    key,
+                    document,
+                }),
+                Slot::Deleted => changes.push(Change::Delete { collection, key }),
+                Slot::Clean(_) => {}
+            }
+        }
+        changes.append(&mut self.statements);
+        changes
+    }
+
+    fn write(&mut self, key: SlotKey, slot: Slot) {
+        let first_write = !matches!(self.slots.get(&key), Some(Slot::Put(_) | Slot::Deleted));
+        if first_write {
+            self.written.push(key.clone());
+            self.undo.push(Undo::Written);
+        }
+        self.set_slot(key, slot);
+    }
+
+    fn set_slot(&mut self, key: SlotKey, slot: Slot) {
+        let previous = self.slots.insert(key.clone(), slot);
+        self.undo.push(Undo::Slot(key, previous));
+    }
+
+    fn check_collection(&self, collection: &str) -> Result<(), ViewError> {
+        if self.collections.contains(collection) {
+            Ok(())
+        } else {
+            Err(ViewError::UnknownCollection(collection.to_owned()))
+        }
+    }
+}

@@ -1,0 +1,472 @@
+//! The projection runner: catches a projection up from its checkpoint, then follows
+//! the log live, one batch per transaction.
+//!
+//! Each batch's view changes and its checkpoint are committed together
+//! ([`ViewStore::commit`]), so after a crash the runner resumes from a checkpoint
+//! that matches the views exactly: every event's effect is applied once.
+//!
+//! An event the projection fails on (an error or a panic) is retried with
+//! exponential backoff; while it retries the projection is *stalled*. After
+//! [`RunnerConfig::max_attempts`] it is *parked* (kept with its error) and the batch
+//! goes on. An operator can retry or skip parked events ([`Control`]).
+//!
+//! A rebuild fills a new generation from position 0 in batches interleaved with
+//! the live ones, so the served generation stays fresh; the batch that reaches the
+//! served checkpoint switches generations in its own transaction.
+//!
+//! The runner also obeys requests recorded in the view store (pause, resume,
+//! rebuild, retry), woken at once for those made in this process and checking every
+//! [`RunnerConfig::control_poll`] for those made elsewhere (the CLI).
+
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::FutureExt;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::envelope::{Position, RecordedEvent, Timestamp};
+use crate::error::{Error, ViewError};
+use crate::projection::{Projection, ViewTx};
+use crate::store::EventStore;
+use crate::view::{
+    Declaration, HandlerKind, ParkedEvent, ProjectionRecord, RebuildProgress, ViewCommit, ViewStore,
+};
+
+/// How a runner batches, retries and polls.
+#[derive(Clone, Debug)]
+pub struct RunnerConfig {
+    /// The most events in one transaction.
+    pub batch_size: usize,
+    /// How many times an event is tried before it is parked.
+    pub max_attempts: u32,
+    /// The wait after the first failure; it doubles after each further one.
+    pub first_backoff: Duration,
+    /// The longest wait between two attempts.
+    pub max_backoff: Duration,
+    /// How often an idle runner looks for requests made by another process.
+    pub control_poll: Duration,
+}
+
+impl Default for RunnerConfig {
+    fn default() -> Self {
+        Self {
+            batch_size: 1000,
+            max_attempts: 5,
+            first_backoff: Duration::from_millis(50),
+            max_backoff: Duration::from_secs(5),
+            control_poll: Duration::from_millis(250),
+        }
+    }
+}
+
+/// A running projection. Dropping it stops the runner after its current batch;
+/// [`RunnerHandle::stop`] also waits for that.
+pub struct RunnerHandle {
+    name: String,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+impl RunnerHandle {
+    /// The projection's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Stops after the current batch (nothing half-applied is committed) and waits.
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+    }
+}
+
+/// Starts a runner for `projection` on the current tokio runtime.
+pub fn spawn_projection(
+    store: Arc<dyn EventStore>,
+    views: Arc<dyn ViewStore>,
+    projection: Arc<dyn Projection>,
+    kind: HandlerKind,
+    config: RunnerConfig,
+) -> RunnerHandle {
+    let name = projection.name().to_owned();
+    let (stop, stop_rx) = watch::channel(false);
+    let runner = Runner {
+        declaration: Declaration {
+            name: name.clone(),
+            kind,
+            collections: projection.collections(),
+        },
+        store,
+        views,
+        projection,
+        config,
+        stop: stop_rx,
+    };
+    let task = tokio::spawn(runner.run());
+    RunnerHandle { name, stop, task }
+}
+
+/// Why a batch did not commit.
+enum Interrupted {
+    /// Asked to stop: nothing is committed.
+    Stopping,
+    /// Reading the log or writing the views failed.
+    Failed(Error),
+}
+
+impl From<Error> for Interrupted {
+    fn from(error: Error) -> Self {
+        Interrupted::Failed(error)
+    }
+}
+
+impl From<ViewError> for Interrupted {
+    fn from(error: ViewError) -> Self {
+        Interrupted::Failed(error.into())
+    }
+}
+
+struct Runner {
+    declaration: Declaration,
+    store: Arc<dyn EventStore>,
+    views: Arc<dyn ViewStore>,
+    projection: Arc<dyn Projection>,
+    config: RunnerConfig,
+    stop: watch::Receiver<bool>,
+}
+
+impl Runner {
+    async fn run(mut self) {
+        let mut failures = 0u32;
+        loop {
+            match self.run_until_failure().await {
+                Ok(()) | Err(Interrupted::Stopping) => return,
+                Err(Interrupted::Failed(error)) => {
+                    // The store or the views failed (a full disk, a lost connection):
+                    // keep the process alive, say so, and try again from the last
+                    // commit.
+                    failures += 1;
+                    let message = error.to_string();
+                    tracing::warn!(projection = %self.declaration.name, error = %message, "projection runner failed; retrying");
+                    let _ = self
+                        .views
+                        .set_stalled(&self.declaration.name, Some(message))
+                        .await;
+                    if self.sleep(self.backoff(failures)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn run_until_failure(&mut self) -> Result<(), Interrupted> {
+        let name = self.declaration.name.clone();
+        self.views.register(&self.declaration).await?;
+        let mut head = self.store.head_watch();
+        let mut controls = self.views.control_watch();
+        loop {
+            if self.stopping() {
+                return Ok(());
+            }
+            head.borrow_and_update();
+            controls.borrow_and_update();
+            let mut record = self.views.projection(&name).await?;
+            if record.stalled.is_some() {
+                self.views.set_stalled(&name, None).await?;
+            }
+            let mut worked = false;
+            if !record.paused {
+                worked |= self.retry_requested(&record).await?;
+                if record.rebuild_requested && record.rebuild.is_none() {
+                    record.rebuild = Some(self.views.begin_rebuild(&name).await?);
+                }
+                let serving = self.step(record.generation, record.position, None).await?;
+                worked |= serving != record.position;
+                if let Some(rebuild) = record.rebuild {
+                    worked |= self
+                        .step(rebuild.generation, rebuild.position, Some(serving))
+                        .await?
+                        != rebuild.position;
+                }
+            }
+            if !worked {
+                tokio::select! {
+                    _ = head.changed(), if !record.paused => {}
+                    _ = controls.changed() => {}
+                    _ = tokio::time::sleep(self.config.control_poll) => {}
+                    _ = self.stop.changed() => {}
+                }
+            }
+        }
+    }
+
+    /// Applies the next batch after `from` to `generation` and returns the new
+    /// checkpoint. With `switch_at`, this is a rebuild: the batch that reaches the
+    /// served checkpoint makes its generation the served one.
+    async fn step(
+        &mut self,
+        generation: u64,
+        from: Position,
+        switch_at: Option<Position>,
+    ) -> Result<Position, Interrupted> {
+        let events = self
+            .store
+            .read_all(from, self.config.batch_size)
+            .await
+            .map_err(Error::from)?;
+        let checkpoint = events.last().map_or(from, |event| event.position);
+        let switch = switch_at.is_some_and(|served| checkpoint >= served);
+        if events.is_empty() && !switch {
+            return Ok(from);
+        }
+        let mut commit = ViewCommit::new(&self.declaration.name, generation, from, checkpoint);
+        commit.switch = switch;
+        let mut views = ViewTx::new(
+            self.views.clone(),
+            generation,
+            &self.declaration.collections,
+        );
+        let interest = self.projection.interest();
+        for event in events.iter().filter(|event| interest.wants(event)) {
+            if let Some(parked) = self.apply_with_retries(event, &mut views).await? {
+                commit.parked.push(parked);
+            }
+        }
+        commit.changes = views.into_changes();
+        self.views.commit(commit).await?;
+        Ok(checkpoint)
+    }
+
+    /// Applies one event, retrying with backoff; the parked event if it kept failing.
+    async fn apply_with_retries(
+        &mut self,
+        event: &RecordedEvent,
+        views: &mut ViewTx,
+    ) -> Result<Option<ParkedEvent>, Interrupted> {
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let error = match self.apply_once(event, views).await {
+                Ok(()) if attempts == 1 => return Ok(None),
+                Ok(()) => {
+                    self.views.set_stalled(&self.declaration.name, None).await?;
+                    return Ok(None);
+                }
+                Err(error) => error,
+            };
+            if attempts >= self.config.max_attempts.max(1) {
+                tracing::warn!(projection = %self.declaration.name, position = %event.position, error = %error, "parking an event that keeps failing");
+                if attempts > 1 {
+                    self.views.set_stalled(&self.declaration.name, None).await?;
+                }
+                return Ok(Some(self.parked(event, error, attempts)));
+            }
+            if attempts == 1 {
+                self.views
+                    .set_stalled(
+                        &self.declaration.name,
+                        Some(format!("event at position {}: {error}", event.position)),
+                    )
+                    .await?;
+            }
+            self.sleep(self.backoff(attempts))
+                .await
+                .map_err(|()| Interrupted::Stopping)?;
+        }
+    }
+
+    /// Applies one event, undoing its changes if it fails or panics.
+    async fn apply_once(&self, event: &RecordedEvent, views: &mut ViewTx) -> Result<(), String> {
+        let mark = views.mark();
+        let outcome = AssertUnwindSafe(self.projection.apply(event, views))
+            .catch_unwind()
+            .await;
+        let error = match outcome {
+            Ok(Ok(())) => return Ok(()),
+            Ok(Err(error)) => error.chain(),
+            Err(panic) => format!("the handler panicked: {}", panic_message(&panic)),
+        };
+        views.rollback_to(mark);
+        Err(error)
+    }
+
+    /// Tries the parked events an operator asked to retry, once each.
+    async fn retry_requested(&mut self, record: &ProjectionRecord) -> Result<bool, Interrupted> {
+        if record.parked == 0 {
+            return Ok(false);
+        }
+        let parked = self.views.parked(&record.name).await?;
+        let mut worked = false;
+        for mut parked in parked.into_iter().filter(|parked| parked.retry_requested) {
+            worked = true;
+            let before = Position(parked.position.0.saturating_sub(1));
+            let event = self
+                .store
+                .read_all(before, 1)
+                .await
+                .map_err(Error::from)?
+                .into_iter()
+                .find(|event| event.position == parked.position);
+            let mut commit = ViewCommit::new(
+                &record.name,
+                record.generation,
+                record.position,
+                record.position,
+            );
+            let mut views = ViewTx::new(
+                self.views.clone(),
+                record.generation,
+                &self.declaration.collections,
+            );
+            match event {
+                Some(event) => match self.apply_once(&event, &mut views).await {
+                    Ok(()) => commit.resolved.push(parked.position),
+                    Err(error) => {
+                        parked.error = error;
+                        parked.attempts += 1;
+                        parked.parked_at = Timestamp::now();
+                        parked.retry_requested = false;
+                        commit.parked.push(parked);
+                    }
+                },
+                None => {
+                    parked.error = "the event is no longer in the log".to_owned();
+                    parked.retry_requested = false;
+                    commit.parked.push(parked);
+                }
+            }
+            commit.changes = views.into_changes();
+            self.views.commit(commit).await?;
+        }
+        Ok(worked)
+    }
+
+    fn parked(&self, event: &RecordedEvent, error: String, attempts: u32) -> ParkedEvent {
+        ParkedEvent {
+            projection: self.declaration.name.clone(),
+            position: event.position,
+            stream: event.stream_id.as_str().to_owned(),
+            event_type: event.event_type.clone(),
+            error,
+            attempts,
+            parked_at: Timestamp::now(),
+            retry_requested: false,
+        }
+    }
+
+    fn backoff(&self, attempts: u32) -> Duration {
+        let doublings = attempts.saturating_sub(1).min(16);
+        (self.config.first_backoff * 2u32.pow(doublings)).min(self.config.max_backoff)
+    }
+
+    fn stopping(&self) -> bool {
+        *self.stop.borrow()
+    }
+
+    /// Sleeps, or returns `Err` at once when asked to stop.
+    async fn sleep(&mut self, duration: Duration) -> Result<(), ()> {
+        if self.stopping() {
+            return Err(());
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(duration) => Ok(()),
+            _ = self.stop.changed() => Err(()),
+        }
+    }
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|text| (*text).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".to_owned())
+}
+
+/// Where a projection stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ProjectionState {
+    /// Behind the head by more than [`LIVE_WITHIN`].
+    CatchingUp,
+    /// Applying events as they come.
+    Live,
+    /// Retrying an event (or the views) that keeps failing.
+    Stalled,
+    /// Filling a new generation beside the served one.
+    Rebuilding,
+    /// Paused by an operator.
+    Paused,
+}
+
+/// A projection whose oldest unapplied event is younger than this is live.
+pub const LIVE_WITHIN: Duration = Duration::from_secs(1);
+
+/// A projection's position, lag and state, for operators.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct ProjectionStatus {
+    /// The projection's name.
+    pub name: String,
+    /// What it is.
+    pub kind: HandlerKind,
+    /// Its served checkpoint.
+    pub position: Position,
+    /// The log's head.
+    pub head: Position,
+    /// How many events it is behind.
+    pub lag_events: u64,
+    /// How long ago the oldest event it has not applied was recorded (0 when
+    /// caught up).
+    pub lag_ms: u64,
+    /// Its state.
+    pub state: ProjectionState,
+    /// How many events are parked.
+    pub parked: u64,
+    /// A rebuild under way.
+    pub rebuild: Option<RebuildProgress>,
+    /// The error it keeps retrying, when stalled.
+    pub stalled: Option<String>,
+}
+
+/// The status of every projection in `views`, measured against `store`'s head.
+pub async fn projection_status(
+    store: &dyn EventStore,
+    views: &dyn ViewStore,
+) -> Result<Vec<ProjectionStatus>, Error> {
+    let head = store.head().await?;
+    let mut statuses = Vec::new();
+    for record in views.projections().await? {
+        let oldest_unapplied = store.read_all(record.position, 1).await?.into_iter().next();
+        let lag_ms = oldest_unapplied.map_or(0, |event| {
+            let age_us = Timestamp::now().as_unix_micros() - event.recorded_at.as_unix_micros();
+            u64::try_from(age_us / 1000).unwrap_or(0)
+        });
+        let state = if record.paused {
+            ProjectionState::Paused
+        } else if record.stalled.is_some() {
+            ProjectionState::Stalled
+        } else if record.rebuild.is_some() || record.rebuild_requested {
+            ProjectionState::Rebuilding
+        } else if Duration::from_millis(lag_ms) >= LIVE_WITHIN {
+            ProjectionState::CatchingUp
+        } else {
+            ProjectionState::Live
+        };
+        statuses.push(ProjectionStatus {
+            name: record.name,
+            kind: record.kind,
+            position: record.position,
+            head,
+            lag_events: head.0.saturating_sub(record.position.0),
+            lag_ms,
+            state,
+            parked: record.parked,
+            rebuild: record.rebuild,
+            stalled: record.stalled,
+        });
+    }
+    Ok(statuses)
+}

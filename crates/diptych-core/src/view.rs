@@ -1,0 +1,690 @@
+//! Views: the query side's storage, and the contract every view backend keeps.
+//!
+//! A view is a set of typed documents (JSON) in a named collection, keyed by
+//! string. Each collection belongs to one projection, which is the only writer of
+//! it; collections declare the fields they can be filtered and ordered by
+//! (secondary indexes) and the fields full-text search looks at.
+//!
+//! A projection's collections live in *generations*. Queries read the served
+//! generation; a rebuild fills a new one from position 0 beside it and, once it has
+//! caught up, the backend switches the served generation and drops the old one in
+//! one transaction, so a reader sees either the old view or the new one, never an
+//! empty or half-built one.
+//!
+//! # The contract (invariant 5)
+//!
+//! [`ViewStore::commit`] applies a batch's document changes, the generation's new
+//! checkpoint, the events it parked and the parked events it resolved in **one
+//! transaction**. It refuses the batch, writing nothing, when the generation's
+//! checkpoint is no longer the one the batch started from (two runners applying
+//! the same projection would otherwise apply events twice).
+//!
+//! The checkpoint watch ([`ViewStore::checkpoint_watch`]) moves after each commit
+//! that advances the served generation, so [`wait_for`] wakes at once.
+
+use std::fmt;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use crate::envelope::{Position, Timestamp};
+use crate::error::{ViewError, WaitError};
+
+/// A stored document: any JSON value, usually an object.
+pub type Document = serde_json::Value;
+
+/// The longest collection or projection name, in bytes.
+pub const MAX_NAME_BYTES: usize = 64;
+
+/// What a collection looks like: its name, the fields it can be filtered and
+/// ordered by, and the fields full-text search reads.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CollectionSpec {
+    /// The collection's name: lower-case letters, digits, `-` and `_`, starting with
+    /// a letter, at most [`MAX_NAME_BYTES`].
+    pub name: String,
+    /// Fields with a secondary index, for equality and range filters and ordering.
+    /// A field is a top-level key or a dotted path (`address.city`).
+    pub indexes: Vec<String>,
+    /// Fields searched by a query's `text`.
+    pub text_fields: Vec<String>,
+}
+
+impl CollectionSpec {
+    /// A collection with no index and no full-text fields.
+    pub fn new(name: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            indexes: Vec::new(),
+            text_fields: Vec::new(),
+        }
+    }
+
+    /// Declares a secondary index on `field`.
+    pub fn index(mut self, field: impl Into<String>) -> Self {
+        self.indexes.push(field.into());
+        self
+    }
+
+    /// Declares `field` as searched by full-text queries.
+    pub fn text(mut self, field: impl Into<String>) -> Self {
+        self.text_fields.push(field.into());
+        self
+    }
+
+    /// Checks the names of the collection and its fields.
+    pub fn validate(&self) -> Result<(), ViewError> {
+        validate_name("collection", &self.name)?;
+        for field in self.indexes.iter().chain(&self.text_fields) {
+            validate_field(field)?;
+        }
+        Ok(())
+    }
+}
+
+/// Checks a collection or projection name: lower-case letters, digits, `-` and `_`,
+/// starting with a letter, at most [`MAX_NAME_BYTES`]. Backends use names in table
+/// names, so nothing else is allowed.
+pub fn validate_name(what: &'static str, name: &str) -> Result<(), ViewError> {
+    let well_formed = !name.is_empty()
+        && name.len() <= MAX_NAME_BYTES
+        && name.starts_with(|c: char| c.is_ascii_lowercase())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_');
+    if well_formed {
+        Ok(())
+    } else {
+        Err(ViewError::InvalidName {
+            what,
+            name: name.to_owned(),
+        })
+    }
+}
+
+/// Checks a field path: ASCII letters, digits and `_`, segments joined by `.`.
+pub fn validate_field(field: &str) -> Result<(), ViewError> {
+    let well_formed = !field.is_empty()
+        && field.len() <= MAX_NAME_BYTES
+        && field.split('.').all(|segment| {
+            !segment.is_empty()
+                && segment
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_')
+        });
+    if well_formed {
+        Ok(())
+    } else {
+        Err(ViewError::InvalidName {
+            what: "field",
+            name: field.to_owned(),
+        })
+    }
+}
+
+/// A comparison in a [`Filter`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Comparison {
+    /// Equal.
+    Eq,
+    /// Less than.
+    Lt,
+    /// Less than or equal.
+    Le,
+    /// Greater than.
+    Gt,
+    /// Greater than or equal.
+    Ge,
+}
+
+/// One condition on an indexed field.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Filter {
+    /// The field; it must be declared as an index.
+    pub field: String,
+    /// How the field compares with the value.
+    pub comparison: Comparison,
+    /// A scalar: string, number or boolean (booleans compare as 1 and 0).
+    pub value: serde_json::Value,
+}
+
+/// The order of a query's results. Ties are broken by key, so paging is stable.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum Order {
+    /// By key, ascending.
+    #[default]
+    ByKey,
+    /// By an indexed field, then by key.
+    ByField {
+        /// The field; it must be declared as an index.
+        field: String,
+        /// Largest first (newest first, for a time).
+        descending: bool,
+    },
+}
+
+/// A query over one collection: every filter must hold and, with `text`, every word
+/// of it must appear in the collection's text fields.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Query {
+    /// Conditions on indexed fields, all of which must hold.
+    pub filters: Vec<Filter>,
+    /// Words to find in the text fields.
+    pub text: Option<String>,
+    /// The order of results.
+    pub order: Order,
+    /// The most documents in one page.
+    pub limit: usize,
+    /// Where the previous page stopped.
+    pub cursor: Option<Cursor>,
+}
+
+impl Default for Query {
+    fn default() -> Self {
+        Self {
+            filters: Vec::new(),
+            text: None,
+            order: Order::ByKey,
+            limit: 100,
+            cursor: None,
+        }
+    }
+}
+
+impl Query {
+    /// Adds an equality filter.
+    pub fn eq(self, field: impl Into<String>, value: impl Into<serde_json::Value>) -> Self {
+        self.filter(field, Comparison::Eq, value)
+    }
+
+    /// Adds a filter.
+    pub fn filter(
+        mut self,
+        field: impl Into<String>,
+        comparison: Comparison,
+        value: impl Into<serde_json::Value>,
+    ) -> Self {
+        self.filters.push(Filter {
+            field: field.into(),
+            comparison,
+            value: value.into(),
+        });
+        self
+    }
+
+    /// Searches the text fields for every word of `text`.
+    pub fn text(mut self, text: impl Into<String>) -> Self {
+        self.text = Some(text.into());
+        self
+    }
+
+    /// Orders by an indexed field.
+    pub fn order_by(mut self, field: impl Into<String>, descending: bool) -> Self {
+        self.order = Order::ByField {
+            field: field.into(),
+            descending,
+        };
+        self
+    }
+
+    /// Sets the page size.
+    pub fn limit(mut self, limit: usize) -> Self {
+        self.limit = limit;
+        self
+    }
+
+    /// Continues after the page that returned this cursor.
+    pub fn after(mut self, cursor: Cursor) -> Self {
+        self.cursor = Some(cursor);
+        self
+    }
+
+    /// Checks the query against the collection's declaration: filters and ordering
+    /// only on indexed fields, scalar filter values, text only where text fields
+    /// exist, a cursor made for this order.
+    pub fn validate(&self, spec: &CollectionSpec) -> Result<(), ViewError> {
+        let indexed = |field: &str| -> Result<(), ViewError> {
+            if spec.indexes.iter().any(|index| index == field) {
+                Ok(())
+            } else {
+                Err(ViewError::NotIndexed {
+                    collection: spec.name.clone(),
+                    field: field.to_owned(),
+                })
+            }
+        };
+        for filter in &self.filters {
+            indexed(&filter.field)?;
+            if filter.value.is_array() || filter.value.is_object() || filter.value.is_null() {
+                return Err(ViewError::InvalidQuery(format!(
+                    "the filter on `{}` needs a string, number or boolean",
+                    filter.field
+                )));
+            }
+        }
+        if let Order::ByField { field, .. } = &self.order {
+            indexed(field)?;
+        }
+        if self.text.is_some() && spec.text_fields.is_empty() {
+            return Err(ViewError::InvalidQuery(format!(
+                "collection `{}` declares no text fields to search",
+                spec.name
+            )));
+        }
+        if self.limit == 0 {
+            return Err(ViewError::InvalidQuery(
+                "the limit must be at least 1".into(),
+            ));
+        }
+        if let Some(cursor) = &self.cursor {
+            cursor.decode(&self.order)?;
+        }
+        Ok(())
+    }
+}
+
+/// Where a page stopped: opaque text to hand back for the next page.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Cursor(String);
+
+impl Cursor {
+    /// The cursor a client sent back.
+    pub fn from_text(text: impl Into<String>) -> Self {
+        Self(text.into())
+    }
+
+    /// The text to hand to a client.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The cursor after a document with this sort value and key.
+    pub fn encode(sort_value: Option<&serde_json::Value>, key: &str) -> Self {
+        let pair = serde_json::json!([sort_value, key]);
+        let text = pair.to_string();
+        Self(text.bytes().map(|byte| format!("{byte:02x}")).collect())
+    }
+
+    /// The sort value (for [`Order::ByField`]) and key this cursor points after.
+    pub fn decode(&self, order: &Order) -> Result<(Option<serde_json::Value>, String), ViewError> {
+        let invalid = || ViewError::InvalidQuery(format!("`{}` is not a cursor", self.0));
+        let bytes = (0..self.0.len())
+            .step_by(2)
+            .map(|at| {
+                self.0
+                    .get(at..at + 2)
+                    .and_then(|pair| u8::from_str_radix(pair, 16).ok())
+            })
+            .collect::<Option<Vec<u8>>>()
+            .ok_or_else(invalid)?;
+        let (sort_value, key): (serde_json::Value, String) =
+            serde_json::from_slice(&bytes).map_err(|_| invalid())?;
+        match order {
+            Order::ByKey if sort_value.is_null() => Ok((None, key)),
+            Order::ByField { .. } => Ok((Some(sort_value), key)),
+            Order::ByKey => Err(invalid()),
+        }
+    }
+}
+
+impl fmt::Display for Cursor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// One page of a query's results.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Page {
+    /// The documents, with their keys, in the query's order.
+    pub items: Vec<(String, Document)>,
+    /// Where to continue; `None` on the last page.
+    pub next: Option<Cursor>,
+}
+
+/// A change a batch makes to a view.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Change {
+    /// Stores the document under the key, replacing any other.
+    Put {
+        /// The collection.
+        collection: String,
+        /// The key.
+        key: String,
+        /// The whole document.
+        document: Document,
+    },
+    /// Removes the document under the key, if any.
+    Delete {
+        /// The collection.
+        collection: String,
+        /// The key.
+        key: String,
+    },
+    /// The escape hatch: a statement in the backend's own SQL, run in the batch's
+    /// transaction after its document changes. `{collection}` in the text is
+    /// replaced by the quoted table name of that collection's generation.
+    Sql {
+        /// The statement.
+        statement: String,
+        /// Its positional parameters.
+        parameters: Vec<serde_json::Value>,
+    },
+}
+
+/// An event a projection could not apply, kept with its error so the projection
+/// can move on and an operator can retry or skip it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ParkedEvent {
+    /// The projection that parked it.
+    pub projection: String,
+    /// The event's global position.
+    pub position: Position,
+    /// The event's stream.
+    pub stream: String,
+    /// The event's type.
+    pub event_type: String,
+    /// The last error.
+    pub error: String,
+    /// How many times it was tried.
+    pub attempts: u32,
+    /// When it was (last) parked.
+    pub parked_at: Timestamp,
+    /// An operator asked for it to be tried again.
+    pub retry_requested: bool,
+}
+
+/// One batch's effect on a projection's generation, committed atomically.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ViewCommit {
+    /// The projection.
+    pub projection: String,
+    /// The generation the changes go to (served, or being rebuilt).
+    pub generation: u64,
+    /// The generation's checkpoint when the batch started; the commit is refused if
+    /// it has moved since.
+    pub from: Position,
+    /// The checkpoint after the batch.
+    pub checkpoint: Position,
+    /// Document changes, in the order they were made.
+    pub changes: Vec<Change>,
+    /// Events parked by this batch (new, or retried and failed again).
+    pub parked: Vec<ParkedEvent>,
+    /// Parked events this batch applied or skipped: removed from the parked list.
+    pub resolved: Vec<Position>,
+    /// This batch completes a rebuild: its generation becomes the served one and the
+    /// old one is dropped.
+    pub switch: bool,
+}
+
+impl ViewCommit {
+    /// A batch on `generation` from `from` to `checkpoint`, with nothing else yet.
+    pub fn new(projection: &str, generation: u64, from: Position, checkpoint: Position) -> Self {
+        Self {
+            projection: projection.to_owned(),
+            generation,
+            from,
+            checkpoint,
+            changes: Vec::new(),
+            parked: Vec::new(),
+            resolved: Vec::new(),
+            switch: false,
+        }
+    }
+}
+
+/// A rebuild in progress: the generation being filled and how far it has got.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RebuildProgress {
+    /// The new generation.
+    pub generation: u64,
+    /// Its checkpoint.
+    pub position: Position,
+}
+
+/// What kind of handler a projection is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HandlerKind {
+    /// Keeps views; can be rebuilt from position 0.
+    Projection,
+    /// Issues commands; never rebuilt, as that would replay its reactions.
+    ProcessManager,
+}
+
+/// A projection as it registers itself with a view store.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Declaration {
+    /// Its name (see [`validate_name`]).
+    pub name: String,
+    /// What it is.
+    pub kind: HandlerKind,
+    /// The collections it owns.
+    pub collections: Vec<CollectionSpec>,
+}
+
+impl Declaration {
+    /// Checks the names of the projection and its collections.
+    pub fn validate(&self) -> Result<(), ViewError> {
+        validate_name("projection", &self.name)?;
+        self.collections
+            .iter()
+            .try_for_each(CollectionSpec::validate)
+    }
+}
+
+/// What a view store keeps about one projection.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProjectionRecord {
+    /// The projection's name.
+    pub name: String,
+    /// What it is.
+    pub kind: HandlerKind,
+    /// Its collections.
+    pub collections: Vec<CollectionSpec>,
+    /// The served generation.
+    pub generation: u64,
+    /// The served generation's checkpoint.
+    pub position: Position,
+    /// A rebuild under way, if any.
+    pub rebuild: Option<RebuildProgress>,
+    /// An operator asked for a rebuild that has not started yet.
+    pub rebuild_requested: bool,
+    /// Paused by an operator: the runner applies nothing until resumed.
+    pub paused: bool,
+    /// The error the runner is retrying, while it retries (the projection is stalled).
+    pub stalled: Option<String>,
+    /// How many events are parked.
+    pub parked: u64,
+}
+
+/// An operator's request about a projection, recorded in the view store so that the
+/// process running the projection picks it up, wherever the request came from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Control {
+    /// Stop applying events until resumed.
+    Pause,
+    /// Apply events again.
+    Resume,
+    /// Rebuild into a new generation from position 0.
+    Rebuild,
+    /// Try a parked event again.
+    Retry(Position),
+    /// Give up on a parked event: remove it without applying it.
+    Skip(Position),
+}
+
+/// Where views, checkpoints and parked events are stored.
+///
+/// Object safe, so runners and servers hold an `Arc<dyn ViewStore>`. The contract is
+/// in the module documentation; `diptych_core::testkit::view_store_conformance!`
+/// checks it.
+#[async_trait]
+pub trait ViewStore: Send + Sync + 'static {
+    /// Declares a projection and its collections, creating what is missing; a new
+    /// projection starts at generation 1, position 0. A collection already owned
+    /// by another projection is refused. Returns the projection's record.
+    /// `Control::Rebuild` is refused for process managers.
+    async fn register(&self, declaration: &Declaration) -> Result<ProjectionRecord, ViewError>;
+
+    /// The record of every registered projection, by name.
+    async fn projections(&self) -> Result<Vec<ProjectionRecord>, ViewError>;
+
+    /// One projection's record; `UnknownProjection` if it was never registered.
+    async fn projection(&self, projection: &str) -> Result<ProjectionRecord, ViewError>;
+
+    /// The projection that owns a collection.
+    async fn owner_of(&self, collection: &str) -> Result<String, ViewError>;
+
+    /// A document of the served generation.
+    async fn get(&self, collection: &str, key: &str) -> Result<Option<Document>, ViewError>;
+
+    /// A document of a given generation (the runner's reads while it applies).
+    async fn get_in(
+        &self,
+        collection: &str,
+        generation: u64,
+        key: &str,
+    ) -> Result<Option<Document>, ViewError>;
+
+    /// One page of a query over the served generation.
+    async fn query(&self, collection: &str, query: &Query) -> Result<Page, ViewError>;
+
+    /// Applies a batch atomically (see the module documentation).
+    async fn commit(&self, commit: ViewCommit) -> Result<(), ViewError>;
+
+    /// Starts a rebuild: creates the projection's collections in a new generation at
+    /// position 0 and records it, or returns the rebuild already under way.
+    async fn begin_rebuild(&self, projection: &str) -> Result<RebuildProgress, ViewError>;
+
+    /// Records an operator's request.
+    async fn control(&self, projection: &str, control: Control) -> Result<(), ViewError>;
+
+    /// Records the error a runner keeps retrying, or clears it (`None`).
+    async fn set_stalled(&self, projection: &str, error: Option<String>) -> Result<(), ViewError>;
+
+    /// The parked events of a projection, oldest first.
+    async fn parked(&self, projection: &str) -> Result<Vec<ParkedEvent>, ViewError>;
+
+    /// The served generation's checkpoint, moved after each commit that advances it.
+    fn checkpoint_watch(&self, projection: &str) -> watch::Receiver<Position>;
+
+    /// Bumped after each [`ViewStore::control`] made through this instance, so a
+    /// runner in the same process reacts at once.
+    fn control_watch(&self) -> watch::Receiver<u64>;
+}
+
+/// Waits until `view` (a collection or a projection) has applied `position`, so a
+/// client reads its own writes. Woken by the checkpoint watch, never polling.
+pub async fn wait_for(
+    views: &dyn ViewStore,
+    view: &str,
+    position: Position,
+    timeout: Duration,
+) -> Result<Position, WaitError> {
+    let projection = match views.owner_of(view).await {
+        Ok(owner) => owner,
+        Err(ViewError::UnknownCollection(_)) => {
+            views
+                .projection(view)
+                .await
+                .map_err(|_| WaitError::UnknownView(view.to_owned()))?
+                .name
+        }
+        Err(other) => return Err(WaitError::View(other)),
+    };
+    let mut watch = views.checkpoint_watch(&projection);
+    let reached = tokio::time::timeout(timeout, async {
+        watch
+            .wait_for(|applied| *applied >= position)
+            .await
+            .map(|applied| *applied)
+    })
+    .await;
+    match reached {
+        Ok(Ok(applied)) => Ok(applied),
+        Ok(Err(_closed)) => Err(WaitError::View(ViewError::Backend(
+            crate::error::BackendError::msg("the view store was closed while waiting"),
+        ))),
+        Err(_elapsed) => Err(WaitError::Timeout {
+            view: view.to_owned(),
+            position,
+            reached: *watch.borrow(),
+            waited: timeout,
+        }),
+    }
+}
+
+/// Checks a batch against a projection's served generation, its rebuild
+/// generation, and the checkpoint of the batch's generation.
+pub fn verify_commit(
+    commit: &ViewCommit,
+    served: u64,
+    rebuild: Option<u64>,
+    checkpoint: Option<Position>,
+) -> Result<(), ViewError> {
+    let live = commit.generation == served || Some(commit.generation) == rebuild;
+    let Some(actual) = checkpoint.filter(|_| live) else {
+        return Err(ViewError::NotPossible {
+            projection: commit.projection.clone(),
+            reason: format!(
+                "generation {} is neither served nor being rebuilt (it was replaced)",
+                commit.generation
+            ),
+        });
+    };
+    if actual != commit.from {
+        return Err(ViewError::CheckpointMoved {
+            projection: commit.projection.clone(),
+            generation: commit.generation,
+            expected: commit.from.0,
+            actual: actual.0,
+        });
+    }
+    if commit.switch && Some(commit.generation) != rebuild {
+        return Err(ViewError::NotPossible {
+            projection: commit.projection.clone(),
+            reason: format!("generation {} is not being rebuilt", commit.generation),
+        });
+    }
+    Ok(())
+}
+
+/// Refuses a rebuild of a process manager.
+pub fn refuse_process_manager(projection: &str, kind: HandlerKind) -> Result<(), ViewError> {
+    match kind {
+        HandlerKind::Projection => Ok(()),
+        HandlerKind::ProcessManager => Err(ViewError::NotPossible {
+            projection: projection.to_owned(),
+            reason: "a process manager is never rebuilt, as that would replay its commands"
+                .to_owned(),
+        }),
+    }
+}
+
+/// The error for a retry or skip of an event that is not parked.
+pub fn no_parked_event(projection: &str, position: Position) -> ViewError {
+    ViewError::NotPossible {
+        projection: projection.to_owned(),
+        reason: format!(
+            "no event is parked at position {position}: `diptych projections parked` lists them"
+        ),
+    }
+}
+
+/// Reads a field (a dotted path) out of a document.
+pub fn field_value<'a>(document: &'a Document, field: &str) -> Option<&'a serde_json::Value> {
+    field
+        .split('.')
+        .try_fold(document, |value, segment| value.get(segment))
+}
+
+/// The words of a text, as full-text search splits them: runs of letters and
+/// digits, lower-cased.
+pub fn words(text: &str) -> impl Iterator<Item = String> + '_ {
+    text.split(|c: char| !c.is_alphanumeric())
+        .filter(|word| !word.is_empty())
+        .map(str::to_lowercase)
+}

@@ -1,0 +1,1097 @@
+//! [`SqliteViews`]: views, checkpoints and parked events in their own SQLite file.
+//!
+//! The view file is separate from the event store's, as the two sides may live on
+//! different machines. Each collection's generation is a table of `(key, doc)` with
+//! the document as JSON text; a declared index is an expression index on
+//! `json_extract(doc, '$.field')`, and the queries use the same expression so
+//! SQLite picks the index. Full-text fields are copied into an FTS5 table keyed by
+//! the document's rowid, kept in step by every put and delete.
+//!
+//! One connection writes, behind a mutex, on tokio's blocking threads: each
+//! projection commits a whole batch per transaction, so there is little to group.
+//! `synchronous=NORMAL` in WAL mode: a power loss may lose the last commits, but
+//! each loses its checkpoint with its changes, so the runner simply applies those
+//! events again. Reads run in one read transaction each on their own connections,
+//! so a query never sees a generation switch half done.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use diptych_core::view::{
+    field_value, no_parked_event, refuse_process_manager, verify_commit, words,
+};
+use diptych_core::{
+    BackendError, Change, CollectionSpec, Comparison, Control, Cursor, Declaration, Document,
+    HandlerKind, Order, Page, ParkedEvent, Position, ProjectionRecord, Query, RebuildProgress,
+    Timestamp, ViewCommit, ViewError, ViewStore,
+};
+use rusqlite::types::Value as SqlValue;
+use rusqlite::{Connection, OptionalExtension, Transaction, params, params_from_iter};
+use tokio::sync::watch;
+
+use crate::error::{OpenError, backend};
+use crate::pool::ReaderPool;
+use crate::rows::to_sql_int;
+use crate::schema;
+
+/// Views, checkpoints and parked events on one SQLite file.
+pub struct SqliteViews {
+    path: PathBuf,
+    writer: Arc<Mutex<Connection>>,
+    readers: Arc<ReaderPool>,
+    checkpoints: Mutex<BTreeMap<String, watch::Sender<Position>>>,
+    controls: watch::Sender<u64>,
+}
+
+impl SqliteViews {
+    /// Opens (creating if needed) the view database at `path`.
+    ///
+    /// Refuses, without writing anything, a file that is not a diptych view
+    /// database (an event store, say) or whose schema is newer than this build's.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self, OpenError> {
+        let path = path.as_ref().to_owned();
+        if let Some(parent) = path
+            .parent()
+            .filter(|parent| !parent.as_os_str().is_empty())
+        {
+            std::fs::create_dir_all(parent).map_err(|error| {
+                BackendError::with_source(format!("creating directory {}", parent.display()), error)
+            })?;
+        }
+        let mut connection = Connection::open(&path).map_err(|error| {
+            OpenError::Backend(backend(format!("opening {}", path.display()), error))
+        })?;
+        schema::VIEWS.check_identity(&connection, &path)?;
+        connection
+            .execute_batch(
+                "PRAGMA journal_mode = WAL;
+                 PRAGMA synchronous = NORMAL;
+                 PRAGMA cache_size = -65536;",
+            )
+            .and_then(|()| connection.busy_timeout(Duration::from_secs(5)))
+            .map_err(|error| OpenError::Backend(backend("configuring the view database", error)))?;
+        connection.set_prepared_statement_cache_capacity(256);
+        schema::VIEWS.migrate(&mut connection)?;
+        Ok(Self {
+            readers: Arc::new(ReaderPool::new(path.clone(), 4)),
+            path,
+            writer: Arc::new(Mutex::new(connection)),
+            checkpoints: Mutex::new(BTreeMap::new()),
+            controls: watch::Sender::new(0),
+        })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The escape hatch for reads: runs a read-only statement over the served
+    /// generations and returns each row as a JSON object of its columns. Write
+    /// `{collection-name}` where a collection's table belongs; `{orders}` becomes
+    /// the table of the served generation of `orders`.
+    pub async fn query_sql(
+        &self,
+        statement: &str,
+        parameters: Vec<serde_json::Value>,
+    ) -> Result<Vec<serde_json::Map<String, serde_json::Value>>, ViewError> {
+        let statement = statement.to_owned();
+        self.read(move |connection| {
+            let transaction = connection
+                .unchecked_transaction()
+                .map_err(|error| backend("starting a read", error))?;
+            let tables = served_tables(&transaction)?;
+            let statement = substitute_tables(&statement, &tables)?;
+            let mut prepared = transaction
+                .prepare(&statement)
+                .map_err(|error| ViewError::InvalidQuery(error.to_string()))?;
+            let names: Vec<String> = prepared
+                .column_names()
+                .into_iter()
+                .map(String::from)
+                .collect();
+            let values = parameters.iter().map(to_sql_value).collect::<Vec<_>>();
+            let mut rows = prepared
+                .query(params_from_iter(values))
+                .map_err(|error| ViewError::InvalidQuery(error.to_string()))?;
+            let mut result = Vec::new();
+            while let Some(row) = rows
+                .next()
+                .map_err(|error| backend("reading a row", error))?
+            {
+                let mut object = serde_json::Map::new();
+                for (index, name) in names.iter().enumerate() {
+                    let value: SqlValue = row
+                        .get(index)
+                        .map_err(|error| backend("reading a column", error))?;
+                    object.insert(name.clone(), from_sql_value(value));
+                }
+                result.push(object);
+            }
+            Ok(result)
+        })
+        .await
+    }
+
+    async fn read<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&Connection) -> Result<T, ViewError> + Send + 'static,
+    ) -> Result<T, ViewError> {
+        let readers = Arc::clone(&self.readers);
+        tokio::task::spawn_blocking(move || readers.with_connection(work))
+            .await
+            .map_err(|error| {
+                ViewError::Backend(BackendError::with_source("a read task failed", error))
+            })?
+    }
+
+    async fn write<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&Transaction<'_>) -> Result<T, ViewError> + Send + 'static,
+    ) -> Result<T, ViewError> {
+        let writer = Arc::clone(&self.writer);
+        tokio::task::spawn_blocking(move || {
+            let mut connection = lock(&writer);
+            let transaction = connection
+                .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+                .map_err(|error| backend("starting a write", error))?;
+            let result = work(&transaction)?;
+            transaction
+                .commit()
+                .map_err(|error| backend("committing views", error))?;
+            Ok(result)
+        })
+        .await
+        .map_err(|error| {
+            ViewError::Backend(BackendError::with_source("a write task failed", error))
+        })?
+    }
+
+    fn publish(&self, projection: &str, position: Position) {
+        lock(&self.checkpoints)
+            .entry(projection.to_owned())
+            .or_insert_with(|| watch::Sender::new(position))
+            .send_replace(position);
+    }
+}
+
+#[async_trait]
+impl ViewStore for SqliteViews {
+    async fn register(&self, declaration: &Declaration) -> Result<ProjectionRecord, ViewError> {
+        declaration.validate()?;
+        let declaration = declaration.clone();
+        let record = self
+            .write(move |transaction| {
+                let name = &declaration.name;
+                for spec in &declaration.collections {
+                    let owner: Option<String> = transaction
+                        .query_row(
+                            "SELECT projection FROM collections WHERE name = ?1",
+                            [&spec.name],
+                            |row| row.get(0),
+                        )
+                        .optional()
+                        .map_err(|error| backend("reading collections", error))?;
+                    if let Some(owner) = owner.filter(|owner| owner != name) {
+                        return Err(ViewError::CollectionTaken {
+                            collection: spec.name.clone(),
+                            owner,
+                        });
+                    }
+                }
+                let kind = kind_text(declaration.kind);
+                transaction
+                    .execute(
+                        "INSERT INTO projections (name, kind, generation) VALUES (?1, ?2, 1)
+                         ON CONFLICT (name) DO UPDATE SET kind = excluded.kind",
+                        params![name, kind],
+                    )
+                    .and_then(|_| {
+                        transaction.execute(
+                            "INSERT OR IGNORE INTO checkpoints (projection, generation, position)
+                             VALUES (?1, 1, 0)",
+                            [name],
+                        )
+                    })
+                    .map_err(|error| backend("registering a projection", error))?;
+                for spec in &declaration.collections {
+                    let text = serde_json::to_string(spec).map_err(|error| {
+                        BackendError::with_source("encoding a collection's declaration", error)
+                    })?;
+                    transaction
+                        .execute(
+                            "INSERT INTO collections (name, projection, spec) VALUES (?1, ?2, ?3)
+                             ON CONFLICT (name) DO UPDATE SET spec = excluded.spec",
+                            params![spec.name, name, text],
+                        )
+                        .map_err(|error| backend("registering a collection", error))?;
+                }
+                let record = read_record(transaction, name)?;
+                for generation in std::iter::once(record.generation)
+                    .chain(record.rebuild.map(|rebuild| rebuild.generation))
+                {
+                    for spec in &declaration.collections {
+                        create_tables(transaction, spec, generation)?;
+                    }
+                }
+                Ok(record)
+            })
+            .await?;
+        Ok(record)
+    }
+
+    async fn projections(&self) -> Result<Vec<ProjectionRecord>, ViewError> {
+        self.read(|connection| {
+            let transaction = connection
+                .unchecked_transaction()
+                .map_err(|error| backend("starting a read", error))?;
+            let names: Vec<String> = transaction
+                .prepare_cached("SELECT name FROM projections ORDER BY name")
+                .and_then(|mut statement| {
+                    statement
+                        .query_map([], |row| row.get(0))?
+                        .collect::<Result<_, _>>()
+                })
+                .map_err(|error| backend("listing projections", error))?;
+            names
+                .iter()
+                .map(|name| read_record(&transaction, name))
+                .collect()
+        })
+        .await
+    }
+
+    async fn projection(&self, projection: &str) -> Result<ProjectionRecord, ViewError> {
+        let projection = projection.to_owned();
+        self.read(move |connection| {
+            let transaction = connection
+                .unchecked_transaction()
+                .map_err(|error| backend("starting a read", error))?;
+            read_record(&transaction, &projection)
+        })
+        .await
+    }
+
+    async fn owner_of(&self, collection: &str) -> Result<String, ViewError> {
+        let collection = collection.to_owned();
+        self.read(move |connection| {
+            connection
+                .prepare_cached("SELECT projection FROM collections WHERE name = ?1")
+                .and_then(|mut statement| {
+                    statement
+                        .query_row([&collection], |row| row.get(0))
+                        .optional()
+                })
+                .map_err(|error| backend("reading collections", error))?
+                .ok_or(ViewError::UnknownCollection(collection))
+        })
+        .await
+    }
+
+    async fn get(&self, collection: &str, key: &str) -> Result<Option<Document>, ViewError> {
+        let (collection, key) = (collection.to_owned(), key.to_owned());
+        self.read(move |connection| {
+            let transaction = connection
+                .unchecked_transaction()
+                .map_err(|error| backend("starting a read", error))?;
+            let (_, generation) = served_collection(&transaction, &collection)?;
+            read_document(&transaction, &collection, generation, &key)
+        })
+        .await
+    }
+
+    async fn get_in(
+        &self,
+        collection: &str,
+        generation: u64,
+        key: &str,
+    ) -> Result<Option<Document>, ViewError> {
+        let (collection, key) = (collection.to_owned(), key.to_owned());
+        self.read(move |connection| read_document(connection, &collection, generation, &key))
+            .await
+    }
+
+    async fn query(&self, collection: &str, query: &Query) -> Result<Page, ViewError> {
+        let (collection, query) = (collection.to_owned(), query.clone());
+        self.read(move |connection| {
+            let transaction = connection
+                .unchecked_transaction()
+                .map_err(|error| backend("starting a read", error))?;
+            let (spec, generation) = served_collection(&transaction, &collection)?;
+            query.validate(&spec)?;
+            run_query(&transaction, &spec, generation, &query)
+        })
+        .await
+    }
+
+    async fn commit(&self, commit: ViewCommit) -> Result<(), ViewError> {
+        let projection = commit.projection.clone();
+        let served = self
+            .write(move |transaction| apply_commit(transaction, commit))
+            .await?;
+        if let Some(position) = served {
+            self.publish(&projection, position);
+        }
+        Ok(())
+    }
+
+    async fn begin_rebuild(&self, projection: &str) -> Result<RebuildProgress, ViewError> {
+        let projection = projection.to_owned();
+        self.write(move |transaction| {
+            let record = read_record(transaction, &projection)?;
+            refuse_process_manager(&projection, record.kind)?;
+            if let Some(rebuild) = record.rebuild {
+                return Ok(rebuild);
+            }
+            let generation = record.generation + 1;
+            transaction
+                .execute(
+                    "UPDATE projections SET rebuild_generation = ?2, rebuild_requested = 0
+                     WHERE name = ?1",
+                    params![projection, to_sql_int(generation)],
+                )
+                .and_then(|_| {
+                    transaction.execute(
+                        "INSERT OR REPLACE INTO checkpoints (projection, generation, position)
+                         VALUES (?1, ?2, 0)",
+                        params![projection, to_sql_int(generation)],
+                    )
+                })
+                .map_err(|error| backend("starting a rebuild", error))?;
+            for spec in &record.collections {
+                drop_tables(transaction, &spec.name, generation)?;
+                create_tables(transaction, spec, generation)?;
+            }
+            Ok(RebuildProgress {
+                generation,
+                position: Position::START,
+            })
+        })
+        .await
+    }
+
+    async fn control(&self, projection: &str, control: Control) -> Result<(), ViewError> {
+        let projection = projection.to_owned();
+        self.write(move |transaction| {
+            let record = read_record(transaction, &projection)?;
+            let changed = match control {
+                Control::Pause => transaction.execute(
+                    "UPDATE projections SET paused = 1 WHERE name = ?1",
+                    [&projection],
+                ),
+                Control::Resume => transaction.execute(
+                    "UPDATE projections SET paused = 0 WHERE name = ?1",
+                    [&projection],
+                ),
+                Control::Rebuild => {
+                    refuse_process_manager(&projection, record.kind)?;
+                    transaction.execute(
+                        "UPDATE projections SET rebuild_requested = 1
+                         WHERE name = ?1 AND rebuild_generation IS NULL",
+                        [&projection],
+                    )
+                }
+                Control::Retry(position) => transaction
+                    .execute(
+                        "UPDATE parked SET retry_requested = 1
+                         WHERE projection = ?1 AND position = ?2",
+                        params![projection, to_sql_int(position.0)],
+                    )
+                    .map(|changed| if changed == 0 { usize::MAX } else { changed }),
+                Control::Skip(position) => transaction
+                    .execute(
+                        "DELETE FROM parked WHERE projection = ?1 AND position = ?2",
+                        params![projection, to_sql_int(position.0)],
+                    )
+                    .map(|changed| if changed == 0 { usize::MAX } else { changed }),
+            }
+            .map_err(|error| backend("recording an operator's request", error))?;
+            match control {
+                Control::Retry(position) | Control::Skip(position) if changed == usize::MAX => {
+                    Err(no_parked_event(&projection, position))
+                }
+                _ => Ok(()),
+            }
+        })
+        .await?;
+        self.controls.send_modify(|count| *count += 1);
+        Ok(())
+    }
+
+    async fn set_stalled(&self, projection: &str, error: Option<String>) -> Result<(), ViewError> {
+        let projection = projection.to_owned();
+        self.write(move |transaction| {
+            let changed = transaction
+                .execute(
+                    "UPDATE projections SET stalled = ?2 WHERE name = ?1",
+                    params![projection, error],
+                )
+                .map_err(|error| backend("recording a stalled projection", error))?;
+            if changed == 0 {
+                return Err(ViewError::UnknownProjection(projection));
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn parked(&self, projection: &str) -> Result<Vec<ParkedEvent>, ViewError> {
+        let projection = projection.to_owned();
+        self.read(move |connection| {
+            let transaction = connection
+                .unchecked_transaction()
+                .map_err(|error| backend("starting a read", error))?;
+            read_record(&transaction, &projection)?;
+            let mut statement = transaction
+                .prepare_cached(
+                    "SELECT position, stream, event_type, error, attempts, parked_at,
+                            retry_requested
+                     FROM parked WHERE projection = ?1 ORDER BY position",
+                )
+                .map_err(|error| backend("reading parked events", error))?;
+            let rows = statement
+                .query_map([&projection], |row| {
+                    Ok(ParkedEvent {
+                        projection: projection.clone(),
+                        position: Position(row.get::<_, i64>(0)? as u64),
+                        stream: row.get(1)?,
+                        event_type: row.get(2)?,
+                        error: row.get(3)?,
+                        attempts: row.get(4)?,
+                        parked_at: Timestamp::from_unix_micros(row.get(5)?),
+                        retry_requested: row.get(6)?,
+                    })
+                })
+                .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
+                .map_err(|error| backend("reading parked events", error))?;
+            Ok(rows)
+        })
+        .await
+    }
+
+    fn checkpoint_watch(&self, projection: &str) -> watch::Receiver<Position> {
+        let mut watches = lock(&self.checkpoints);
+        if let Some(sender) = watches.get(projection) {
+            return sender.subscribe();
+        }
+        // The first watcher reads the checkpoint; commits keep it current after that.
+        let current = self
+            .readers
+            .with_connection(|connection| -> Result<Position, ViewError> {
+                let transaction = connection
+                    .unchecked_transaction()
+                    .map_err(|error| backend("starting a read", error))?;
+                Ok(read_record(&transaction, projection)?.position)
+            })
+            .unwrap_or(Position::START);
+        watches
+            .entry(projection.to_owned())
+            .or_insert_with(|| watch::Sender::new(current))
+            .subscribe()
+    }
+
+    fn control_watch(&self) -> watch::Receiver<u64> {
+        self.controls.subscribe()
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn kind_text(kind: HandlerKind) -> &'static str {
+    match kind {
+        HandlerKind::Projection => "projection",
+        HandlerKind::ProcessManager => "process_manager",
+    }
+}
+
+/// The table holding a collection's generation.
+fn table_name(collection: &str, generation: u64) -> String {
+    format!("\"doc:{collection}:{generation}\"")
+}
+
+/// The FTS5 table mirroring a collection's text fields.
+fn text_table_name(collection: &str, generation: u64) -> String {
+    format!("\"fts:{collection}:{generation}\"")
+}
+
+/// The expression an index on `field` is built on; queries use the same text so
+/// SQLite uses the index. Fields are validated to letters, digits, `_` and `.`.
+fn field_expression(field: &str) -> String {
+    format!("json_extract(doc, '$.{field}')")
+}
+
+fn create_tables(
+    transaction: &Transaction<'_>,
+    spec: &CollectionSpec,
+    generation: u64,
+) -> Result<(), ViewError> {
+    let table = table_name(&spec.name, generation);
+    // Documents searched by text need a rowid to key their FTS rows; the others are
+    // stored by key alone, one b-tree per write instead of two.
+    let mut ddl = if spec.text_fields.is_empty() {
+        format!(
+            "CREATE TABLE IF NOT EXISTS {table} (key TEXT PRIMARY KEY, doc TEXT NOT NULL) WITHOUT ROWID;"
+        )
+    } else {
+        let columns = (0..spec.text_fields.len())
+            .map(|index| format!("f{index}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        format!(
+            "CREATE TABLE IF NOT EXISTS {table} (key TEXT NOT NULL UNIQUE, doc TEXT NOT NULL);
+             CREATE VIRTUAL TABLE IF NOT EXISTS {} USING fts5({columns}, tokenize = 'unicode61 remove_diacritics 0');",
+            text_table_name(&spec.name, generation)
+        )
+    };
+    for field in &spec.indexes {
+        let _ = write!(
+            ddl,
+            "CREATE INDEX IF NOT EXISTS \"idx:{}:{generation}:{field}\" ON {table} ({});",
+            spec.name,
+            field_expression(field)
+        );
+    }
+    transaction
+        .execute_batch(&ddl)
+        .map_err(|error| backend(format!("creating the tables of `{}`", spec.name), error).into())
+}
+
+fn drop_tables(
+    transaction: &Transaction<'_>,
+    collection: &str,
+    generation: u64,
+) -> Result<(), ViewError> {
+    transaction
+        .execute_batch(&format!(
+            "DROP TABLE IF EXISTS {}; DROP TABLE IF EXISTS {};",
+            table_name(collection, generation),
+            text_table_name(collection, generation)
+        ))
+        .map_err(|error| {
+            backend(
+                format!("dropping an old generation of `{collection}`"),
+                error,
+            )
+            .into()
+        })
+}
+
+fn read_record(connection: &Connection, projection: &str) -> Result<ProjectionRecord, ViewError> {
+    let row = connection
+        .prepare_cached(
+            "SELECT p.kind, p.generation, c.position, p.rebuild_generation, r.position,
+                    p.rebuild_requested, p.paused, p.stalled,
+                    (SELECT count(*) FROM parked WHERE projection = p.name)
+             FROM projections p
+             JOIN checkpoints c ON c.projection = p.name AND c.generation = p.generation
+             LEFT JOIN checkpoints r ON r.projection = p.name AND r.generation = p.rebuild_generation
+             WHERE p.name = ?1",
+        )
+        .and_then(|mut statement| {
+            statement
+                .query_row([projection], |row| {
+                    Ok((
+                        row.get::<_, String>(0)?,
+                        row.get::<_, i64>(1)?,
+                        row.get::<_, i64>(2)?,
+                        row.get::<_, Option<i64>>(3)?,
+                        row.get::<_, Option<i64>>(4)?,
+                        row.get::<_, bool>(5)?,
+                        row.get::<_, bool>(6)?,
+                        row.get::<_, Option<String>>(7)?,
+                        row.get::<_, i64>(8)?,
+                    ))
+                })
+                .optional()
+        })
+        .map_err(|error| backend("reading a projection", error))?
+        .ok_or_else(|| ViewError::UnknownProjection(projection.to_owned()))?;
+    let (kind, generation, position, rebuild, rebuild_position, requested, paused, stalled, parked) =
+        row;
+    let collections = connection
+        .prepare_cached("SELECT spec FROM collections WHERE projection = ?1 ORDER BY name")
+        .and_then(|mut statement| {
+            statement
+                .query_map([projection], |row| row.get::<_, String>(0))?
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .map_err(|error| backend("reading collections", error))?
+        .iter()
+        .map(|text| decode_spec(text))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(ProjectionRecord {
+        name: projection.to_owned(),
+        kind: if kind == "process_manager" {
+            HandlerKind::ProcessManager
+        } else {
+            HandlerKind::Projection
+        },
+        collections,
+        generation: generation as u64,
+        position: Position(position as u64),
+        rebuild: rebuild.map(|generation| RebuildProgress {
+            generation: generation as u64,
+            position: Position(rebuild_position.unwrap_or(0) as u64),
+        }),
+        rebuild_requested: requested,
+        paused,
+        stalled,
+        parked: parked as u64,
+    })
+}
+
+fn decode_spec(text: &str) -> Result<CollectionSpec, ViewError> {
+    serde_json::from_str(text).map_err(|error| {
+        ViewError::Backend(BackendError::with_source(
+            "a corrupt collection declaration",
+            error,
+        ))
+    })
+}
+
+/// A collection's declaration and its served generation.
+fn served_collection(
+    connection: &Connection,
+    collection: &str,
+) -> Result<(CollectionSpec, u64), ViewError> {
+    let (spec, generation) = connection
+        .prepare_cached(
+            "SELECT c.spec, p.generation FROM collections c
+             JOIN projections p ON p.name = c.projection WHERE c.name = ?1",
+        )
+        .and_then(|mut statement| {
+            statement
+                .query_row([collection], |row| {
+                    Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)?))
+                })
+                .optional()
+        })
+        .map_err(|error| backend("reading collections", error))?
+        .ok_or_else(|| ViewError::UnknownCollection(collection.to_owned()))?;
+    Ok((decode_spec(&spec)?, generation as u64))
+}
+
+/// Every collection's served table, by collection name.
+fn served_tables(connection: &Connection) -> Result<BTreeMap<String, String>, ViewError> {
+    connection
+        .prepare_cached(
+            "SELECT c.name, p.generation FROM collections c
+             JOIN projections p ON p.name = c.projection",
+        )
+        .and_then(|mut statement| {
+            statement
+                .query_map([], |row| {
+                    let name: String = row.get(0)?;
+                    let generation: i64 = row.get(1)?;
+                    Ok((name.clone(), table_name(&name, generation as u64)))
+                })?
+                .collect()
+        })
+        .map_err(|error| backend("reading collections", error).into())
+}
+
+/// Replaces `{collection}` by its table; an unknown name is refused.
+fn substitute_tables(
+    statement: &str,
+    tables: &BTreeMap<String, String>,
+) -> Result<String, ViewError> {
+    let mut result = String::with_capacity(statement.len());
+    let mut rest = statement;
+    while let Some(open) = rest.find('{') {
+        result.push_str(&rest[..open]);
+        let close = rest[open..]
+            .find('}')
+            .ok_or_else(|| ViewError::InvalidQuery("an unclosed `{` in the SQL".to_owned()))?;
+        let name = &rest[open + 1..open + close];
+        let table = tables
+            .get(name)
+            .ok_or_else(|| ViewError::UnknownCollection(name.to_owned()))?;
+        result.push_str(table);
+        rest = &rest[open + close + 1..];
+    }
+    result.push_str(rest);
+    Ok(result)
+}
+
+fn read_document(
+    connection: &Connection,
+    collection: &str,
+    generation: u64,
+    key: &str,
+) -> Result<Option<Document>, ViewError> {
+    let sql = format!(
+        "SELECT doc FROM {} WHERE key = ?1",
+        table_name(collection, generation)
+    );
+    let text: Option<String> = connection
+        .prepare_cached(&sql)
+        .map_err(|_| ViewError::UnknownCollection(collection.to_owned()))?
+        .query_row([key], |row| row.get(0))
+        .optional()
+        .map_err(|error| backend(format!("reading `{key}` in `{collection}`"), error))?;
+    text.map(|text| decode_document(collection, key, &text))
+        .transpose()
+}
+
+fn decode_document(collection: &str, key: &str, text: &str) -> Result<Document, ViewError> {
+    serde_json::from_str(text).map_err(|error| {
+        ViewError::Backend(BackendError::with_source(
+            format!("document `{key}` in `{collection}` is corrupt"),
+            error,
+        ))
+    })
+}
+
+/// Applies a batch; returns the served generation's new checkpoint, if it moved.
+fn apply_commit(
+    transaction: &Transaction<'_>,
+    commit: ViewCommit,
+) -> Result<Option<Position>, ViewError> {
+    let record = read_record(transaction, &commit.projection)?;
+    let rebuild = record.rebuild.map(|rebuild| rebuild.generation);
+    let checkpoint = if commit.generation == record.generation {
+        Some(record.position)
+    } else {
+        record
+            .rebuild
+            .filter(|rebuild| rebuild.generation == commit.generation)
+            .map(|rebuild| rebuild.position)
+    };
+    verify_commit(&commit, record.generation, rebuild, checkpoint)?;
+    let specs: BTreeMap<&str, &CollectionSpec> = record
+        .collections
+        .iter()
+        .map(|spec| (spec.name.as_str(), spec))
+        .collect();
+    let generation = commit.generation;
+    for change in &commit.changes {
+        match change {
+            Change::Put {
+                collection,
+                key,
+                document,
+            } => {
+                let spec = specs
+                    .get(collection.as_str())
+                    .ok_or_else(|| ViewError::UnknownCollection(collection.clone()))?;
+                put_document(transaction, spec, generation, key, document)?;
+            }
+            Change::Delete { collection, key } => {
+                let spec = specs
+                    .get(collection.as_str())
+                    .ok_or_else(|| ViewError::UnknownCollection(collection.clone()))?;
+                delete_document(transaction, spec, generation, key)?;
+            }
+            Change::Sql {
+                statement,
+                parameters,
+            } => {
+                let tables = specs
+                    .keys()
+                    .map(|name| ((*name).to_owned(), table_name(name, generation)))
+                    .collect();
+                let statement = substitute_tables(statement, &tables)?;
+                let values = parameters.iter().map(to_sql_value).collect::<Vec<_>>();
+                transaction
+                    .execute(&statement, params_from_iter(values))
+                    .map_err(|error| {
+                        ViewError::InvalidQuery(format!("the projection's SQL failed: {error}"))
+                    })?;
+            }
+        }
+    }
+    let projection = &commit.projection;
+    let sql_error = |error| backend("writing a checkpoint", error);
+    transaction
+        .prepare_cached(
+            "UPDATE checkpoints SET position = ?3 WHERE projection = ?1 AND generation = ?2",
+        )
+        .and_then(|mut statement| {
+            statement.execute(params![
+                projection,
+                to_sql_int(generation),
+                to_sql_int(commit.checkpoint.0)
+            ])
+        })
+        .map_err(sql_error)?;
+    for parked in &commit.parked {
+        transaction
+            .prepare_cached(
+                "INSERT OR REPLACE INTO parked (projection, position, stream, event_type, error,
+                     attempts, parked_at, retry_requested)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            )
+            .and_then(|mut statement| {
+                statement.execute(params![
+                    projection,
+                    to_sql_int(parked.position.0),
+                    parked.stream,
+                    parked.event_type,
+                    parked.error,
+                    parked.attempts,
+                    parked.parked_at.as_unix_micros(),
+                    parked.retry_requested
+                ])
+            })
+            .map_err(|error| backend("parking an event", error))?;
+    }
+    for position in &commit.resolved {
+        transaction
+            .execute(
+                "DELETE FROM parked WHERE projection = ?1 AND position = ?2",
+                params![projection, to_sql_int(position.0)],
+            )
+            .map_err(|error| backend("resolving a parked event", error))?;
+    }
+    if commit.switch {
+        transaction
+            .execute(
+                "UPDATE projections SET generation = ?2, rebuild_generation = NULL WHERE name = ?1",
+                params![projection, to_sql_int(generation)],
+            )
+            .and_then(|_| {
+                transaction.execute(
+                    "DELETE FROM checkpoints WHERE projection = ?1 AND generation = ?2",
+                    params![projection, to_sql_int(record.generation)],
+                )
+            })
+            .map_err(|error| backend("switching generations", error))?;
+        for spec in &record.collections {
+            drop_tables(transaction, &spec.name, record.generation)?;
+        }
+    }
+    let served = commit.switch || generation == record.generation;
+    Ok(served.then_some(commit.checkpoint))
+}
+
+fn put_document(
+    transaction: &Transaction<'_>,
+    spec: &CollectionSpec,
+    generation: u64,
+    key: &str,
+    document: &Document,
+) -> Result<(), ViewError> {
+    let text = document.to_string();
+    let table = table_name(&spec.name, generation);
+    let failed = |error| backend(format!("writing `{key}` in `{}`", spec.name), error);
+    if spec.text_fields.is_empty() {
+        let sql = format!(
+            "INSERT INTO {table} (key, doc) VALUES (?1, ?2)
+             ON CONFLICT (key) DO UPDATE SET doc = excluded.doc"
+        );
+        transaction
+            .prepare_cached(&sql)
+            .and_then(|mut statement| statement.execute(params![key, text]))
+            .map_err(failed)?;
+        return Ok(());
+    }
+    let sql = format!(
+        "INSERT INTO {table} (key, doc) VALUES (?1, ?2)
+         ON CONFLICT (key) DO UPDATE SET doc = excluded.doc RETURNING rowid"
+    );
+    let rowid: i64 = transaction
+        .prepare_cached(&sql)
+        .and_then(|mut statement| statement.query_row(params![key, text], |row| row.get(0)))
+        .map_err(failed)?;
+    let text_table = text_table_name(&spec.name, generation);
+    let texts: Vec<SqlValue> = spec
+        .text_fields
+        .iter()
+        .map(|field| match field_value(document, field) {
+            Some(serde_json::Value::String(text)) => SqlValue::Text(text.clone()),
+            Some(serde_json::Value::Null) | None => SqlValue::Null,
+            Some(other) => SqlValue::Text(other.to_string()),
+        })
+        .collect();
+    let placeholders = (0..texts.len())
+        .map(|index| format!("?{}", index + 2))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let columns = (0..texts.len())
+        .map(|index| format!("f{index}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let mut values = vec![SqlValue::Integer(rowid)];
+    values.extend(texts);
+    transaction
+        .prepare_cached(&format!("DELETE FROM {text_table} WHERE rowid = ?1"))
+        .and_then(|mut statement| statement.execute([rowid]))
+        .and_then(|_| {
+            transaction
+                .prepare_cached(&format!(
+                    "INSERT INTO {text_table} (rowid, {columns}) VALUES (?1, {placeholders})"
+                ))?
+                .execute(params_from_iter(values))
+        })
+        .map_err(failed)?;
+    Ok(())
+}
+
+fn delete_document(
+    transaction: &Transaction<'_>,
+    spec: &CollectionSpec,
+    generation: u64,
+    key: &str,
+) -> Result<(), ViewError> {
+    let table = table_name(&spec.name, generation);
+    let failed = |error| backend(format!("deleting `{key}` in `{}`", spec.name), error);
+    if spec.text_fields.is_empty() {
+        transaction
+            .prepare_cached(&format!("DELETE FROM {table} WHERE key = ?1"))
+            .and_then(|mut statement| statement.execute([key]))
+            .map_err(failed)?;
+        return Ok(());
+    }
+    let rowid: Option<i64> = transaction
+        .prepare_cached(&format!(
+            "DELETE FROM {table} WHERE key = ?1 RETURNING rowid"
+        ))
+        .and_then(|mut statement| statement.query_row([key], |row| row.get(0)).optional())
+        .map_err(failed)?;
+    if let Some(rowid) = rowid {
+        transaction
+            .prepare_cached(&format!(
+                "DELETE FROM {} WHERE rowid = ?1",
+                text_table_name(&spec.name, generation)
+            ))
+            .and_then(|mut statement| statement.execute([rowid]))
+            .map_err(failed)?;
+    }
+    Ok(())
+}
+
+/// Runs a validated query as one SQL statement.
+fn run_query(
+    connection: &Connection,
+    spec: &CollectionSpec,
+    generation: u64,
+    query: &Query,
+) -> Result<Page, ViewError> {
+    let table = table_name(&spec.name, generation);
+    let mut conditions: Vec<String> = Vec::new();
+    let mut values: Vec<SqlValue> = Vec::new();
+    let bind = |value: SqlValue, values: &mut Vec<SqlValue>| {
+        values.push(value);
+        format!("?{}", values.len())
+    };
+    for filter in &query.filters {
+        let operator = match filter.comparison {
+            Comparison::Eq => "=",
+            Comparison::Lt => "<",
+            Comparison::Le => "<=",
+            Comparison::Gt => ">",
+            Comparison::Ge => ">=",
+        };
+        let placeholder = bind(to_sql_value(&filter.value), &mut values);
+        conditions.push(format!(
+            "{} {operator} {placeholder}",
+            field_expression(&filter.field)
+        ));
+    }
+    if let Some(text) = &query.text {
+        let terms: Vec<String> = words(text).map(|word| format!("\"{word}\"")).collect();
+        if terms.is_empty() {
+            return Err(ViewError::InvalidQuery(
+                "the search text has no words".to_owned(),
+            ));
+        }
+        let placeholder = bind(SqlValue::Text(terms.join(" ")), &mut values);
+        let text_table = text_table_name(&spec.name, generation);
+        conditions.push(format!(
+            "rowid IN (SELECT rowid FROM {text_table} WHERE {text_table} MATCH {placeholder})"
+        ));
+    }
+    let (sort, descending) = match &query.order {
+        Order::ByKey => (None, false),
+        Order::ByField { field, descending } => (Some(field_expression(field)), *descending),
+    };
+    if let Some(sort) = &sort {
+        conditions.push(format!("{sort} IS NOT NULL"));
+    }
+    if let Some(cursor) = &query.cursor {
+        let (sort_value, key) = cursor.decode(&query.order)?;
+        let operator = if descending { "<" } else { ">" };
+        let key_placeholder = bind(SqlValue::Text(key), &mut values);
+        match (&sort, sort_value) {
+            (Some(sort), Some(value)) => {
+                let value_placeholder = bind(to_sql_value(&value), &mut values);
+                conditions.push(format!(
+                    "({sort}, key) {operator} ({value_placeholder}, {key_placeholder})"
+                ));
+            }
+            _ => conditions.push(format!("key {operator} {key_placeholder}")),
+        }
+    }
+    let direction = if descending { "DESC" } else { "ASC" };
+    let order_by = match &sort {
+        Some(sort) => format!("{sort} {direction}, key {direction}"),
+        None => format!("key {direction}"),
+    };
+    let where_clause = if conditions.is_empty() {
+        String::new()
+    } else {
+        format!("WHERE {}", conditions.join(" AND "))
+    };
+    let limit = bind(
+        SqlValue::Integer(i64::try_from(query.limit.saturating_add(1)).unwrap_or(i64::MAX)),
+        &mut values,
+    );
+    let sql =
+        format!("SELECT key, doc FROM {table} {where_clause} ORDER BY {order_by} LIMIT {limit}");
+    let failed = |error| backend(format!("querying `{}`", spec.name), error);
+    let mut statement = connection.prepare_cached(&sql).map_err(failed)?;
+    let rows = statement
+        .query_map(params_from_iter(values), |row| {
+            Ok((row.get::<_, String>(0)?, row.get::<_, String>(1)?))
+        })
+        .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
+        .map_err(failed)?;
+    let more = rows.len() > query.limit;
+    let items = rows
+        .into_iter()
+        .take(query.limit)
+        .map(|(key, doc)| Ok((decode_document(&spec.name, &key, &doc)?, key)))
+        .map(|item| item.map(|(document, key)| (key, document)))
+        .collect::<Result<Vec<_>, ViewError>>()?;
+    let next = items.last().filter(|_| more).map(|(key, document)| {
+        let sort_value = match &query.order {
+            Order::ByKey => None,
+            Order::ByField { field, .. } => field_value(document, field),
+        };
+        Cursor::encode(sort_value, key)
+    });
+    Ok(Page { items, next })
+}
+
+/// A JSON scalar as SQLite compares it with `json_extract`'s results.
+fn to_sql_value(value: &serde_json::Value) -> SqlValue {
+    match value {
+        serde_json::Value::Null => SqlValue::Null,
+        serde_json::Value::Bool(flag) => SqlValue::Integer(i64::from(*flag)),
+        serde_json::Value::Number(number) => match number.as_i64() {
+            Some(integer) => SqlValue::Integer(integer),
+            None => SqlValue::Real(number.as_f64().unwrap_or(f64::MAX)),
+        },
+        serde_json::Value::String(text) => SqlValue::Text(text.clone()),
+        other => SqlValue::Text(other.to_string()),
+    }
+}
+
+fn from_sql_value(value: SqlValue) -> serde_json::Value {
+    match value {
+        SqlValue::Null => serde_json::Value::Null,
+        SqlValue::Integer(integer) => integer.into(),
+        SqlValue::Real(real) => serde_json::Number::from_f64(real)
+            .map_or(serde_json::Value::Null, serde_json::Value::Number),
+        SqlValue::Text(text) => text.into(),
+        SqlValue::Blob(bytes) => bytes.into_iter().map(serde_json::Value::from).collect(),
+    }
+}

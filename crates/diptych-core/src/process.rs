@@ -25,7 +25,7 @@ use serde::de::DeserializeOwned;
 use uuid::Uuid;
 
 use crate::envelope::RecordedEvent;
-use crate::error::HandlerError;
+use crate::error::{HandlerError, ViewError};
 use crate::projection::{Interest, Projection, ViewTx};
 use crate::repository::CommandContext;
 use crate::runner::{RunnerConfig, RunnerHandle, spawn_projection};
@@ -90,13 +90,14 @@ impl CommandContext {
     }
 }
 
-/// Starts a runner for a process manager on the current tokio runtime.
-pub fn spawn_process_manager<P: ProcessManager>(
+/// Registers a process manager and starts its runner on the current tokio
+/// runtime (see [`spawn_projection`]).
+pub async fn spawn_process_manager<P: ProcessManager>(
     store: Arc<dyn EventStore>,
     views: Arc<dyn ViewStore>,
     process_manager: Arc<P>,
     config: RunnerConfig,
-) -> RunnerHandle {
+) -> Result<RunnerHandle, ViewError> {
     let state_collection = state_collection(process_manager.name());
     let projection = Arc::new(AsProjection {
         process_manager,
@@ -109,6 +110,7 @@ pub fn spawn_process_manager<P: ProcessManager>(
         HandlerKind::ProcessManager,
         config,
     )
+    .await
 }
 
 /// A process manager seen as a projection whose only view is its state.

@@ -82,22 +82,27 @@ impl RunnerHandle {
     }
 }
 
-/// Starts a runner for `projection` on the current tokio runtime.
-pub fn spawn_projection(
+/// Registers `projection` with the view store (so its views can be queried and
+/// waited on as soon as this returns) and starts its runner on the current tokio
+/// runtime. Fails if the declaration is refused (a bad name, a collection another
+/// projection owns).
+pub async fn spawn_projection(
     store: Arc<dyn EventStore>,
     views: Arc<dyn ViewStore>,
     projection: Arc<dyn Projection>,
     kind: HandlerKind,
     config: RunnerConfig,
-) -> RunnerHandle {
+) -> Result<RunnerHandle, ViewError> {
     let name = projection.name().to_owned();
+    let declaration = Declaration {
+        name: name.clone(),
+        kind,
+        collections: projection.collections(),
+    };
+    views.register(&declaration).await?;
     let (stop, stop_rx) = watch::channel(false);
     let runner = Runner {
-        declaration: Declaration {
-            name: name.clone(),
-            kind,
-            collections: projection.collections(),
-        },
+        declaration,
         store,
         views,
         projection,
@@ -105,7 +110,7 @@ pub fn spawn_projection(
         stop: stop_rx,
     };
     let task = tokio::spawn(runner.run());
-    RunnerHandle { name, stop, task }
+    Ok(RunnerHandle { name, stop, task })
 }
 
 /// Why a batch did not commit.

@@ -72,8 +72,10 @@ use crate::store::{AppendOutcome, AppendRequest, EventStore, StreamRead};
 mod concurrency_checks;
 mod durability_checks;
 mod model;
+mod projection_checks;
 mod repository_checks;
 mod store_checks;
+mod view_checks;
 
 pub use concurrency_checks::{
     concurrent_appends_to_one_stream_keep_versions_dense,
@@ -82,6 +84,16 @@ pub use concurrency_checks::{
 };
 pub use durability_checks::acknowledged_writes_survive_reopening;
 pub use model::{check_against_model, check_concurrent_batches};
+pub use projection_checks::{
+    Tallies, TallyLine, added, append_one, clean_tallies,
+    paused_projection_applies_nothing_until_resumed,
+    poison_event_is_parked_and_retried_after_a_fix, process_manager_effects_happen_once,
+    projection_catches_up_then_follows_live, projection_resumes_from_its_checkpoint,
+    rebuild_during_writes_equals_a_clean_build, run_tallies,
+    transient_failures_are_retried_without_parking,
+    uninteresting_events_are_skipped_but_advance_the_checkpoint,
+    wait_for_resolves_for_a_fresh_write_and_times_out_otherwise, wait_until_caught_up,
+};
 pub use repository_checks::{
     repository_business_rejection_writes_nothing, repository_concurrent_commands_all_apply,
     repository_concurrent_repeats_of_a_command_write_once,
@@ -101,6 +113,12 @@ pub use store_checks::{
     missing_stream_is_not_found_and_at_version_zero, payload_and_metadata_round_trip_exactly,
     read_all_pages_cover_the_log_once_in_order, read_stream_pages_forward_and_backward,
     snapshots_round_trip_and_are_replaced, stream_id_of_max_length_works,
+};
+pub use view_checks::{
+    dump_collection, views_documents_round_trip, views_filter_on_indexes, views_full_text_search,
+    views_order_and_page_stably, views_park_retry_and_skip, views_record_operator_requests,
+    views_refuse_a_commit_from_a_moved_checkpoint, views_refuse_bad_queries,
+    views_registration_rules, views_switch_generations_atomically,
 };
 
 /// Opens the same storage again, for the durability check.
@@ -164,6 +182,82 @@ impl Fixture {
         self.store = Arc::new(crate::memory::MemoryStore::new());
         self.store = reopen().await;
     }
+}
+
+/// A view store under test, the event store its projections read, and whatever
+/// must live exactly as long as both.
+pub struct ViewFixture {
+    store: Arc<dyn EventStore>,
+    views: Arc<dyn crate::view::ViewStore>,
+    _guard: Box<dyn Any + Send + Sync>,
+}
+
+impl ViewFixture {
+    /// A fixture around a fresh, empty event store and view store.
+    pub fn new(store: Arc<dyn EventStore>, views: Arc<dyn crate::view::ViewStore>) -> Self {
+        Self {
+            store,
+            views,
+            _guard: Box::new(()),
+        }
+    }
+
+    /// Keeps `guard` alive until after both stores are dropped.
+    pub fn with_guard(self, guard: impl Any + Send + Sync) -> Self {
+        Self {
+            _guard: Box::new(guard),
+            ..self
+        }
+    }
+
+    /// The event store.
+    pub fn store(&self) -> Arc<dyn EventStore> {
+        Arc::clone(&self.store)
+    }
+
+    /// The view store.
+    pub fn views(&self) -> Arc<dyn crate::view::ViewStore> {
+        Arc::clone(&self.views)
+    }
+}
+
+/// Runs the view store and projection suite against the stores a factory makes:
+/// an expression callable as `factory()` returning a future of a [`ViewFixture`]
+/// with fresh, empty stores. Expands to one test per check, named after it.
+#[macro_export]
+macro_rules! view_store_conformance {
+    ($factory:expr $(,)?) => {
+        $crate::view_store_conformance!(@checks $factory;
+            views_documents_round_trip,
+            views_filter_on_indexes,
+            views_order_and_page_stably,
+            views_full_text_search,
+            views_refuse_bad_queries,
+            views_registration_rules,
+            views_refuse_a_commit_from_a_moved_checkpoint,
+            views_switch_generations_atomically,
+            views_park_retry_and_skip,
+            views_record_operator_requests,
+            projection_catches_up_then_follows_live,
+            projection_resumes_from_its_checkpoint,
+            wait_for_resolves_for_a_fresh_write_and_times_out_otherwise,
+            poison_event_is_parked_and_retried_after_a_fix,
+            transient_failures_are_retried_without_parking,
+            uninteresting_events_are_skipped_but_advance_the_checkpoint,
+            paused_projection_applies_nothing_until_resumed,
+            rebuild_during_writes_equals_a_clean_build,
+            process_manager_effects_happen_once,
+        );
+    };
+    (@checks $factory:expr; $($check:ident),* $(,)?) => {
+        $(
+            #[::tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn $check() {
+                let fixture: $crate::testkit::ViewFixture = ($factory)().await;
+                $crate::testkit::$check(fixture).await;
+            }
+        )*
+    };
 }
 
 /// How many random cases each property test runs: a quick 24 on a laptop, 128

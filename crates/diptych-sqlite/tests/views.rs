@@ -1,0 +1,199 @@
+//! What only the SQLite view store does: its own file kind, durability across a
+//! reopen, and the SQL escape hatch in both directions.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use diptych_core::testkit::{added, append_one, wait_until_caught_up};
+use diptych_core::{
+    Change, CollectionSpec, Control, Declaration, EventStore, HandlerError, HandlerKind, Interest,
+    Position, Projection, RecordedEvent, RunnerConfig, ViewCommit, ViewError, ViewStore, ViewTx,
+    spawn_projection,
+};
+use diptych_sqlite::{OpenError, SqliteStore, SqliteViews};
+use serde_json::json;
+
+fn declaration() -> Declaration {
+    Declaration {
+        name: "directory".to_owned(),
+        kind: HandlerKind::Projection,
+        collections: vec![CollectionSpec::new("people").index("city").text("name")],
+    }
+}
+
+#[test]
+fn an_event_store_file_is_refused_as_views_and_the_other_way_round() {
+    let dir = tempfile::tempdir().unwrap();
+    let events = dir.path().join("events.db");
+    let views = dir.path().join("views.db");
+    drop(SqliteStore::open(&events).unwrap());
+    drop(SqliteViews::open(&views).unwrap());
+    let before = std::fs::read(&events).unwrap();
+    let error = SqliteViews::open(&events).err().expect("refused");
+    assert!(
+        matches!(error, OpenError::NotDiptychDatabase { .. }),
+        "{error}"
+    );
+    assert_eq!(std::fs::read(&events).unwrap(), before);
+    let error = SqliteStore::open(&views).err().expect("refused");
+    assert!(
+        matches!(error, OpenError::NotDiptychDatabase { .. }),
+        "{error}"
+    );
+}
+
+#[tokio::test]
+async fn documents_checkpoints_parked_events_and_requests_survive_reopening() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("views.db");
+    {
+        let views = SqliteViews::open(&path).unwrap();
+        views.register(&declaration()).await.unwrap();
+        let mut commit = ViewCommit::new("directory", 1, Position::START, Position(12));
+        commit.changes = vec![Change::Put {
+            collection: "people".to_owned(),
+            key: "ada".to_owned(),
+            document: json!({ "name": "Ada Lovelace", "city": "London" }),
+        }];
+        views.commit(commit).await.unwrap();
+        views.control("directory", Control::Pause).await.unwrap();
+    }
+    let views = SqliteViews::open(&path).unwrap();
+    let record = views.projection("directory").await.unwrap();
+    assert_eq!(record.position, Position(12));
+    assert!(record.paused);
+    assert_eq!(
+        views.get("people", "ada").await.unwrap(),
+        Some(json!({ "name": "Ada Lovelace", "city": "London" }))
+    );
+    assert_eq!(*views.checkpoint_watch("directory").borrow(), Position(12));
+    let found = views
+        .query("people", &diptych_core::Query::default().text("lovelace"))
+        .await
+        .unwrap();
+    assert_eq!(found.items.len(), 1);
+}
+
+/// Keeps a per-city count with SQL next to the documents.
+struct CityCounts;
+
+#[async_trait]
+impl Projection for CityCounts {
+    fn name(&self) -> &str {
+        "city-counts"
+    }
+
+    fn collections(&self) -> Vec<CollectionSpec> {
+        vec![CollectionSpec::new("cities")]
+    }
+
+    fn interest(&self) -> Interest {
+        Interest::event_types(["Added"])
+    }
+
+    async fn apply(&self, event: &RecordedEvent, views: &mut ViewTx) -> Result<(), HandlerError> {
+        let city = event.payload["item"].as_str().unwrap_or("?").to_owned();
+        views.execute_sql(
+            "INSERT INTO {cities} (key, doc) VALUES (?1, json_object('count', 1))
+             ON CONFLICT (key) DO UPDATE SET doc = json_set(doc, '$.count', json_extract(doc, '$.count') + 1)",
+            vec![json!(city)],
+        );
+        Ok(())
+    }
+}
+
+async fn open_both(dir: &Path) -> (Arc<dyn EventStore>, Arc<SqliteViews>) {
+    let store = SqliteStore::open(dir.join("events.db")).unwrap();
+    let views = SqliteViews::open(dir.join("views.db")).unwrap();
+    (Arc::new(store), Arc::new(views))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn projections_can_write_with_sql_and_readers_can_query_with_sql() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, views) = open_both(dir.path()).await;
+    for city in ["oslo", "lima", "oslo", "oslo"] {
+        append_one(&*store, "visits-1", added(city, 1)).await;
+    }
+    let runner = spawn_projection(
+        store.clone(),
+        views.clone(),
+        Arc::new(CityCounts),
+        HandlerKind::Projection,
+        RunnerConfig::default(),
+    )
+    .await
+    .unwrap();
+    wait_until_caught_up(&*store, &*views, "cities").await;
+    runner.stop().await;
+    assert_eq!(
+        views.get("cities", "oslo").await.unwrap(),
+        Some(json!({ "count": 3 }))
+    );
+    let rows = views
+        .query_sql(
+            "SELECT key, json_extract(doc, '$.count') AS visits FROM {cities}
+             WHERE json_extract(doc, '$.count') >= ?1 ORDER BY key",
+            vec![json!(1)],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        serde_json::Value::from(
+            rows.into_iter()
+                .map(serde_json::Value::Object)
+                .collect::<Vec<_>>()
+        ),
+        json!([{ "key": "lima", "visits": 1 }, { "key": "oslo", "visits": 3 }])
+    );
+}
+
+#[tokio::test]
+async fn bad_sql_is_refused_with_an_error_that_names_the_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, views) = open_both(dir.path()).await;
+    views.register(&declaration()).await.unwrap();
+    assert!(matches!(
+        views.query_sql("SELECT * FROM {nowhere}", vec![]).await,
+        Err(ViewError::UnknownCollection(name)) if name == "nowhere"
+    ));
+    assert!(matches!(
+        views.query_sql("SELEKT 1", vec![]).await,
+        Err(ViewError::InvalidQuery(_))
+    ));
+    assert!(matches!(
+        views.query_sql("SELECT * FROM {people", vec![]).await,
+        Err(ViewError::InvalidQuery(_))
+    ));
+    // Reads are read-only, whatever the statement says.
+    assert!(
+        views
+            .query_sql("DELETE FROM {people}", vec![])
+            .await
+            .is_err()
+    );
+    // A batch whose SQL fails is refused whole: neither its documents nor its
+    // checkpoint are written.
+    let mut commit = ViewCommit::new("directory", 1, Position::START, Position(3));
+    commit.changes = vec![
+        Change::Put {
+            collection: "people".to_owned(),
+            key: "ada".to_owned(),
+            document: json!({ "name": "Ada" }),
+        },
+        Change::Sql {
+            statement: "UPDATE {people} SET nonsense = 1".to_owned(),
+            parameters: vec![],
+        },
+    ];
+    assert!(matches!(
+        views.commit(commit).await,
+        Err(ViewError::InvalidQuery(_))
+    ));
+    assert_eq!(views.get("people", "ada").await.unwrap(), None);
+    assert_eq!(
+        views.projection("directory").await.unwrap().position,
+        Position::START
+    );
+}

@@ -1,6 +1,8 @@
-//! The `diptych` command: benchmarks and a look into a store.
+//! The `diptych` command: benchmarks, a look into a store, and the operator's
+//! controls of projections.
 
 mod bench;
+mod projections;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -25,6 +27,14 @@ enum Command {
     Bench {
         #[command(subcommand)]
         bench: BenchCommand,
+    },
+    /// Status of the projections of a data directory, and requests to them.
+    Projections {
+        /// The data directory holding `events.db` and `views.db`.
+        #[arg(long, default_value = "data", global = true)]
+        data: PathBuf,
+        #[command(subcommand)]
+        command: projections::ProjectionsCommand,
     },
     /// Read streams and the global log of a store.
     Streams {
@@ -156,6 +166,7 @@ async fn run(cli: Cli) -> Result<()> {
             })
             .await
         }
+        Command::Projections { data, command } => projections::run(data, command).await,
         Command::Streams { data, command } => {
             let path = data.join("events.db");
             anyhow::ensure!(

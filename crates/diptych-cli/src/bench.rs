@@ -130,21 +130,23 @@ struct Measured {
 impl Measured {
     fn from_samples(events: usize, elapsed: Duration, mut latencies_us: Vec<u64>) -> Self {
         latencies_us.sort_unstable();
-        let percentile = |p: f64| -> u64 {
-            if latencies_us.is_empty() {
-                return 0;
-            }
-            let index = ((latencies_us.len() as f64 - 1.0) * p).round() as usize;
-            latencies_us[index]
-        };
         let seconds = elapsed.as_secs_f64().max(f64::EPSILON);
         Self {
             events_per_sec: events as f64 / seconds,
             operations_per_sec: latencies_us.len() as f64 / seconds,
-            p50_us: percentile(0.50),
-            p99_us: percentile(0.99),
+            p50_us: percentile(&latencies_us, 0.50),
+            p99_us: percentile(&latencies_us, 0.99),
         }
     }
+}
+
+/// The `p` quantile (0 to 1) of sorted samples; 0 when there are none.
+pub fn percentile(sorted: &[u64], p: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[index]
 }
 
 /// A payload of the size and shape of a typical domain event (about 150 bytes).
@@ -356,7 +358,8 @@ impl Floor {
     }
 }
 
-fn remove_database(path: &Path) {
+/// Removes an SQLite database and its WAL and shared-memory files.
+pub fn remove_database(path: &Path) {
     for suffix in ["", "-wal", "-shm"] {
         let mut file = path.as_os_str().to_owned();
         file.push(suffix);

@@ -2,6 +2,7 @@
 //! controls of projections.
 
 mod bench;
+mod bench_query;
 mod projections;
 
 use std::io::Write;
@@ -48,6 +49,39 @@ enum Command {
 
 #[derive(Subcommand)]
 enum BenchCommand {
+    /// Projection catch-up: a log of N events into a SQLite view, one upsert per
+    /// event, against the same upserts done directly with rusqlite.
+    Project {
+        /// Print one JSON object per result line.
+        #[arg(long)]
+        json: bool,
+        /// Events in the log.
+        #[arg(long, default_value_t = 1_000_000)]
+        events: u64,
+        /// Events per transaction, for the runner and the floor alike.
+        #[arg(long, default_value_t = 1000)]
+        batch: usize,
+        /// Where to put the database files (a temporary directory by default; an
+        /// existing log of the same size there is reused).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+    /// Live lag: appends at a steady rate; the time from each append's
+    /// acknowledgement to the view having applied it, against a bare subscriber.
+    Lag {
+        /// Print one JSON object per result line.
+        #[arg(long)]
+        json: bool,
+        /// Appends per second.
+        #[arg(long, default_value_t = 1000)]
+        rate: u64,
+        /// Seconds to run.
+        #[arg(long, default_value_t = 10.0)]
+        seconds: f64,
+        /// Where to put the database files (a temporary directory by default).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
     /// Append throughput and latency: 1, 16 and 64 writers; 1 and 10 events per
     /// append; own streams and one hot stream; durable.
     Append {
@@ -165,6 +199,68 @@ async fn run(cli: Cli) -> Result<()> {
                 let _ = stdout.flush();
             })
             .await
+        }
+        Command::Bench {
+            bench:
+                BenchCommand::Project {
+                    json,
+                    events,
+                    batch,
+                    dir,
+                },
+        } => {
+            anyhow::ensure!(
+                events > 0 && batch > 0,
+                "--events and --batch take positive counts"
+            );
+            let result = bench_query::run_project(events, batch, dir).await?;
+            if json {
+                println!("{}", serde_json::to_string(&result)?);
+            } else {
+                println!(
+                    "project: {} events, {} per batch: {:.0} events/s; floor {:.0} events/s; ratio {:.2}; peak RSS {:.0} MiB",
+                    result.events,
+                    result.batch,
+                    result.events_per_sec,
+                    result.floor_events_per_sec,
+                    result.ratio,
+                    result.peak_rss_mib
+                );
+            }
+            Ok(())
+        }
+        Command::Bench {
+            bench:
+                BenchCommand::Lag {
+                    json,
+                    rate,
+                    seconds,
+                    dir,
+                },
+        } => {
+            anyhow::ensure!(
+                seconds.is_finite() && seconds > 0.0 && rate > 0,
+                "--seconds and --rate must be positive"
+            );
+            let result = bench_query::run_lag(rate, Duration::from_secs_f64(seconds), dir).await?;
+            if json {
+                println!("{}", serde_json::to_string(&result)?);
+            } else {
+                println!(
+                    "lag at {} appends/s (achieved {:.0}), {} events: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms; \
+                     bare subscriber p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+                    result.rate,
+                    result.achieved_rate,
+                    result.events,
+                    result.p50_us as f64 / 1000.0,
+                    result.p99_us as f64 / 1000.0,
+                    result.max_us as f64 / 1000.0,
+                    result.floor_p50_us as f64 / 1000.0,
+                    result.floor_p99_us as f64 / 1000.0,
+                    result.floor_max_us as f64 / 1000.0
+                );
+            }
+            Ok(())
         }
         Command::Projections { data, command } => projections::run(data, command).await,
         Command::Streams { data, command } => {

@@ -249,13 +249,30 @@ impl ViewStore for MemoryViews {
             let checkpoint = record.checkpoints.get(&commit.generation).copied();
             verify_commit(&commit, record.generation, record.rebuild, checkpoint)?;
             let owned: Vec<String> = record.collections.iter().map(|c| c.name.clone()).collect();
-            for change in &commit.changes {
+            // Everything is checked (and every document parsed) before anything
+            // changes, so a refused batch leaves no trace.
+            let mut writes = Vec::with_capacity(commit.changes.len());
+            for change in commit.changes {
                 match change {
                     Change::Put { collection, .. } | Change::Delete { collection, .. }
-                        if !owned.contains(collection) =>
+                        if !owned.contains(&collection) =>
                     {
-                        return Err(ViewError::UnknownCollection(collection.clone()));
+                        return Err(ViewError::UnknownCollection(collection));
                     }
+                    Change::Put {
+                        collection,
+                        key,
+                        json,
+                    } => {
+                        let document =
+                            serde_json::from_str(&json).map_err(|error| ViewError::Document {
+                                collection: collection.clone(),
+                                key: key.clone(),
+                                reason: error.to_string(),
+                            })?;
+                        writes.push((collection, key, Some(document)));
+                    }
+                    Change::Delete { collection, key } => writes.push((collection, key, None)),
                     Change::Sql { .. } => {
                         return Err(ViewError::Unsupported(
                             "the in-memory view store runs no SQL: test projections that use \
@@ -263,29 +280,20 @@ impl ViewStore for MemoryViews {
                                 .to_owned(),
                         ));
                     }
-                    _ => {}
                 }
             }
-            for change in commit.changes {
-                match change {
-                    Change::Put {
-                        collection,
-                        key,
-                        document,
-                    } => {
-                        inner
-                            .tables
-                            .entry((collection, commit.generation))
-                            .or_default()
-                            .insert(key, document);
+            for (collection, key, document) in writes {
+                let table = inner
+                    .tables
+                    .entry((collection, commit.generation))
+                    .or_default();
+                match document {
+                    Some(document) => {
+                        table.insert(key, document);
                     }
-                    Change::Delete { collection, key } => {
-                        if let Some(table) = inner.tables.get_mut(&(collection, commit.generation))
-                        {
-                            table.remove(&key);
-                        }
+                    None => {
+                        table.remove(&key);
                     }
-                    Change::Sql { .. } => {}
                 }
             }
             for parked in commit.parked {

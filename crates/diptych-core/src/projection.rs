@@ -100,20 +100,10 @@ pub trait Projection: Send + Sync + 'static {
 enum Slot {
     /// Read from the store and unchanged.
     Clean(Option<Document>),
-    /// Written by the batch.
-    Put(Document),
+    /// Written by the batch, as JSON text: what the commit stores, encoded once.
+    Put(String),
     /// Deleted by the batch.
     Deleted,
-}
-
-impl Slot {
-    fn document(&self) -> Option<&Document> {
-        match self {
-            Slot::Clean(document) => document.as_ref(),
-            Slot::Put(document) => Some(document),
-            Slot::Deleted => None,
-        }
-    }
 }
 
 type SlotKey = (String, String);
@@ -161,16 +151,16 @@ impl ViewTx {
         collection: &str,
         key: &str,
     ) -> Result<Option<T>, ViewError> {
-        let document = self.document(collection, key).await?;
-        document
-            .map(|document| {
-                serde_json::from_value(document).map_err(|error| ViewError::Document {
-                    collection: collection.to_owned(),
-                    key: key.to_owned(),
-                    reason: error.to_string(),
-                })
-            })
-            .transpose()
+        let decoded = match self.slot(collection, key).await? {
+            Slot::Clean(None) | Slot::Deleted => return Ok(None),
+            Slot::Clean(Some(document)) => T::deserialize(document),
+            Slot::Put(text) => serde_json::from_str(text),
+        };
+        decoded.map(Some).map_err(|error| ViewError::Document {
+            collection: collection.to_owned(),
+            key: key.to_owned(),
+            reason: error.to_string(),
+        })
     }
 
     /// The raw document under `key`, as the batch has left it.
@@ -179,14 +169,18 @@ impl ViewTx {
         collection: &str,
         key: &str,
     ) -> Result<Option<Document>, ViewError> {
+        self.get(collection, key).await
+    }
+
+    /// The slot of `key`, read from the store the first time.
+    async fn slot(&mut self, collection: &str, key: &str) -> Result<&Slot, ViewError> {
         self.check_collection(collection)?;
         let slot_key = (collection.to_owned(), key.to_owned());
-        if let Some(slot) = self.slots.get(&slot_key) {
-            return Ok(slot.document().cloned());
+        if !self.slots.contains_key(&slot_key) {
+            let stored = self.store.get_in(collection, self.generation, key).await?;
+            self.set_slot(slot_key.clone(), Slot::Clean(stored));
         }
-        let stored = self.store.get_in(collection, self.generation, key).await?;
-        self.set_slot(slot_key, Slot::Clean(stored.clone()));
-        Ok(stored)
+        Ok(&self.slots[&slot_key])
     }
 
     /// Stores `document` under `key`, replacing any other.
@@ -197,12 +191,12 @@ impl ViewTx {
         document: &T,
     ) -> Result<(), ViewError> {
         self.check_collection(collection)?;
-        let document = serde_json::to_value(document).map_err(|error| ViewError::Document {
+        let text = serde_json::to_string(document).map_err(|error| ViewError::Document {
             collection: collection.to_owned(),
             key: key.to_owned(),
             reason: error.to_string(),
         })?;
-        self.write((collection.to_owned(), key.to_owned()), Slot::Put(document));
+        self.write((collection.to_owned(), key.to_owned()), Slot::Put(text));
         Ok(())
     }
 
@@ -295,10 +289,10 @@ impl ViewTx {
             };
             let (collection, key) = key;
             match slot {
-                Slot::Put(document) => changes.push(Change::Put {
+                Slot::Put(json) => changes.push(Change::Put {
                     collection,
                     key,
-                    document,
+                    json,
                 }),
                 Slot::Deleted => changes.push(Change::Delete { collection, key }),
                 Slot::Clean(_) => {}

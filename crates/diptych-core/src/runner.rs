@@ -18,6 +18,7 @@
 //! rebuild, retry), woken at once for those made in this process and checking every
 //! [`RunnerConfig::control_poll`] for those made elsewhere (the CLI).
 
+use std::collections::BTreeMap;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,7 +28,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::envelope::{Position, RecordedEvent, Timestamp};
-use crate::error::{Error, ViewError};
+use crate::error::{BackendError, Error, ReadError, ViewError};
 use crate::projection::{Projection, ViewTx};
 use crate::store::EventStore;
 use crate::view::{
@@ -108,6 +109,7 @@ pub async fn spawn_projection(
         projection,
         config,
         stop: stop_rx,
+        read_ahead: BTreeMap::new(),
     };
     let task = tokio::spawn(runner.run());
     Ok(RunnerHandle { name, stop, task })
@@ -140,6 +142,14 @@ struct Runner {
     projection: Arc<dyn Projection>,
     config: RunnerConfig,
     stop: watch::Receiver<bool>,
+    /// The next batch of each generation, being read while the current one applies.
+    read_ahead: BTreeMap<u64, ReadAhead>,
+}
+
+/// A batch being read ahead.
+struct ReadAhead {
+    from: Position,
+    read: JoinHandle<Result<Vec<RecordedEvent>, ReadError>>,
 }
 
 impl Runner {
@@ -217,11 +227,7 @@ impl Runner {
         from: Position,
         switch_at: Option<Position>,
     ) -> Result<Position, Interrupted> {
-        let events = self
-            .store
-            .read_all(from, self.config.batch_size)
-            .await
-            .map_err(Error::from)?;
+        let events = self.read_batch(generation, from).await?;
         let checkpoint = events.last().map_or(from, |event| event.position);
         let switch = switch_at.is_some_and(|served| checkpoint >= served);
         if events.is_empty() && !switch {
@@ -243,6 +249,44 @@ impl Runner {
         commit.changes = views.into_changes();
         self.views.commit(commit).await?;
         Ok(checkpoint)
+    }
+
+    /// The batch after `from`: the one read ahead for this generation if it starts
+    /// there, or a fresh read. After a full batch the next is read ahead, so while
+    /// catching up, reading the log overlaps applying and committing.
+    async fn read_batch(
+        &mut self,
+        generation: u64,
+        from: Position,
+    ) -> Result<Vec<RecordedEvent>, Interrupted> {
+        let events = match self.read_ahead.remove(&generation) {
+            Some(ahead) if ahead.from == from => ahead
+                .read
+                .await
+                .map_err(|error| {
+                    Error::from(BackendError::with_source("a read task failed", error))
+                })?
+                .map_err(Error::from)?,
+            stale => {
+                if let Some(stale) = stale {
+                    stale.read.abort();
+                }
+                self.store
+                    .read_all(from, self.config.batch_size)
+                    .await
+                    .map_err(Error::from)?
+            }
+        };
+        if let Some(last) = events
+            .last()
+            .filter(|_| events.len() >= self.config.batch_size)
+        {
+            let (store, after, limit) = (self.store.clone(), last.position, self.config.batch_size);
+            let read = tokio::spawn(async move { store.read_all(after, limit).await });
+            self.read_ahead
+                .insert(generation, ReadAhead { from: after, read });
+        }
+        Ok(events)
     }
 
     /// Applies one event, retrying with backoff; the parked event if it kept failing.

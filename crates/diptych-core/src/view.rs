@@ -353,8 +353,9 @@ pub enum Change {
         collection: String,
         /// The key.
         key: String,
-        /// The whole document.
-        document: Document,
+        /// The whole document as JSON text, encoded once by the projection's batch
+        /// and stored as is.
+        json: String,
     },
     /// Removes the document under the key, if any.
     Delete {
@@ -372,6 +373,17 @@ pub enum Change {
         /// Its positional parameters.
         parameters: Vec<serde_json::Value>,
     },
+}
+
+impl Change {
+    /// A put of `document` under `key`.
+    pub fn put(collection: &str, key: &str, document: &Document) -> Self {
+        Change::Put {
+            collection: collection.to_owned(),
+            key: key.to_owned(),
+            json: document.to_string(),
+        }
+    }
 }
 
 /// An event a projection could not apply, kept with its error so the projection

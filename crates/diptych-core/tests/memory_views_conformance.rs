@@ -29,11 +29,7 @@ async fn memory_views_refuse_sql_and_write_nothing() {
         .expect("registering");
     let mut commit = ViewCommit::new("counts", 1, Position::START, Position(1));
     commit.changes = vec![
-        Change::Put {
-            collection: "counts".to_owned(),
-            key: "a".to_owned(),
-            document: serde_json::json!(1),
-        },
+        Change::put("counts", "a", &serde_json::json!(1)),
         Change::Sql {
             statement: "UPDATE {counts} SET doc = 2".to_owned(),
             parameters: vec![],

@@ -766,35 +766,32 @@ fn apply_commit(
             .map(|rebuild| rebuild.position)
     };
     verify_commit(&commit, record.generation, rebuild, checkpoint)?;
-    let specs: BTreeMap<&str, &CollectionSpec> = record
+    let generation = commit.generation;
+    let writers: BTreeMap<&str, CollectionWriter<'_>> = record
         .collections
         .iter()
-        .map(|spec| (spec.name.as_str(), spec))
+        .map(|spec| (spec.name.as_str(), CollectionWriter::new(spec, generation)))
         .collect();
-    let generation = commit.generation;
+    let writer_of = |collection: &str| {
+        writers
+            .get(collection)
+            .ok_or_else(|| ViewError::UnknownCollection(collection.to_owned()))
+    };
     for change in &commit.changes {
         match change {
             Change::Put {
                 collection,
                 key,
-                document,
-            } => {
-                let spec = specs
-                    .get(collection.as_str())
-                    .ok_or_else(|| ViewError::UnknownCollection(collection.clone()))?;
-                put_document(transaction, spec, generation, key, document)?;
-            }
+                json,
+            } => writer_of(collection)?.put(transaction, key, json)?,
             Change::Delete { collection, key } => {
-                let spec = specs
-                    .get(collection.as_str())
-                    .ok_or_else(|| ViewError::UnknownCollection(collection.clone()))?;
-                delete_document(transaction, spec, generation, key)?;
+                writer_of(collection)?.delete(transaction, key)?
             }
             Change::Sql {
                 statement,
                 parameters,
             } => {
-                let tables = specs
+                let tables = writers
                     .keys()
                     .map(|name| ((*name).to_owned(), table_name(name, generation)))
                     .collect();
@@ -872,100 +869,120 @@ fn apply_commit(
     Ok(served.then_some(commit.checkpoint))
 }
 
-fn put_document(
-    transaction: &Transaction<'_>,
-    spec: &CollectionSpec,
-    generation: u64,
-    key: &str,
-    document: &Document,
-) -> Result<(), ViewError> {
-    let text = document.to_string();
-    let table = table_name(&spec.name, generation);
-    let failed = |error| backend(format!("writing `{key}` in `{}`", spec.name), error);
-    if spec.text_fields.is_empty() {
-        let sql = format!(
-            "INSERT INTO {table} (key, doc) VALUES (?1, ?2)
-             ON CONFLICT (key) DO UPDATE SET doc = excluded.doc"
-        );
-        transaction
-            .prepare_cached(&sql)
-            .and_then(|mut statement| statement.execute(params![key, text]))
-            .map_err(failed)?;
-        return Ok(());
-    }
-    let sql = format!(
-        "INSERT INTO {table} (key, doc) VALUES (?1, ?2)
-         ON CONFLICT (key) DO UPDATE SET doc = excluded.doc RETURNING rowid"
-    );
-    let rowid: i64 = transaction
-        .prepare_cached(&sql)
-        .and_then(|mut statement| statement.query_row(params![key, text], |row| row.get(0)))
-        .map_err(failed)?;
-    let text_table = text_table_name(&spec.name, generation);
-    let texts: Vec<SqlValue> = spec
-        .text_fields
-        .iter()
-        .map(|field| match field_value(document, field) {
-            Some(serde_json::Value::String(text)) => SqlValue::Text(text.clone()),
-            Some(serde_json::Value::Null) | None => SqlValue::Null,
-            Some(other) => SqlValue::Text(other.to_string()),
-        })
-        .collect();
-    let placeholders = (0..texts.len())
-        .map(|index| format!("?{}", index + 2))
-        .collect::<Vec<_>>()
-        .join(", ");
-    let columns = (0..texts.len())
-        .map(|index| format!("f{index}"))
-        .collect::<Vec<_>>()
-        .join(", ");
-    let mut values = vec![SqlValue::Integer(rowid)];
-    values.extend(texts);
-    transaction
-        .prepare_cached(&format!("DELETE FROM {text_table} WHERE rowid = ?1"))
-        .and_then(|mut statement| statement.execute([rowid]))
-        .and_then(|_| {
-            transaction
-                .prepare_cached(&format!(
-                    "INSERT INTO {text_table} (rowid, {columns}) VALUES (?1, {placeholders})"
-                ))?
-                .execute(params_from_iter(values))
-        })
-        .map_err(failed)?;
-    Ok(())
+/// Writes one collection's generation, with its statements' text built once per
+/// commit rather than once per document.
+struct CollectionWriter<'a> {
+    spec: &'a CollectionSpec,
+    upsert: String,
+    delete: String,
+    /// For collections with text fields: the FTS statements.
+    text: Option<TextStatements>,
 }
 
-fn delete_document(
-    transaction: &Transaction<'_>,
-    spec: &CollectionSpec,
-    generation: u64,
-    key: &str,
-) -> Result<(), ViewError> {
-    let table = table_name(&spec.name, generation);
-    let failed = |error| backend(format!("deleting `{key}` in `{}`", spec.name), error);
-    if spec.text_fields.is_empty() {
-        transaction
-            .prepare_cached(&format!("DELETE FROM {table} WHERE key = ?1"))
-            .and_then(|mut statement| statement.execute([key]))
-            .map_err(failed)?;
-        return Ok(());
+struct TextStatements {
+    delete: String,
+    insert: String,
+}
+
+impl<'a> CollectionWriter<'a> {
+    fn new(spec: &'a CollectionSpec, generation: u64) -> Self {
+        let table = table_name(&spec.name, generation);
+        if spec.text_fields.is_empty() {
+            return Self {
+                spec,
+                upsert: format!(
+                    "INSERT INTO {table} (key, doc) VALUES (?1, ?2)
+                     ON CONFLICT (key) DO UPDATE SET doc = excluded.doc"
+                ),
+                delete: format!("DELETE FROM {table} WHERE key = ?1"),
+                text: None,
+            };
+        }
+        let text_table = text_table_name(&spec.name, generation);
+        let columns = (0..spec.text_fields.len())
+            .map(|index| format!("f{index}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let placeholders = (0..spec.text_fields.len())
+            .map(|index| format!("?{}", index + 2))
+            .collect::<Vec<_>>()
+            .join(", ");
+        Self {
+            spec,
+            upsert: format!(
+                "INSERT INTO {table} (key, doc) VALUES (?1, ?2)
+                 ON CONFLICT (key) DO UPDATE SET doc = excluded.doc RETURNING rowid"
+            ),
+            delete: format!("DELETE FROM {table} WHERE key = ?1 RETURNING rowid"),
+            text: Some(TextStatements {
+                delete: format!("DELETE FROM {text_table} WHERE rowid = ?1"),
+                insert: format!(
+                    "INSERT INTO {text_table} (rowid, {columns}) VALUES (?1, {placeholders})"
+                ),
+            }),
+        }
     }
-    let rowid: Option<i64> = transaction
-        .prepare_cached(&format!(
-            "DELETE FROM {table} WHERE key = ?1 RETURNING rowid"
-        ))
-        .and_then(|mut statement| statement.query_row([key], |row| row.get(0)).optional())
-        .map_err(failed)?;
-    if let Some(rowid) = rowid {
+
+    fn put(&self, transaction: &Transaction<'_>, key: &str, json: &str) -> Result<(), ViewError> {
+        let failed = |error| backend(format!("writing `{key}` in `{}`", self.spec.name), error);
+        let Some(text) = &self.text else {
+            transaction
+                .prepare_cached(&self.upsert)
+                .and_then(|mut statement| statement.execute(params![key, json]))
+                .map_err(failed)?;
+            return Ok(());
+        };
+        let rowid: i64 = transaction
+            .prepare_cached(&self.upsert)
+            .and_then(|mut statement| statement.query_row(params![key, json], |row| row.get(0)))
+            .map_err(failed)?;
+        let document: Document =
+            serde_json::from_str(json).map_err(|error| ViewError::Document {
+                collection: self.spec.name.clone(),
+                key: key.to_owned(),
+                reason: error.to_string(),
+            })?;
+        let mut values = vec![SqlValue::Integer(rowid)];
+        values.extend(self.spec.text_fields.iter().map(|field| {
+            match field_value(&document, field) {
+                Some(serde_json::Value::String(text)) => SqlValue::Text(text.clone()),
+                Some(serde_json::Value::Null) | None => SqlValue::Null,
+                Some(other) => SqlValue::Text(other.to_string()),
+            }
+        }));
         transaction
-            .prepare_cached(&format!(
-                "DELETE FROM {} WHERE rowid = ?1",
-                text_table_name(&spec.name, generation)
-            ))
+            .prepare_cached(&text.delete)
             .and_then(|mut statement| statement.execute([rowid]))
+            .and_then(|_| {
+                transaction
+                    .prepare_cached(&text.insert)?
+                    .execute(params_from_iter(values))
+            })
             .map_err(failed)?;
+        Ok(())
     }
-    Ok(())
+
+    fn delete(&self, transaction: &Transaction<'_>, key: &str) -> Result<(), ViewError> {
+        let failed = |error| backend(format!("deleting `{key}` in `{}`", self.spec.name), error);
+        let Some(text) = &self.text else {
+            transaction
+                .prepare_cached(&self.delete)
+                .and_then(|mut statement| statement.execute([key]))
+                .map_err(failed)?;
+            return Ok(());
+        };
+        let rowid: Option<i64> = transaction
+            .prepare_cached(&self.delete)
+            .and_then(|mut statement| statement.query_row([key], |row| row.get(0)).optional())
+            .map_err(failed)?;
+        if let Some(rowid) = rowid {
+            transaction
+                .prepare_cached(&text.delete)
+                .and_then(|mut statement| statement.execute([rowid]))
+                .map_err(failed)?;
+        }
+        Ok(())
+    }
 }
 
 /// Runs a validated query as one SQL statement.

@@ -51,11 +51,11 @@ async fn documents_checkpoints_parked_events_and_requests_survive_reopening() {
         let views = SqliteViews::open(&path).unwrap();
         views.register(&declaration()).await.unwrap();
         let mut commit = ViewCommit::new("directory", 1, Position::START, Position(12));
-        commit.changes = vec![Change::Put {
-            collection: "people".to_owned(),
-            key: "ada".to_owned(),
-            document: json!({ "name": "Ada Lovelace", "city": "London" }),
-        }];
+        commit.changes = vec![Change::put(
+            "people",
+            "ada",
+            &json!({ "name": "Ada Lovelace", "city": "London" }),
+        )];
         views.commit(commit).await.unwrap();
         views.control("directory", Control::Pause).await.unwrap();
     }
@@ -177,11 +177,7 @@ async fn bad_sql_is_refused_with_an_error_that_names_the_problem() {
     // checkpoint are written.
     let mut commit = ViewCommit::new("directory", 1, Position::START, Position(3));
     commit.changes = vec![
-        Change::Put {
-            collection: "people".to_owned(),
-            key: "ada".to_owned(),
-            document: json!({ "name": "Ada" }),
-        },
+        Change::put("people", "ada", &json!({ "name": "Ada" })),
         Change::Sql {
             statement: "UPDATE {people} SET nonsense = 1".to_owned(),
             parameters: vec![],

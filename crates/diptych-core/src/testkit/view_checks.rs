@@ -31,11 +31,7 @@ fn declaration(name: &str, collections: Vec<CollectionSpec>) -> Declaration {
 }
 
 fn put(collection: &str, key: &str, document: Document) -> Change {
-    Change::Put {
-        collection: collection.to_owned(),
-        key: key.to_owned(),
-        document,
-    }
+    Change::put(collection, key, &document)
 }
 
 /// Registers `directory` with [`people`] and commits `changes` as its first batch.

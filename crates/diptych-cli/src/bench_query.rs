@@ -82,6 +82,9 @@ pub struct ProjectResult {
     pub floor_events_per_sec: f64,
     /// `events_per_sec / floor_events_per_sec`.
     pub ratio: f64,
+    /// The resident memory when the catch-up started, in MiB (what seeding the
+    /// log left behind, when this run seeded it).
+    pub start_rss_mib: f64,
     /// The peak resident memory during the catch-up, in MiB.
     pub peak_rss_mib: f64,
 }
@@ -115,6 +118,7 @@ pub async fn run_project(
     let views: Arc<dyn ViewStore> =
         Arc::new(SqliteViews::open(&views_path).context("opening the bench views")?);
     reset_peak_rss();
+    let start_rss_mib = memory_kib("VmRSS:") as f64 / 1024.0;
     let started = Instant::now();
     let config = RunnerConfig {
         batch_size: batch,
@@ -131,7 +135,7 @@ pub async fn run_project(
     let head = store.head().await?;
     wait_for(&*views, COLLECTION, head, Duration::from_secs(3600)).await?;
     let seconds = started.elapsed().as_secs_f64();
-    let peak_rss_mib = peak_rss_kib() as f64 / 1024.0;
+    let peak_rss_mib = memory_kib("VmHWM:") as f64 / 1024.0;
     runner.stop().await;
     let events_per_sec = events as f64 / seconds;
     let floor_events_per_sec = events as f64 / floor_seconds;
@@ -142,6 +146,7 @@ pub async fn run_project(
         events_per_sec,
         floor_events_per_sec,
         ratio: events_per_sec / floor_events_per_sec,
+        start_rss_mib,
         peak_rss_mib,
     })
 }
@@ -369,14 +374,15 @@ fn reset_peak_rss() {
     let _ = std::fs::write("/proc/self/clear_refs", "5");
 }
 
-/// The peak resident memory since the last reset, in KiB (0 where unknown).
-fn peak_rss_kib() -> u64 {
+/// A memory figure of this process from `/proc/self/status` (`VmRSS:`, or
+/// `VmHWM:` for the peak since the last reset), in KiB; 0 where unknown.
+fn memory_kib(field: &str) -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|status| {
             status
                 .lines()
-                .find(|line| line.starts_with("VmHWM:"))
+                .find(|line| line.starts_with(field))
                 .and_then(|line| line.split_whitespace().nth(1))
                 .and_then(|kib| kib.parse().ok())
         })

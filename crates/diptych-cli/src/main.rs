@@ -218,12 +218,13 @@ async fn run(cli: Cli) -> Result<()> {
                 println!("{}", serde_json::to_string(&result)?);
             } else {
                 println!(
-                    "project: {} events, {} per batch: {:.0} events/s; floor {:.0} events/s; ratio {:.2}; peak RSS {:.0} MiB",
+                    "project: {} events, {} per batch: {:.0} events/s; floor {:.0} events/s; ratio {:.2}; RSS {:.0} MiB at start, peak {:.0} MiB",
                     result.events,
                     result.batch,
                     result.events_per_sec,
                     result.floor_events_per_sec,
                     result.ratio,
+                    result.start_rss_mib,
                     result.peak_rss_mib
                 );
             }

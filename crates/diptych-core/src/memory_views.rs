@@ -17,15 +17,15 @@ use tokio::sync::watch;
 use crate::envelope::Position;
 use crate::error::ViewError;
 use crate::view::{
-    Change, CollectionSpec, Comparison, Control, Cursor, Declaration, Document, HandlerKind, Order,
-    Page, ParkedEvent, ProjectionRecord, Query, RebuildProgress, ViewCommit, ViewStore,
-    field_value, no_parked_event, refuse_process_manager, verify_commit, words,
+    Change, CheckpointWatches, CollectionSpec, Comparison, Control, Cursor, Declaration, Document,
+    HandlerKind, Order, Page, ParkedEvent, ProjectionRecord, Query, RebuildProgress, ViewCommit,
+    ViewStore, field_value, no_parked_event, refuse_process_manager, verify_commit, words,
 };
 
 /// Views held in memory, for tests and as the reference model.
 pub struct MemoryViews {
     inner: Mutex<Inner>,
-    checkpoints: Mutex<BTreeMap<String, watch::Sender<Position>>>,
+    checkpoints: CheckpointWatches,
     controls: watch::Sender<u64>,
 }
 
@@ -59,7 +59,7 @@ impl MemoryViews {
     pub fn new() -> Self {
         Self {
             inner: Mutex::new(Inner::default()),
-            checkpoints: Mutex::new(BTreeMap::new()),
+            checkpoints: CheckpointWatches::default(),
             controls: watch::Sender::new(0),
         }
     }
@@ -68,17 +68,6 @@ impl MemoryViews {
         self.inner
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    fn publish(&self, projection: &str, position: Position) {
-        let mut watches = self
-            .checkpoints
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        watches
-            .entry(projection.to_owned())
-            .or_insert_with(|| watch::Sender::new(position))
-            .send_replace(position);
     }
 }
 
@@ -324,7 +313,7 @@ impl ViewStore for MemoryViews {
             }
         }
         if let Some(position) = served_moved {
-            self.publish(&commit.projection, position);
+            self.checkpoints.publish(&commit.projection, position);
         }
         Ok(())
     }
@@ -403,23 +392,14 @@ impl ViewStore for MemoryViews {
     }
 
     fn checkpoint_watch(&self, projection: &str) -> watch::Receiver<Position> {
-        let current = {
-            let inner = self.lock();
-            inner
+        self.checkpoints.subscribe(projection, || {
+            self.lock()
                 .projections
                 .get(projection)
                 .map_or(Position::START, |record| {
                     record.checkpoints[&record.generation]
                 })
-        };
-        let mut watches = self
-            .checkpoints
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        watches
-            .entry(projection.to_owned())
-            .or_insert_with(|| watch::Sender::new(current))
-            .subscribe()
+        })
     }
 
     fn control_watch(&self) -> watch::Receiver<u64> {

@@ -22,7 +22,9 @@
 //! The checkpoint watch ([`ViewStore::checkpoint_watch`]) moves after each commit
 //! that advances the served generation, so [`wait_for`] wakes at once.
 
+use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -586,6 +588,41 @@ pub trait ViewStore: Send + Sync + 'static {
     /// Bumped after each [`ViewStore::control`] made through this instance, so a
     /// runner in the same process reacts at once.
     fn control_watch(&self) -> watch::Receiver<u64>;
+}
+
+/// The checkpoint watches of a view store's projections: backends keep one and
+/// publish after each commit that moves a served checkpoint.
+#[derive(Default)]
+pub struct CheckpointWatches(Mutex<BTreeMap<String, watch::Sender<Position>>>);
+
+impl CheckpointWatches {
+    /// Moves the projection's watch to `position`.
+    pub fn publish(&self, projection: &str, position: Position) {
+        self.lock()
+            .entry(projection.to_owned())
+            .or_insert_with(|| watch::Sender::new(position))
+            .send_replace(position);
+    }
+
+    /// A receiver of the projection's checkpoint. `current` reads the stored
+    /// checkpoint, and is called only for the first watcher: commits keep the
+    /// watch up to date after that.
+    pub fn subscribe(
+        &self,
+        projection: &str,
+        current: impl FnOnce() -> Position,
+    ) -> watch::Receiver<Position> {
+        self.lock()
+            .entry(projection.to_owned())
+            .or_insert_with(|| watch::Sender::new(current()))
+            .subscribe()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, watch::Sender<Position>>> {
+        self.0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
 }
 
 /// Waits until `view` (a collection or a projection) has applied `position`, so a

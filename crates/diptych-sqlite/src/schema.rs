@@ -8,6 +8,7 @@
 
 use std::path::Path;
 
+use diptych_core::BackendError;
 use rusqlite::{Connection, ErrorCode};
 
 use crate::error::{OpenError, backend};
@@ -116,6 +117,20 @@ pub fn check_identity(connection: &Connection, path: &Path) -> Result<(), OpenEr
 /// Brings the event store's schema up to [`SCHEMA_VERSION`].
 pub fn migrate(connection: &mut Connection) -> Result<(), OpenError> {
     EVENTS.migrate(connection)
+}
+
+/// Opens (creating it and its directory if needed) the SQLite file at `path`.
+pub fn open_file(path: &Path) -> Result<Connection, OpenError> {
+    if let Some(parent) = path
+        .parent()
+        .filter(|parent| !parent.as_os_str().is_empty())
+    {
+        std::fs::create_dir_all(parent).map_err(|error| {
+            BackendError::with_source(format!("creating directory {}", parent.display()), error)
+        })?;
+    }
+    Connection::open(path)
+        .map_err(|error| OpenError::Backend(backend(format!("opening {}", path.display()), error)))
 }
 
 impl Schema {

@@ -75,17 +75,7 @@ impl SqliteStore {
     /// whose schema is newer than this build's.
     pub fn open_with(path: impl AsRef<Path>, config: SqliteConfig) -> Result<Self, OpenError> {
         let path = path.as_ref().to_owned();
-        if let Some(parent) = path
-            .parent()
-            .filter(|parent| !parent.as_os_str().is_empty())
-        {
-            std::fs::create_dir_all(parent).map_err(|error| {
-                BackendError::with_source(format!("creating directory {}", parent.display()), error)
-            })?;
-        }
-        let mut connection = Connection::open(&path).map_err(|error| {
-            OpenError::Backend(backend(format!("opening {}", path.display()), error))
-        })?;
+        let mut connection = schema::open_file(&path)?;
         schema::check_identity(&connection, &path)?;
         configure_writer(&connection)?;
         schema::migrate(&mut connection)?;

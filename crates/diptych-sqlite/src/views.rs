@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use diptych_core::view::{
-    field_value, no_parked_event, refuse_process_manager, verify_commit, words,
+    CheckpointWatches, field_value, no_parked_event, refuse_process_manager, verify_commit, words,
 };
 use diptych_core::{
     BackendError, Change, CollectionSpec, Comparison, Control, Cursor, Declaration, Document,
@@ -43,7 +43,7 @@ pub struct SqliteViews {
     path: PathBuf,
     writer: Arc<Mutex<Connection>>,
     readers: Arc<ReaderPool>,
-    checkpoints: Mutex<BTreeMap<String, watch::Sender<Position>>>,
+    checkpoints: CheckpointWatches,
     controls: watch::Sender<u64>,
 }
 
@@ -54,17 +54,7 @@ impl SqliteViews {
     /// database (an event store, say) or whose schema is newer than this build's.
     pub fn open(path: impl AsRef<Path>) -> Result<Self, OpenError> {
         let path = path.as_ref().to_owned();
-        if let Some(parent) = path
-            .parent()
-            .filter(|parent| !parent.as_os_str().is_empty())
-        {
-            std::fs::create_dir_all(parent).map_err(|error| {
-                BackendError::with_source(format!("creating directory {}", parent.display()), error)
-            })?;
-        }
-        let mut connection = Connection::open(&path).map_err(|error| {
-            OpenError::Backend(backend(format!("opening {}", path.display()), error))
-        })?;
+        let mut connection = schema::open_file(&path)?;
         schema::VIEWS.check_identity(&connection, &path)?;
         connection
             .execute_batch(
@@ -80,7 +70,7 @@ impl SqliteViews {
             readers: Arc::new(ReaderPool::new(path.clone(), 4)),
             path,
             writer: Arc::new(Mutex::new(connection)),
-            checkpoints: Mutex::new(BTreeMap::new()),
+            checkpoints: CheckpointWatches::default(),
             controls: watch::Sender::new(0),
         })
     }
@@ -169,13 +159,6 @@ impl SqliteViews {
         .map_err(|error| {
             ViewError::Backend(BackendError::with_source("a write task failed", error))
         })?
-    }
-
-    fn publish(&self, projection: &str, position: Position) {
-        lock(&self.checkpoints)
-            .entry(projection.to_owned())
-            .or_insert_with(|| watch::Sender::new(position))
-            .send_replace(position);
     }
 }
 
@@ -334,7 +317,7 @@ impl ViewStore for SqliteViews {
             .write(move |transaction| apply_commit(transaction, commit))
             .await?;
         if let Some(position) = served {
-            self.publish(&projection, position);
+            self.checkpoints.publish(&projection, position);
         }
         Ok(())
     }
@@ -474,24 +457,16 @@ impl ViewStore for SqliteViews {
     }
 
     fn checkpoint_watch(&self, projection: &str) -> watch::Receiver<Position> {
-        let mut watches = lock(&self.checkpoints);
-        if let Some(sender) = watches.get(projection) {
-            return sender.subscribe();
-        }
-        // The first watcher reads the checkpoint; commits keep it current after that.
-        let current = self
-            .readers
-            .with_connection(|connection| -> Result<Position, ViewError> {
-                let transaction = connection
-                    .unchecked_transaction()
-                    .map_err(|error| backend("starting a read", error))?;
-                Ok(read_record(&transaction, projection)?.position)
-            })
-            .unwrap_or(Position::START);
-        watches
-            .entry(projection.to_owned())
-            .or_insert_with(|| watch::Sender::new(current))
-            .subscribe()
+        self.checkpoints.subscribe(projection, || {
+            self.readers
+                .with_connection(|connection| -> Result<Position, ViewError> {
+                    let transaction = connection
+                        .unchecked_transaction()
+                        .map_err(|error| backend("starting a read", error))?;
+                    Ok(read_record(&transaction, projection)?.position)
+                })
+                .unwrap_or(Position::START)
+        })
     }
 
     fn control_watch(&self) -> watch::Receiver<u64> {

@@ -8,7 +8,7 @@
 //! An event the projection fails on (an error or a panic) is retried with
 //! exponential backoff; while it retries the projection is *stalled*. After
 //! [`RunnerConfig::max_attempts`] it is *parked* (kept with its error) and the batch
-//! goes on. An operator can retry or skip parked events ([`Control`]).
+//! goes on. An operator can retry or skip parked events ([`crate::view::Control`]).
 //!
 //! A rebuild fills a new generation from position 0 in batches interleaved with
 //! the live ones, so the served generation stays fresh; the batch that reaches the

@@ -183,7 +183,7 @@ fn expected_tallies(events: &[(String, u64)]) -> Vec<(String, Document)> {
 }
 
 /// Waits until `view` has applied everything in the store, failing the check
-/// after [`PATIENCE`].
+/// after thirty seconds.
 pub async fn wait_until_caught_up(store: &dyn EventStore, views: &dyn ViewStore, view: &str) {
     let head = store.head().await.expect("the head");
     wait_for(views, view, head, PATIENCE)

@@ -164,6 +164,28 @@ pub async fn views_documents_round_trip(fixture: ViewFixture) {
         views.get_in("people", 1, "alan").await.expect("get_in"),
         views.get("people", "alan").await.expect("get")
     );
+    // A projection's batch reads the store through, and refuses what it cannot do.
+    let mut batch = crate::projection::ViewTx::new(views.clone(), 1, &[people()]);
+    #[derive(Debug, serde::Deserialize)]
+    struct NotAPerson {
+        #[allow(dead_code)]
+        serial_number: u64,
+    }
+    assert!(matches!(
+        batch.get::<NotAPerson>("people", "alan").await,
+        Err(ViewError::Document { key, .. }) if key == "alan"
+    ));
+    assert!(matches!(
+        batch.put("elsewhere", "x", &json!({})),
+        Err(ViewError::UnknownCollection(name)) if name == "elsewhere"
+    ));
+    assert_eq!(
+        batch
+            .document("people", "alan")
+            .await
+            .expect("a read through"),
+        views.get("people", "alan").await.expect("get")
+    );
 }
 
 /// Equality and range filters on indexed fields, including a dotted path, and

@@ -34,7 +34,8 @@ struct Inner {
     projections: BTreeMap<String, Record>,
     owners: BTreeMap<String, String>,
     tables: BTreeMap<(String, u64), BTreeMap<String, Document>>,
-    parked: BTreeMap<(String, Position), ParkedEvent>,
+    /// By projection, generation and position.
+    parked: BTreeMap<(String, u64, Position), ParkedEvent>,
 }
 
 struct Record {
@@ -98,12 +99,20 @@ impl Inner {
             rebuild_requested: record.rebuild_requested,
             paused: record.paused,
             stalled: record.stalled.clone(),
-            parked: self
-                .parked
-                .range((name.to_owned(), Position::START)..)
-                .take_while(|((projection, _), _)| projection == name)
-                .count() as u64,
+            parked: self.parked_of(name, record.generation).count() as u64,
         }
+    }
+
+    /// The parked events of one generation of a projection.
+    fn parked_of<'a>(
+        &'a self,
+        projection: &'a str,
+        generation: u64,
+    ) -> impl Iterator<Item = &'a ParkedEvent> + 'a {
+        self.parked
+            .range((projection.to_owned(), generation, Position::START)..)
+            .take_while(move |((owner, of, _), _)| owner == projection && *of == generation)
+            .map(|(_, parked)| parked)
     }
 
     /// The served table of a collection, and its declaration.
@@ -285,13 +294,20 @@ impl ViewStore for MemoryViews {
                     }
                 }
             }
+            let parked_key =
+                |position: Position| (commit.projection.clone(), commit.generation, position);
             for parked in commit.parked {
-                inner
-                    .parked
-                    .insert((commit.projection.clone(), parked.position), parked);
+                let key = parked_key(parked.position);
+                inner.parked.insert(
+                    key,
+                    ParkedEvent {
+                        generation: commit.generation,
+                        ..parked
+                    },
+                );
             }
             for position in commit.resolved {
-                inner.parked.remove(&(commit.projection.clone(), position));
+                inner.parked.remove(&parked_key(position));
             }
             let record = inner.record_mut(&commit.projection)?;
             record
@@ -310,6 +326,11 @@ impl ViewStore for MemoryViews {
                 for spec in collections {
                     inner.tables.remove(&(spec.name, old));
                 }
+                // The old generation's parked events go with it: the new one has
+                // tried every event itself and parked its own.
+                inner.parked.retain(|(owner, generation, _), _| {
+                    owner != &commit.projection || *generation != old
+                });
             }
         }
         if let Some(position) = served_moved {
@@ -343,7 +364,8 @@ impl ViewStore for MemoryViews {
     async fn control(&self, projection: &str, control: Control) -> Result<(), ViewError> {
         {
             let mut inner = self.lock();
-            let key = |position: Position| (projection.to_owned(), position);
+            let served = inner.record(projection)?.generation;
+            let key = |position: Position| (projection.to_owned(), served, position);
             match control {
                 Control::Pause => inner.record_mut(projection)?.paused = true,
                 Control::Resume => inner.record_mut(projection)?.paused = false,
@@ -382,13 +404,8 @@ impl ViewStore for MemoryViews {
 
     async fn parked(&self, projection: &str) -> Result<Vec<ParkedEvent>, ViewError> {
         let inner = self.lock();
-        inner.record(projection)?;
-        Ok(inner
-            .parked
-            .range((projection.to_owned(), Position::START)..)
-            .take_while(|((owner, _), _)| owner == projection)
-            .map(|(_, parked)| parked.clone())
-            .collect())
+        let served = inner.record(projection)?.generation;
+        Ok(inner.parked_of(projection, served).cloned().collect())
     }
 
     fn checkpoint_watch(&self, projection: &str) -> watch::Receiver<Position> {

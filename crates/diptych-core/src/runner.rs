@@ -64,6 +64,7 @@ impl Default for RunnerConfig {
 
 /// A running projection. Dropping it stops the runner after its current batch;
 /// [`RunnerHandle::stop`] also waits for that.
+#[must_use = "dropping the handle stops the runner"]
 pub struct RunnerHandle {
     name: String,
     stop: watch::Sender<bool>,
@@ -110,6 +111,7 @@ pub async fn spawn_projection(
         config,
         stop: stop_rx,
         read_ahead: BTreeMap::new(),
+        failures: 0,
     };
     let task = tokio::spawn(runner.run());
     Ok(RunnerHandle { name, stop, task })
@@ -144,6 +146,8 @@ struct Runner {
     stop: watch::Receiver<bool>,
     /// The next batch of each generation, being read while the current one applies.
     read_ahead: BTreeMap<u64, ReadAhead>,
+    /// Failures of the store or the views since the last commit, for backoff.
+    failures: u32,
 }
 
 /// A batch being read ahead.
@@ -154,7 +158,6 @@ struct ReadAhead {
 
 impl Runner {
     async fn run(mut self) {
-        let mut failures = 0u32;
         loop {
             match self.run_until_failure().await {
                 Ok(()) | Err(Interrupted::Stopping) => return,
@@ -162,14 +165,14 @@ impl Runner {
                     // The store or the views failed (a full disk, a lost connection):
                     // keep the process alive, say so, and try again from the last
                     // commit.
-                    failures += 1;
+                    self.failures += 1;
                     let message = error.to_string();
                     tracing::warn!(projection = %self.declaration.name, error = %message, "projection runner failed; retrying");
                     let _ = self
                         .views
                         .set_stalled(&self.declaration.name, Some(message))
                         .await;
-                    if self.sleep(self.backoff(failures)).await.is_err() {
+                    if self.sleep(self.backoff(self.failures)).await.is_err() {
                         return;
                     }
                 }
@@ -242,12 +245,16 @@ impl Runner {
         );
         let interest = self.projection.interest();
         for event in events.iter().filter(|event| interest.wants(event)) {
-            if let Some(parked) = self.apply_with_retries(event, &mut views).await? {
+            if let Some(parked) = self
+                .apply_with_retries(generation, event, &mut views)
+                .await?
+            {
                 commit.parked.push(parked);
             }
         }
         commit.changes = views.into_changes();
         self.views.commit(commit).await?;
+        self.failures = 0;
         Ok(checkpoint)
     }
 
@@ -292,6 +299,7 @@ impl Runner {
     /// Applies one event, retrying with backoff; the parked event if it kept failing.
     async fn apply_with_retries(
         &mut self,
+        generation: u64,
         event: &RecordedEvent,
         views: &mut ViewTx,
     ) -> Result<Option<ParkedEvent>, Interrupted> {
@@ -311,7 +319,7 @@ impl Runner {
                 if attempts > 1 {
                     self.views.set_stalled(&self.declaration.name, None).await?;
                 }
-                return Ok(Some(self.parked(event, error, attempts)));
+                return Ok(Some(self.parked(generation, event, error, attempts)));
             }
             if attempts == 1 {
                 self.views
@@ -393,9 +401,16 @@ impl Runner {
         Ok(worked)
     }
 
-    fn parked(&self, event: &RecordedEvent, error: String, attempts: u32) -> ParkedEvent {
+    fn parked(
+        &self,
+        generation: u64,
+        event: &RecordedEvent,
+        error: String,
+        attempts: u32,
+    ) -> ParkedEvent {
         ParkedEvent {
             projection: self.declaration.name.clone(),
+            generation,
             position: event.position,
             stream: event.stream_id.as_str().to_owned(),
             event_type: event.event_type.clone(),
@@ -411,8 +426,9 @@ impl Runner {
         (self.config.first_backoff * 2u32.pow(doublings)).min(self.config.max_backoff)
     }
 
+    /// Asked to stop, or the handle was dropped (which closes the channel).
     fn stopping(&self) -> bool {
-        *self.stop.borrow()
+        *self.stop.borrow() || self.stop.has_changed().is_err()
     }
 
     /// Sleeps, or returns `Err` at once when asked to stop.

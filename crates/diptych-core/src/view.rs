@@ -394,6 +394,9 @@ impl Change {
 pub struct ParkedEvent {
     /// The projection that parked it.
     pub projection: String,
+    /// The generation that parked it: a rebuild starts with none parked, and its
+    /// own replace the old ones when it is switched in.
+    pub generation: u64,
     /// The event's global position.
     pub position: Position,
     /// The event's stream.
@@ -426,7 +429,8 @@ pub struct ViewCommit {
     pub changes: Vec<Change>,
     /// Events parked by this batch (new, or retried and failed again).
     pub parked: Vec<ParkedEvent>,
-    /// Parked events this batch applied or skipped: removed from the parked list.
+    /// Parked events of this generation that this batch applied: removed from the
+    /// parked list.
     pub resolved: Vec<Position>,
     /// This batch completes a rebuild: its generation becomes the served one and the
     /// old one is dropped.
@@ -510,7 +514,7 @@ pub struct ProjectionRecord {
     pub paused: bool,
     /// The error the runner is retrying, while it retries (the projection is stalled).
     pub stalled: Option<String>,
-    /// How many events are parked.
+    /// How many events the served generation has parked.
     pub parked: u64,
 }
 
@@ -524,9 +528,10 @@ pub enum Control {
     Resume,
     /// Rebuild into a new generation from position 0.
     Rebuild,
-    /// Try a parked event again.
+    /// Try a parked event of the served generation again.
     Retry(Position),
-    /// Give up on a parked event: remove it without applying it.
+    /// Give up on a parked event of the served generation: remove it without
+    /// applying it.
     Skip(Position),
 }
 
@@ -579,7 +584,7 @@ pub trait ViewStore: Send + Sync + 'static {
     /// Records the error a runner keeps retrying, or clears it (`None`).
     async fn set_stalled(&self, projection: &str, error: Option<String>) -> Result<(), ViewError>;
 
-    /// The parked events of a projection, oldest first.
+    /// The parked events of a projection's served generation, oldest first.
     async fn parked(&self, projection: &str) -> Result<Vec<ParkedEvent>, ViewError>;
 
     /// The served generation's checkpoint, moved after each commit that advances it.

@@ -63,6 +63,7 @@ pub const VIEWS: Schema = Schema {
         ) STRICT, WITHOUT ROWID;
         CREATE TABLE parked (
             projection      TEXT    NOT NULL,
+            generation      INTEGER NOT NULL,
             position        INTEGER NOT NULL,
             stream          TEXT    NOT NULL,
             event_type      TEXT    NOT NULL,
@@ -70,7 +71,7 @@ pub const VIEWS: Schema = Schema {
             attempts        INTEGER NOT NULL,
             parked_at       INTEGER NOT NULL,
             retry_requested INTEGER NOT NULL DEFAULT 0,
-            PRIMARY KEY (projection, position)
+            PRIMARY KEY (projection, generation, position)
         ) STRICT, WITHOUT ROWID;",
     ],
 };

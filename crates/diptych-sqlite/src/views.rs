@@ -381,14 +381,23 @@ impl ViewStore for SqliteViews {
                 Control::Retry(position) => transaction
                     .execute(
                         "UPDATE parked SET retry_requested = 1
-                         WHERE projection = ?1 AND position = ?2",
-                        params![projection, to_sql_int(position.0)],
+                         WHERE projection = ?1 AND generation = ?2 AND position = ?3",
+                        params![
+                            projection,
+                            to_sql_int(record.generation),
+                            to_sql_int(position.0)
+                        ],
                     )
                     .map(|changed| if changed == 0 { usize::MAX } else { changed }),
                 Control::Skip(position) => transaction
                     .execute(
-                        "DELETE FROM parked WHERE projection = ?1 AND position = ?2",
-                        params![projection, to_sql_int(position.0)],
+                        "DELETE FROM parked
+                         WHERE projection = ?1 AND generation = ?2 AND position = ?3",
+                        params![
+                            projection,
+                            to_sql_int(record.generation),
+                            to_sql_int(position.0)
+                        ],
                     )
                     .map(|changed| if changed == 0 { usize::MAX } else { changed }),
             }
@@ -428,18 +437,19 @@ impl ViewStore for SqliteViews {
             let transaction = connection
                 .unchecked_transaction()
                 .map_err(|error| backend("starting a read", error))?;
-            read_record(&transaction, &projection)?;
+            let served = read_record(&transaction, &projection)?.generation;
             let mut statement = transaction
                 .prepare_cached(
                     "SELECT position, stream, event_type, error, attempts, parked_at,
                             retry_requested
-                     FROM parked WHERE projection = ?1 ORDER BY position",
+                     FROM parked WHERE projection = ?1 AND generation = ?2 ORDER BY position",
                 )
                 .map_err(|error| backend("reading parked events", error))?;
             let rows = statement
-                .query_map([&projection], |row| {
+                .query_map(params![projection, to_sql_int(served)], |row| {
                     Ok(ParkedEvent {
                         projection: projection.clone(),
+                        generation: served,
                         position: Position(row.get::<_, i64>(0)? as u64),
                         stream: row.get(1)?,
                         event_type: row.get(2)?,
@@ -564,7 +574,8 @@ fn read_record(connection: &Connection, projection: &str) -> Result<ProjectionRe
         .prepare_cached(
             "SELECT p.kind, p.generation, c.position, p.rebuild_generation, r.position,
                     p.rebuild_requested, p.paused, p.stalled,
-                    (SELECT count(*) FROM parked WHERE projection = p.name)
+                    (SELECT count(*) FROM parked
+                     WHERE projection = p.name AND generation = p.generation)
              FROM projections p
              JOIN checkpoints c ON c.projection = p.name AND c.generation = p.generation
              LEFT JOIN checkpoints r ON r.projection = p.name AND r.generation = p.rebuild_generation
@@ -797,13 +808,14 @@ fn apply_commit(
     for parked in &commit.parked {
         transaction
             .prepare_cached(
-                "INSERT OR REPLACE INTO parked (projection, position, stream, event_type, error,
-                     attempts, parked_at, retry_requested)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                "INSERT OR REPLACE INTO parked (projection, generation, position, stream,
+                     event_type, error, attempts, parked_at, retry_requested)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
             )
             .and_then(|mut statement| {
                 statement.execute(params![
                     projection,
+                    to_sql_int(generation),
                     to_sql_int(parked.position.0),
                     parked.stream,
                     parked.event_type,
@@ -818,8 +830,8 @@ fn apply_commit(
     for position in &commit.resolved {
         transaction
             .execute(
-                "DELETE FROM parked WHERE projection = ?1 AND position = ?2",
-                params![projection, to_sql_int(position.0)],
+                "DELETE FROM parked WHERE projection = ?1 AND generation = ?2 AND position = ?3",
+                params![projection, to_sql_int(generation), to_sql_int(position.0)],
             )
             .map_err(|error| backend("resolving a parked event", error))?;
     }
@@ -832,6 +844,14 @@ fn apply_commit(
             .and_then(|_| {
                 transaction.execute(
                     "DELETE FROM checkpoints WHERE projection = ?1 AND generation = ?2",
+                    params![projection, to_sql_int(record.generation)],
+                )
+            })
+            .and_then(|_| {
+                // The old generation's parked events go with it: the new one has
+                // tried every event itself and parked its own.
+                transaction.execute(
+                    "DELETE FROM parked WHERE projection = ?1 AND generation = ?2",
                     params![projection, to_sql_int(record.generation)],
                 )
             })

@@ -89,8 +89,8 @@ pub use projection_checks::{
     paused_projection_applies_nothing_until_resumed,
     poison_event_is_parked_and_retried_after_a_fix, process_manager_effects_happen_once,
     projection_catches_up_then_follows_live, projection_resumes_from_its_checkpoint,
-    rebuild_during_writes_equals_a_clean_build, run_tallies,
-    transient_failures_are_retried_without_parking,
+    rebuild_after_a_fix_applies_parked_events_once, rebuild_during_writes_equals_a_clean_build,
+    run_tallies, transient_failures_are_retried_without_parking,
     uninteresting_events_are_skipped_but_advance_the_checkpoint,
     wait_for_resolves_for_a_fresh_write_and_times_out_otherwise, wait_until_caught_up,
 };
@@ -246,6 +246,7 @@ macro_rules! view_store_conformance {
             uninteresting_events_are_skipped_but_advance_the_checkpoint,
             paused_projection_applies_nothing_until_resumed,
             rebuild_during_writes_equals_a_clean_build,
+            rebuild_after_a_fix_applies_parked_events_once,
             process_manager_effects_happen_once,
         );
     };

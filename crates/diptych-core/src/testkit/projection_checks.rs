@@ -389,6 +389,54 @@ pub async fn poison_event_is_parked_and_retried_after_a_fix(fixture: ViewFixture
     runner.stop().await;
 }
 
+/// A rebuild after a fix applies the event the old generation parked, and the
+/// parked entry goes with the old generation: it is not left to be retried (and
+/// applied a second time).
+pub async fn rebuild_after_a_fix_applies_parked_events_once(fixture: ViewFixture) {
+    let (store, views) = (fixture.store(), fixture.views());
+    let tallies = Arc::new(Tallies::default());
+    tallies.broken.store(true, Ordering::SeqCst);
+    let runner = run_tallies(store.clone(), views.clone(), tallies.clone()).await;
+    append_one(
+        &*store,
+        "stock-1",
+        NewEvent::new("Poison", json!({ "item": "p" })),
+    )
+    .await;
+    append_one(&*store, "stock-1", added("apple", 1)).await;
+    wait_until_caught_up(&*store, &*views, "tallies").await;
+    assert_eq!(views.projection("tallies").await.expect("record").parked, 1);
+    tallies.broken.store(false, Ordering::SeqCst);
+    views
+        .control("tallies", Control::Rebuild)
+        .await
+        .expect("a rebuild");
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let record = views.projection("tallies").await.expect("record");
+        if record.generation == 2 && record.rebuild.is_none() {
+            assert_eq!(
+                record.parked, 0,
+                "the old generation's parked event is gone"
+            );
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the rebuild never switched"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(views.parked("tallies").await.expect("parked").is_empty());
+    let handled = views.get("tallies", "handled-p").await.expect("get");
+    assert_eq!(handled.map(|line| line["count"].clone()), Some(json!(1)));
+    assert_eq!(
+        dump_collection(&*views, "tallies").await,
+        clean_tallies(store.clone()).await
+    );
+    runner.stop().await;
+}
+
 /// An event that fails a few times and then succeeds is applied once, not parked.
 pub async fn transient_failures_are_retried_without_parking(fixture: ViewFixture) {
     let (store, views) = (fixture.store(), fixture.views());

@@ -45,6 +45,20 @@ async fn directory_with(views: &dyn ViewStore, changes: Vec<Change>) {
     views.commit(commit).await.expect("a first commit");
 }
 
+fn parked_at(projection: &str, generation: u64, position: u64) -> ParkedEvent {
+    ParkedEvent {
+        projection: projection.to_owned(),
+        generation,
+        position: Position(position),
+        stream: "person-1".to_owned(),
+        event_type: "PersonRenamed".to_owned(),
+        error: format!("failed in generation {generation}"),
+        attempts: 1,
+        parked_at: Timestamp::from_unix_micros(1_700_000_000_000_000),
+        retry_requested: false,
+    }
+}
+
 fn person(name: &str, city: &str, age: u32, bio: &str) -> Document {
     json!({ "name": name, "city": city, "age": age, "bio": bio, "address": { "zip": format!("Z{age}") } })
 }
@@ -534,6 +548,13 @@ pub async fn views_switch_generations_atomically(fixture: ViewFixture) {
     directory_with(&*views, sample_people()).await;
     let mut watch = views.checkpoint_watch("directory");
     assert_eq!(*watch.borrow_and_update(), Position(1));
+    let mut parks_in_one = ViewCommit::new("directory", 1, Position(1), Position(1));
+    parks_in_one.parked = vec![parked_at("directory", 1, 1)];
+    views
+        .commit(parks_in_one)
+        .await
+        .expect("parking in generation 1");
+    watch.borrow_and_update();
     let rebuild = views.begin_rebuild("directory").await.expect("a rebuild");
     assert_eq!(rebuild.generation, 2);
     assert_eq!(rebuild.position, Position::START);
@@ -547,6 +568,7 @@ pub async fn views_switch_generations_atomically(fixture: ViewFixture) {
     );
     let mut partial = ViewCommit::new("directory", 2, Position::START, Position(1));
     partial.changes = vec![put("people", "new", person("New", "Oslo", 1, "fresh"))];
+    partial.parked = vec![parked_at("directory", 2, 1)];
     views.commit(partial).await.expect("a rebuild batch");
     // Still served from generation 1.
     assert_eq!(dump_collection(&*views, "people").await.len(), 6);
@@ -558,6 +580,13 @@ pub async fn views_switch_generations_atomically(fixture: ViewFixture) {
     let record = views.projection("directory").await.expect("record");
     assert_eq!(record.rebuild.map(|r| r.position), Some(Position(1)));
     assert!(!watch.has_changed().expect("the watch is open"));
+    let parked = views.parked("directory").await.expect("parked");
+    assert_eq!(
+        parked.len(),
+        1,
+        "only the served generation's parked events are listed"
+    );
+    assert_eq!(parked[0].generation, 1);
     let mut switch = ViewCommit::new("directory", 2, Position(1), Position(3));
     switch.switch = true;
     views.commit(switch).await.expect("the switch");
@@ -576,6 +605,16 @@ pub async fn views_switch_generations_atomically(fixture: ViewFixture) {
         ["new"]
     );
     assert_eq!(*watch.borrow_and_update(), Position(3));
+    let parked = views.parked("directory").await.expect("parked");
+    assert_eq!(
+        parked.iter().map(|p| p.generation).collect::<Vec<_>>(),
+        [2],
+        "the old generation's parked events went with it; the new one's are served"
+    );
+    assert_eq!(
+        views.projection("directory").await.expect("record").parked,
+        1
+    );
     // The old generation is gone: a straggling batch for it is refused.
     let straggler = ViewCommit::new("directory", 1, Position(1), Position(2));
     assert!(views.commit(straggler).await.is_err());
@@ -588,6 +627,7 @@ pub async fn views_park_retry_and_skip(fixture: ViewFixture) {
     directory_with(&*views, vec![]).await;
     let parked = |position: u64| ParkedEvent {
         projection: "directory".to_owned(),
+        generation: 1,
         position: Position(position),
         stream: format!("person-{position}"),
         event_type: "PersonRenamed".to_owned(),

@@ -115,16 +115,23 @@ pub struct ViewTx {
     generation: u64,
     collections: BTreeSet<String>,
     slots: BTreeMap<SlotKey, Slot>,
-    /// The order keys were first written in, so commits apply changes in order.
+    /// Changes fixed in order by an SQL statement: the document changes made
+    /// before it, then the statement itself.
+    ordered: Vec<Change>,
+    /// Keys written since the last statement, in the order first written.
     written: Vec<SlotKey>,
-    statements: Vec<Change>,
+    written_set: BTreeSet<SlotKey>,
     undo: Vec<Undo>,
 }
 
 enum Undo {
     Slot(SlotKey, Option<Slot>),
-    Statement,
     Written,
+    /// An SQL statement: what `ordered` and `written` were before it.
+    Statement {
+        ordered: usize,
+        written: Vec<SlotKey>,
+    },
 }
 
 /// A point to roll a [`ViewTx`] back to.
@@ -139,8 +146,9 @@ impl ViewTx {
             generation,
             collections: collections.iter().map(|spec| spec.name.clone()).collect(),
             slots: BTreeMap::new(),
+            ordered: Vec::new(),
             written: Vec::new(),
-            statements: Vec::new(),
+            written_set: BTreeSet::new(),
             undo: Vec::new(),
         }
     }
@@ -238,19 +246,31 @@ impl ViewTx {
     }
 
     /// The escape hatch: runs a statement in the backend's SQL in the batch's
-    /// transaction, after the document changes. Write `{collection-name}` where the
-    /// table of one of the projection's collections belongs (for example
-    /// `UPDATE {orders} SET …`). Backends without SQL refuse the batch.
+    /// transaction, in order with the document changes around it. Write
+    /// `{collection-name}` where the table of one of the projection's collections
+    /// belongs (for example `UPDATE {orders} SET …`). Backends without SQL refuse
+    /// the batch.
+    ///
+    /// What the statement writes bypasses the documents' bookkeeping: this batch's
+    /// reads do not see it, and full-text indexes are not updated by it.
     pub fn execute_sql(
         &mut self,
         statement: impl Into<String>,
         parameters: Vec<serde_json::Value>,
     ) {
-        self.statements.push(Change::Sql {
+        let ordered = self.ordered.len();
+        let written = std::mem::take(&mut self.written);
+        self.written_set.clear();
+        for key in &written {
+            if let Some(change) = change_of(key, &self.slots) {
+                self.ordered.push(change);
+            }
+        }
+        self.ordered.push(Change::Sql {
             statement: statement.into(),
             parameters,
         });
-        self.undo.push(Undo::Statement);
+        self.undo.push(Undo::Statement { ordered, written });
     }
 
     /// The current point, to roll back to if an event fails.
@@ -268,21 +288,27 @@ impl ViewTx {
                 Some(Undo::Slot(key, None)) => {
                     self.slots.remove(&key);
                 }
-                Some(Undo::Statement) => {
-                    self.statements.pop();
+                Some(Undo::Statement { ordered, written }) => {
+                    self.ordered.truncate(ordered);
+                    self.written_set = written.iter().cloned().collect();
+                    self.written = written;
                 }
                 Some(Undo::Written) => {
-                    self.written.pop();
+                    if let Some(key) = self.written.pop() {
+                        self.written_set.remove(&key);
+                    }
                 }
                 None => {}
             }
         }
     }
 
-    /// The batch's changes, in the order their keys were first written, then the
-    /// SQL statements.
+    /// The batch's changes in the order they were made: each key's last value
+    /// (a key written several times between two statements is written once), with
+    /// SQL statements between the changes made before and after them.
     pub fn into_changes(mut self) -> Vec<Change> {
-        let mut changes = Vec::with_capacity(self.written.len() + self.statements.len());
+        let mut changes = std::mem::take(&mut self.ordered);
+        changes.reserve(self.written.len());
         for key in self.written {
             let Some(slot) = self.slots.remove(&key) else {
                 continue;
@@ -298,13 +324,11 @@ impl ViewTx {
                 Slot::Clean(_) => {}
             }
         }
-        changes.append(&mut self.statements);
         changes
     }
 
     fn write(&mut self, key: SlotKey, slot: Slot) {
-        let first_write = !matches!(self.slots.get(&key), Some(Slot::Put(_) | Slot::Deleted));
-        if first_write {
+        if self.written_set.insert(key.clone()) {
             self.written.push(key.clone());
             self.undo.push(Undo::Written);
         }
@@ -322,5 +346,22 @@ impl ViewTx {
         } else {
             Err(ViewError::UnknownCollection(collection.to_owned()))
         }
+    }
+}
+
+/// The change that leaves `key` as its slot says, if it was written.
+fn change_of(slot_key: &SlotKey, slots: &BTreeMap<SlotKey, Slot>) -> Option<Change> {
+    let (collection, key) = slot_key;
+    match slots.get(slot_key)? {
+        Slot::Put(json) => Some(Change::Put {
+            collection: collection.clone(),
+            key: key.clone(),
+            json: json.clone(),
+        }),
+        Slot::Deleted => Some(Change::Delete {
+            collection: collection.clone(),
+            key: key.clone(),
+        }),
+        Slot::Clean(_) => None,
     }
 }

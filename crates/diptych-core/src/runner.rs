@@ -236,6 +236,34 @@ impl Runner {
         if events.is_empty() && !switch {
             return Ok(from);
         }
+        let commit = self.apply(generation, from, &events, switch).await?;
+        match self.views.commit(commit).await {
+            Ok(()) => {}
+            Err(error) if refused_for_its_content(&error) && events.len() > 1 => {
+                // One event's changes (its SQL, say) make the store refuse the whole
+                // batch: commit one event at a time to find it and park it.
+                self.commit_one_by_one(generation, from, &events, switch)
+                    .await?;
+            }
+            Err(error) if refused_for_its_content(&error) => {
+                self.park_refused(generation, from, &events, switch, &error)
+                    .await?;
+            }
+            Err(error) => return Err(error.into()),
+        }
+        self.failures = 0;
+        Ok(checkpoint)
+    }
+
+    /// Applies `events` (those the projection wants) to a new batch from `from`.
+    async fn apply(
+        &mut self,
+        generation: u64,
+        from: Position,
+        events: &[RecordedEvent],
+        switch: bool,
+    ) -> Result<ViewCommit, Interrupted> {
+        let checkpoint = events.last().map_or(from, |event| event.position);
         let mut commit = ViewCommit::new(&self.declaration.name, generation, from, checkpoint);
         commit.switch = switch;
         let mut views = ViewTx::new(
@@ -253,9 +281,58 @@ impl Runner {
             }
         }
         commit.changes = views.into_changes();
+        Ok(commit)
+    }
+
+    /// Commits a refused batch one event per transaction, parking each event whose
+    /// changes the store refuses.
+    async fn commit_one_by_one(
+        &mut self,
+        generation: u64,
+        from: Position,
+        events: &[RecordedEvent],
+        switch: bool,
+    ) -> Result<(), Interrupted> {
+        let mut at = from;
+        for (index, event) in events.iter().enumerate() {
+            let last = index + 1 == events.len();
+            let one = std::slice::from_ref(event);
+            let commit = self.apply(generation, at, one, switch && last).await?;
+            match self.views.commit(commit).await {
+                Ok(()) => {}
+                Err(error) if refused_for_its_content(&error) => {
+                    self.park_refused(generation, at, one, switch && last, &error)
+                        .await?;
+                }
+                Err(error) => return Err(error.into()),
+            }
+            at = event.position;
+        }
+        Ok(())
+    }
+
+    /// Commits one event's checkpoint without its changes, which the store
+    /// refused, parking the event with the store's reason.
+    async fn park_refused(
+        &mut self,
+        generation: u64,
+        from: Position,
+        events: &[RecordedEvent],
+        switch: bool,
+        error: &ViewError,
+    ) -> Result<(), Interrupted> {
+        let Some(event) = events.last() else {
+            return Ok(());
+        };
+        let mut commit = ViewCommit::new(&self.declaration.name, generation, from, event.position);
+        commit.switch = switch;
+        let reason = format!("the view store refused the event's changes: {error}");
+        tracing::warn!(projection = %self.declaration.name, position = %event.position, error = %reason, "parking an event");
+        commit
+            .parked
+            .push(self.parked(generation, event, reason, 1));
         self.views.commit(commit).await?;
-        self.failures = 0;
-        Ok(checkpoint)
+        Ok(())
     }
 
     /// The batch after `from`: the one read ahead for this generation if it starts
@@ -441,6 +518,20 @@ impl Runner {
             _ = self.stop.changed() => Err(()),
         }
     }
+}
+
+/// Whether the store refused a batch for what it holds (SQL that fails, a
+/// document it cannot store) rather than for its own trouble (I/O, a lost
+/// connection): such a batch fails the same way every time, so the event behind
+/// it is parked instead of retried forever.
+fn refused_for_its_content(error: &ViewError) -> bool {
+    matches!(
+        error,
+        ViewError::InvalidQuery(_)
+            | ViewError::Document { .. }
+            | ViewError::UnknownCollection(_)
+            | ViewError::Unsupported(_)
+    )
 }
 
 fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {

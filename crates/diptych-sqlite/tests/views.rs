@@ -193,3 +193,115 @@ async fn bad_sql_is_refused_with_an_error_that_names_the_problem() {
         Position::START
     );
 }
+
+/// Does what each event says: `Put {key, doc}` or `Sql {statement}`.
+struct Scripted;
+
+#[async_trait]
+impl Projection for Scripted {
+    fn name(&self) -> &str {
+        "scripted"
+    }
+
+    fn collections(&self) -> Vec<CollectionSpec> {
+        vec![CollectionSpec::new("scripted")]
+    }
+
+    async fn apply(&self, event: &RecordedEvent, views: &mut ViewTx) -> Result<(), HandlerError> {
+        match event.event_type.as_str() {
+            "Put" => {
+                let key = event.payload["key"].as_str().unwrap_or_default();
+                views.put("scripted", key, &event.payload["doc"])?;
+            }
+            "Sql" => {
+                let statement = event.payload["statement"].as_str().unwrap_or_default();
+                views.execute_sql(statement, vec![]);
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+async fn run_scripted(
+    store: Arc<dyn EventStore>,
+    path: &Path,
+    batch_size: usize,
+) -> Arc<SqliteViews> {
+    let views = Arc::new(SqliteViews::open(path).unwrap());
+    let config = RunnerConfig {
+        batch_size,
+        ..RunnerConfig::default()
+    };
+    let runner = spawn_projection(
+        store.clone(),
+        views.clone(),
+        Arc::new(Scripted),
+        HandlerKind::Projection,
+        config,
+    )
+    .await
+    .unwrap();
+    wait_until_caught_up(&*store, &*views, "scripted").await;
+    runner.stop().await;
+    views
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sql_keeps_its_order_and_sql_the_store_refuses_parks_its_event() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = open_both(dir.path()).await;
+    let put = |key: &str, n: u64| {
+        diptych_core::NewEvent::new("Put", json!({ "key": key, "doc": { "n": n } }))
+    };
+    let sql =
+        |statement: &str| diptych_core::NewEvent::new("Sql", json!({ "statement": statement }));
+    append_one(&*store, "script-1", put("a", 1)).await;
+    append_one(
+        &*store,
+        "script-1",
+        sql("UPDATE {scripted} SET doc = json_set(doc, '$.n', 5) WHERE key = 'a'"),
+    )
+    .await;
+    append_one(&*store, "script-1", put("b", 7)).await;
+    let bad = append_one(
+        &*store,
+        "script-1",
+        sql("UPDATE {scripted} SET no_such_column = 1"),
+    )
+    .await;
+    append_one(&*store, "script-1", put("c", 9)).await;
+    append_one(
+        &*store,
+        "script-1",
+        sql("UPDATE {scripted} SET doc = json_set(doc, '$.n', 8) WHERE key = 'c'"),
+    )
+    .await;
+    append_one(&*store, "script-1", put("a", 2)).await;
+
+    let one_by_one = run_scripted(store.clone(), &dir.path().join("one.db"), 1).await;
+    let all_at_once = run_scripted(store.clone(), &dir.path().join("all.db"), 1000).await;
+    for views in [&one_by_one, &all_at_once] {
+        let docs = diptych_core::testkit::dump_collection(&**views, "scripted").await;
+        assert_eq!(
+            docs,
+            vec![
+                ("a".to_owned(), json!({ "n": 2 })),
+                ("b".to_owned(), json!({ "n": 7 })),
+                ("c".to_owned(), json!({ "n": 8 })),
+            ],
+            "the view must not depend on where batches end"
+        );
+        let parked = views.parked("scripted").await.unwrap();
+        assert_eq!(parked.iter().map(|p| p.position).collect::<Vec<_>>(), [bad]);
+        assert!(
+            parked[0].error.contains("no_such_column"),
+            "{}",
+            parked[0].error
+        );
+        assert_eq!(
+            views.projection("scripted").await.unwrap().position,
+            store.head().await.unwrap()
+        );
+    }
+}

@@ -19,7 +19,8 @@ use crate::error::ViewError;
 use crate::view::{
     Change, CheckpointWatches, CollectionSpec, Comparison, Control, Cursor, Declaration, Document,
     HandlerKind, Order, Page, ParkedEvent, ProjectionRecord, Query, RebuildProgress, ViewCommit,
-    ViewStore, field_value, no_parked_event, refuse_process_manager, verify_commit, words,
+    ViewStore, check_redeclaration, field_value, no_parked_event, refuse_process_manager,
+    verify_commit, words,
 };
 
 /// Views held in memory, for tests and as the reference model.
@@ -154,6 +155,13 @@ impl ViewStore for MemoryViews {
                     });
                 }
                 _ => {}
+            }
+            let stored = inner
+                .projections
+                .get(name)
+                .and_then(|record| record.collections.iter().find(|c| c.name == spec.name));
+            if let Some(stored) = stored {
+                check_redeclaration(name, stored, spec)?;
             }
         }
         for spec in &declaration.collections {

@@ -706,6 +706,29 @@ pub fn verify_commit(
     Ok(())
 }
 
+/// Refuses a new declaration of a collection whose text fields differ from the
+/// stored one: documents already stored are not indexed for new text fields (and
+/// SQLite stores the two kinds of collection in tables of different shapes).
+/// Indexes may change: backends build a new one over the documents already there.
+pub fn check_redeclaration(
+    projection: &str,
+    stored: &CollectionSpec,
+    declared: &CollectionSpec,
+) -> Result<(), ViewError> {
+    if stored.text_fields == declared.text_fields {
+        return Ok(());
+    }
+    Err(ViewError::NotPossible {
+        projection: projection.to_owned(),
+        reason: format!(
+            "collection `{}` has text fields {:?} and is now declared with {:?}; the documents \
+             already stored are not indexed that way: keep the old text fields, or declare a \
+             collection with a new name and rebuild the projection to fill it",
+            declared.name, stored.text_fields, declared.text_fields
+        ),
+    })
+}
+
 /// Refuses a rebuild of a process manager.
 pub fn refuse_process_manager(projection: &str, kind: HandlerKind) -> Result<(), ViewError> {
     match kind {

@@ -22,7 +22,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use diptych_core::view::{
-    CheckpointWatches, field_value, no_parked_event, refuse_process_manager, verify_commit, words,
+    CheckpointWatches, check_redeclaration, field_value, no_parked_event, refuse_process_manager,
+    verify_commit, words,
 };
 use diptych_core::{
     BackendError, Change, CollectionSpec, Comparison, Control, Cursor, Declaration, Document,
@@ -171,20 +172,24 @@ impl ViewStore for SqliteViews {
             .write(move |transaction| {
                 let name = &declaration.name;
                 for spec in &declaration.collections {
-                    let owner: Option<String> = transaction
+                    let stored: Option<(String, String)> = transaction
                         .query_row(
-                            "SELECT projection FROM collections WHERE name = ?1",
+                            "SELECT projection, spec FROM collections WHERE name = ?1",
                             [&spec.name],
-                            |row| row.get(0),
+                            |row| Ok((row.get(0)?, row.get(1)?)),
                         )
                         .optional()
                         .map_err(|error| backend("reading collections", error))?;
-                    if let Some(owner) = owner.filter(|owner| owner != name) {
+                    let Some((owner, stored)) = stored else {
+                        continue;
+                    };
+                    if &owner != name {
                         return Err(ViewError::CollectionTaken {
                             collection: spec.name.clone(),
                             owner,
                         });
                     }
+                    check_redeclaration(name, &decode_spec(&stored)?, spec)?;
                 }
                 let kind = kind_text(declaration.kind);
                 transaction

@@ -495,6 +495,39 @@ pub async fn views_registration_rules(fixture: ViewFixture) {
         views.owner_of("people").await.expect("the owner"),
         "directory"
     );
+    // A new index is built over the documents already there; new text fields are
+    // refused, as stored documents are not indexed for them.
+    let mut commit = ViewCommit::new("directory", 1, Position::START, Position(1));
+    commit.changes = sample_people();
+    views.commit(commit).await.expect("a commit");
+    let with_index = people().index("name");
+    views
+        .register(&declaration("directory", vec![with_index]))
+        .await
+        .expect("adding an index");
+    assert_eq!(
+        keys(&*views, Query::default().eq("name", "Ada Lovelace")).await,
+        ["ada"]
+    );
+    assert!(matches!(
+        views
+            .register(&declaration("directory", vec![people().text("city")]))
+            .await,
+        Err(ViewError::NotPossible { .. })
+    ));
+    assert!(matches!(
+        views
+            .register(&declaration(
+                "directory",
+                vec![CollectionSpec::new("people")]
+            ))
+            .await,
+        Err(ViewError::NotPossible { .. })
+    ));
+    assert_eq!(
+        keys(&*views, Query::default().text("lovelace")).await,
+        ["ada"]
+    );
 }
 
 /// A batch whose starting checkpoint is stale is refused and writes nothing; so is

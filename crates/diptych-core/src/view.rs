@@ -631,7 +631,9 @@ impl CheckpointWatches {
 }
 
 /// Waits until `view` (a collection or a projection) has applied `position`, so a
-/// client reads its own writes. Woken by the checkpoint watch, never polling.
+/// client reads its own writes. Woken by the checkpoint watch when the projection
+/// commits through the same view store; commits by another process on the same
+/// views are seen by a re-read every [`STORED_CHECKPOINT_RECHECK`].
 pub async fn wait_for(
     views: &dyn ViewStore,
     view: &str,
@@ -650,26 +652,39 @@ pub async fn wait_for(
         Err(other) => return Err(WaitError::View(other)),
     };
     let mut watch = views.checkpoint_watch(&projection);
-    let reached = tokio::time::timeout(timeout, async {
-        watch
-            .wait_for(|applied| *applied >= position)
-            .await
-            .map(|applied| *applied)
-    })
-    .await;
-    match reached {
-        Ok(Ok(applied)) => Ok(applied),
-        Ok(Err(_closed)) => Err(WaitError::View(ViewError::Backend(
-            crate::error::BackendError::msg("the view store was closed while waiting"),
-        ))),
-        Err(_elapsed) => Err(WaitError::Timeout {
-            view: view.to_owned(),
-            position,
-            reached: *watch.borrow(),
-            waited: timeout,
-        }),
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut reached = *watch.borrow_and_update();
+    while reached < position {
+        tokio::select! {
+            changed = watch.changed() => {
+                if changed.is_err() {
+                    return Err(WaitError::View(ViewError::Backend(
+                        crate::error::BackendError::msg("the view store was closed while waiting"),
+                    )));
+                }
+                reached = reached.max(*watch.borrow_and_update());
+            }
+            // Commits made through this instance wake the watch at once; this
+            // re-read catches those made by another process on the same views.
+            _ = tokio::time::sleep(STORED_CHECKPOINT_RECHECK) => {
+                reached = reached.max(views.projection(&projection).await?.position);
+            }
+            _ = tokio::time::sleep_until(deadline) => {
+                return Err(WaitError::Timeout {
+                    view: view.to_owned(),
+                    position,
+                    reached,
+                    waited: timeout,
+                });
+            }
+        }
     }
+    Ok(reached)
 }
+
+/// How often [`wait_for`] re-reads the stored checkpoint, for commits made by
+/// another process (those made through the same view store wake it at once).
+pub const STORED_CHECKPOINT_RECHECK: Duration = Duration::from_millis(100);
 
 /// Checks a batch against a projection's served generation, its rebuild
 /// generation, and the checkpoint of the batch's generation.

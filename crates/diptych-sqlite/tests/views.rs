@@ -305,3 +305,35 @@ async fn sql_keeps_its_order_and_sql_the_store_refuses_parks_its_event() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_for_sees_commits_made_through_another_instance_of_the_same_views() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, projecting) = open_both(dir.path()).await;
+    let runner = spawn_projection(
+        store.clone(),
+        projecting.clone(),
+        Arc::new(CityCounts),
+        HandlerKind::Projection,
+        RunnerConfig::default(),
+    )
+    .await
+    .unwrap();
+    // Another process's view of the same file: nothing it commits reaches this one.
+    let querying = SqliteViews::open(dir.path().join("views.db")).unwrap();
+    let position = append_one(&*store, "visits-1", added("oslo", 1)).await;
+    let reached = diptych_core::wait_for(
+        &querying,
+        "cities",
+        position,
+        std::time::Duration::from_secs(30),
+    )
+    .await
+    .expect("the commit is seen by the other instance");
+    assert!(reached >= position);
+    assert_eq!(
+        querying.get("cities", "oslo").await.unwrap(),
+        Some(json!({ "count": 1 }))
+    );
+    runner.stop().await;
+}

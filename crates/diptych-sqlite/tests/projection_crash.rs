@@ -94,6 +94,8 @@ fn projection_survives_kill_9(cycles: u32) {
     let dir = tempfile::tempdir().expect("a temporary directory");
     let runtime = runtime();
     let mut grew = 0;
+    let mut projected = 0;
+    let mut killed_behind = 0;
     let mut last_head = 0;
     for cycle in 0..cycles {
         let mut child = start_child("project", dir.path(), None);
@@ -105,6 +107,19 @@ fn projection_survives_kill_9(cycles: u32) {
             let head = store.head().await.expect("the head").0;
             if head > last_head {
                 grew += 1;
+            }
+            // Where the killed child's projection had got to: past the last head
+            // means it committed batches in this cycle; short of the head means it
+            // was killed with work outstanding.
+            let checkpoint = views
+                .projection("tallies")
+                .await
+                .map_or(0, |record| record.position.0);
+            if checkpoint > last_head {
+                projected += 1;
+            }
+            if checkpoint < head {
+                killed_behind += 1;
             }
             last_head = head;
             let runner =
@@ -124,8 +139,13 @@ fn projection_survives_kill_9(cycles: u32) {
         grew > cycles / 2,
         "the child rarely appended before being killed"
     );
+    assert!(
+        projected > cycles / 2,
+        "the child's projection rarely committed before being killed ({projected} of {cycles})"
+    );
     println!(
-        "projection crash test: {cycles} SIGKILL cycles under load, {last_head} events; \
+        "projection crash test: {cycles} SIGKILL cycles under load ({projected} after the \
+         projection committed, {killed_behind} with events still to apply), {last_head} events; \
          the view equalled a clean build after every restart"
     );
 }

@@ -461,6 +461,81 @@ pub async fn transient_failures_are_retried_without_parking(fixture: ViewFixture
     runner.stop().await;
 }
 
+/// While an event keeps failing the projection is reported stalled, with the
+/// error; once it succeeds the projection is live again.
+pub async fn stalled_projection_reports_its_error_then_recovers(fixture: ViewFixture) {
+    let (store, views) = (fixture.store(), fixture.views());
+    let tallies = Arc::new(Tallies::default());
+    tallies.flaky_failures.store(u32::MAX, Ordering::SeqCst);
+    let config = RunnerConfig {
+        max_attempts: u32::MAX,
+        ..quick_config()
+    };
+    let runner = spawn_projection(
+        store.clone(),
+        views.clone(),
+        tallies.clone(),
+        HandlerKind::Projection,
+        config,
+    )
+    .await
+    .expect("tallies registers");
+    append_one(
+        &*store,
+        "stock-1",
+        NewEvent::new("Flaky", json!({ "item": "f" })),
+    )
+    .await;
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    let stalled = loop {
+        let status = projection_status(&*store, &*views).await.expect("status");
+        if status[0].state == ProjectionState::Stalled {
+            break status[0].clone();
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never reported stalled"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    };
+    let error = stalled.stalled.expect("the error");
+    assert!(error.contains("flaky: try again"), "{error}");
+    assert_eq!(stalled.lag_events, 1);
+    tallies.flaky_failures.store(0, Ordering::SeqCst);
+    wait_until_caught_up(&*store, &*views, "tallies").await;
+    let status = projection_status(&*store, &*views).await.expect("status");
+    assert_eq!(
+        (status[0].state, status[0].stalled.clone()),
+        (ProjectionState::Live, None)
+    );
+    assert!(views.parked("tallies").await.expect("parked").is_empty());
+    runner.stop().await;
+}
+
+/// Two runners of one projection (a second process started by mistake) never
+/// apply an event twice: a batch from a checkpoint that moved is refused, and the
+/// runner that lost the race carries on from the new checkpoint.
+pub async fn two_runners_of_one_projection_never_apply_an_event_twice(fixture: ViewFixture) {
+    let (store, views) = (fixture.store(), fixture.views());
+    let first = run_tallies(store.clone(), views.clone(), Arc::new(Tallies::default())).await;
+    let second = run_tallies(store.clone(), views.clone(), Arc::new(Tallies::default())).await;
+    for n in 0..300u64 {
+        append_one(
+            &*store,
+            &format!("stock-{}", n % 3),
+            added(&format!("item-{}", n % 7), n),
+        )
+        .await;
+    }
+    wait_until_caught_up(&*store, &*views, "tallies").await;
+    first.stop().await;
+    second.stop().await;
+    assert_eq!(
+        dump_collection(&*views, "tallies").await,
+        clean_tallies(store.clone()).await
+    );
+}
+
 /// Events the projection does not want are skipped, and still advance its
 /// checkpoint, so consistency tokens for them resolve.
 pub async fn uninteresting_events_are_skipped_but_advance_the_checkpoint(fixture: ViewFixture) {
@@ -522,7 +597,8 @@ pub async fn paused_projection_applies_nothing_until_resumed(fixture: ViewFixtur
 /// empty or half-built generation would), and the result equals a clean build.
 pub async fn rebuild_during_writes_equals_a_clean_build(fixture: ViewFixture) {
     let (store, views) = (fixture.store(), fixture.views());
-    for n in 0..300u64 {
+    const SEEDED: u64 = 2000;
+    for n in 0..SEEDED {
         append_one(
             &*store,
             &format!("stock-{}", n % 4),
@@ -532,10 +608,24 @@ pub async fn rebuild_during_writes_equals_a_clean_build(fixture: ViewFixture) {
     }
     let runner = run_tallies(store.clone(), views.clone(), Arc::new(Tallies::default())).await;
     wait_until_caught_up(&*store, &*views, "tallies").await;
+    let switched = Arc::new(AtomicBool::new(false));
+    // Writes until the rebuild has been switched in, counting those made while it
+    // was under way.
     let writer = {
-        let store = store.clone();
+        let (store, views, switched) = (store.clone(), views.clone(), switched.clone());
         tokio::spawn(async move {
-            for n in 300..500u64 {
+            let mut during_rebuild = 0u64;
+            for n in SEEDED.. {
+                if switched.load(Ordering::SeqCst) || n > SEEDED + 50_000 {
+                    break;
+                }
+                let record = views.projection("tallies").await.expect("record");
+                if record.rebuild.is_some() {
+                    during_rebuild += 1;
+                }
+                // About as fast as a busy application writes, not as fast as a loop
+                // can: the rebuild must be able to catch up.
+                tokio::time::sleep(Duration::from_millis(1)).await;
                 append_one(
                     &*store,
                     &format!("stock-{}", n % 4),
@@ -543,14 +633,16 @@ pub async fn rebuild_during_writes_equals_a_clean_build(fixture: ViewFixture) {
                 )
                 .await;
             }
+            during_rebuild
         })
     };
-    // A reader that sums the counts: the served view only ever grows.
+    // A reader that sums the counts: the served view only ever grows. It reads on
+    // until it has seen the new generation served a few times.
     let reader = {
-        let views = views.clone();
+        let (views, switched) = (views.clone(), switched.clone());
         tokio::spawn(async move {
-            let mut smallest_allowed = 300u64;
-            let mut reads = 0u32;
+            let mut smallest_allowed = SEEDED;
+            let mut reads_after_switch = 0u32;
             loop {
                 let documents = dump_collection(&*views, "tallies").await;
                 let counted: u64 = documents
@@ -563,9 +655,11 @@ pub async fn rebuild_during_writes_equals_a_clean_build(fixture: ViewFixture) {
                      an empty or half-built generation was served"
                 );
                 smallest_allowed = counted;
-                reads += 1;
-                if counted >= 500 && reads > 3 {
-                    return reads;
+                if switched.load(Ordering::SeqCst) {
+                    reads_after_switch += 1;
+                    if reads_after_switch > 3 {
+                        return;
+                    }
                 }
                 tokio::task::yield_now().await;
             }
@@ -575,7 +669,6 @@ pub async fn rebuild_during_writes_equals_a_clean_build(fixture: ViewFixture) {
         .control("tallies", Control::Rebuild)
         .await
         .expect("a rebuild");
-    writer.await.expect("the writer");
     let deadline = tokio::time::Instant::now() + PATIENCE;
     loop {
         let record = views.projection("tallies").await.expect("record");
@@ -586,10 +679,16 @@ pub async fn rebuild_during_writes_equals_a_clean_build(fixture: ViewFixture) {
             tokio::time::Instant::now() < deadline,
             "the rebuild never switched"
         );
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        tokio::time::sleep(Duration::from_millis(1)).await;
     }
+    switched.store(true, Ordering::SeqCst);
+    let during_rebuild = writer.await.expect("the writer");
+    assert!(
+        during_rebuild > 0,
+        "no write landed while the rebuild was under way"
+    );
+    reader.await.expect("the reader");
     wait_until_caught_up(&*store, &*views, "tallies").await;
-    assert!(reader.await.expect("the reader") > 3);
     assert_eq!(
         dump_collection(&*views, "tallies").await,
         clean_tallies(store.clone()).await

@@ -734,6 +734,10 @@ pub async fn views_record_operator_requests(fixture: ViewFixture) {
         .control("directory", Control::Rebuild)
         .await
         .expect("rebuild");
+    let status = crate::runner::projection_status(&*fixture.store(), &*views)
+        .await
+        .expect("status");
+    assert_eq!(status[0].state, crate::runner::ProjectionState::Rebuilding);
     assert!(
         views
             .projection("directory")

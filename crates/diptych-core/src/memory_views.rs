@@ -539,6 +539,11 @@ fn compare(a: &serde_json::Value, b: &serde_json::Value) -> Ordering {
         serde_json::Value::String(text) => text.clone(),
         other => other.to_string(),
     };
+    // Integers compare exactly, as SQLite compares them, even beyond the 2^53
+    // that an f64 holds exactly.
+    if let (Some(x), Some(y)) = (a.as_i64(), b.as_i64()) {
+        return x.cmp(&y);
+    }
     let (rank_a, number_a) = rank(a);
     let (rank_b, number_b) = rank(b);
     rank_a

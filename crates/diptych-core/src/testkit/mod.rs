@@ -76,6 +76,7 @@ mod projection_checks;
 mod repository_checks;
 mod store_checks;
 mod view_checks;
+mod view_model;
 
 pub use concurrency_checks::{
     concurrent_appends_to_one_stream_keep_versions_dense,
@@ -122,6 +123,7 @@ pub use view_checks::{
     views_refuse_a_commit_from_a_moved_checkpoint, views_refuse_bad_queries,
     views_registration_rules, views_switch_generations_atomically,
 };
+pub use view_model::check_views_against_model;
 
 /// Opens the same storage again, for the durability check.
 type Reopen =
@@ -253,6 +255,11 @@ macro_rules! view_store_conformance {
             rebuild_after_a_fix_applies_parked_events_once,
             process_manager_effects_happen_once,
         );
+
+        #[test]
+        fn property_queries_match_the_memory_model() {
+            $crate::testkit::check_views_against_model($factory, $crate::testkit::property_cases());
+        }
     };
     (@checks $factory:expr; $($check:ident),* $(,)?) => {
         $(

@@ -1,0 +1,186 @@
+//! The order placement saga: reserve every line's stock; all reserved → confirm;
+//! one short → reject and release what was reserved (a compensation, never a
+//! distributed transaction). A cancelled order's reservations are released too,
+//! including any that arrive after the cancellation.
+
+use std::collections::BTreeSet;
+
+use async_trait::async_trait;
+use diptych::{
+    CommandContext, EventCodec, HandlerError, Interest, ProcessManager, RecordedEvent, Repository,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::inventory::{InventoryCommand, InventoryEvent, Stock};
+use crate::ordering::{Order, OrderCommand, OrderEvent};
+
+/// A command the saga issues.
+#[derive(Clone, Debug, PartialEq)]
+pub enum PlacementCommand {
+    /// To a product's stock.
+    Stock(InventoryCommand),
+    /// To an order.
+    Order {
+        /// The order.
+        order_id: String,
+        /// What to do.
+        command: OrderCommand,
+    },
+}
+
+/// What the saga remembers of one order.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct PlacementState {
+    /// The products ordered.
+    pub products: BTreeSet<String>,
+    /// The products whose stock is reserved for the order.
+    pub reserved: BTreeSet<String>,
+    /// A line could not be reserved: the order is rejected.
+    pub failed: bool,
+    /// The customer cancelled.
+    pub cancelled: bool,
+}
+
+/// The saga, dispatching to the stock and order repositories.
+pub struct OrderPlacement {
+    stock: Repository<Stock>,
+    orders: Repository<Order>,
+    inventory_events: EventCodec<InventoryEvent>,
+    order_events: EventCodec<OrderEvent>,
+}
+
+impl OrderPlacement {
+    /// The saga over these repositories.
+    pub fn new(stock: Repository<Stock>, orders: Repository<Order>) -> Self {
+        Self {
+            stock,
+            orders,
+            inventory_events: EventCodec::default(),
+            order_events: EventCodec::default(),
+        }
+    }
+
+    fn release_all(state: &PlacementState, order_id: &str) -> Vec<PlacementCommand> {
+        state
+            .reserved
+            .iter()
+            .map(|product_id| {
+                PlacementCommand::Stock(InventoryCommand::Release {
+                    product_id: product_id.clone(),
+                    order_id: order_id.to_owned(),
+                })
+            })
+            .collect()
+    }
+}
+
+#[async_trait]
+impl ProcessManager for OrderPlacement {
+    type State = PlacementState;
+    type Command = PlacementCommand;
+
+    fn name(&self) -> &str {
+        "order-placement"
+    }
+
+    fn interest(&self) -> Interest {
+        Interest::event_types([
+            "OrderPlaced",
+            "OrderCancelled",
+            "StockReserved",
+            "StockReservationFailed",
+        ])
+    }
+
+    fn instance(&self, event: &RecordedEvent) -> Option<String> {
+        event.payload["order_id"].as_str().map(str::to_owned)
+    }
+
+    fn react(
+        &self,
+        state: &mut PlacementState,
+        event: &RecordedEvent,
+    ) -> Result<Vec<PlacementCommand>, HandlerError> {
+        if event.stream_id.category() == "order" {
+            return Ok(match self.order_events.decode(event)? {
+                OrderEvent::OrderPlaced {
+                    order_id, lines, ..
+                } => {
+                    state.products = lines.iter().map(|line| line.product_id.clone()).collect();
+                    lines
+                        .into_iter()
+                        .map(|line| {
+                            PlacementCommand::Stock(InventoryCommand::Reserve {
+                                product_id: line.product_id,
+                                order_id: order_id.clone(),
+                                quantity: line.quantity,
+                            })
+                        })
+                        .collect()
+                }
+                OrderEvent::OrderCancelled { order_id, .. } => {
+                    state.cancelled = true;
+                    Self::release_all(state, &order_id)
+                }
+                _ => vec![],
+            });
+        }
+        Ok(match self.inventory_events.decode(event)? {
+            InventoryEvent::StockReserved {
+                product_id,
+                order_id,
+                ..
+            } => {
+                state.reserved.insert(product_id.clone());
+                if state.failed || state.cancelled {
+                    vec![PlacementCommand::Stock(InventoryCommand::Release {
+                        product_id,
+                        order_id,
+                    })]
+                } else if state.reserved == state.products {
+                    vec![PlacementCommand::Order {
+                        order_id,
+                        command: OrderCommand::Confirm,
+                    }]
+                } else {
+                    vec![]
+                }
+            }
+            InventoryEvent::StockReservationFailed { order_id, .. }
+                if !state.failed && !state.cancelled =>
+            {
+                state.failed = true;
+                let mut commands = vec![PlacementCommand::Order {
+                    order_id: order_id.clone(),
+                    command: OrderCommand::Reject {
+                        reason: "insufficient_stock".to_owned(),
+                    },
+                }];
+                commands.extend(Self::release_all(state, &order_id));
+                commands
+            }
+            _ => vec![],
+        })
+    }
+
+    async fn dispatch(
+        &self,
+        command: PlacementCommand,
+        context: CommandContext,
+    ) -> Result<(), HandlerError> {
+        match command {
+            PlacementCommand::Stock(command) => {
+                let product_id = match &command {
+                    InventoryCommand::Add(add) => add.product_id.clone(),
+                    InventoryCommand::Reserve { product_id, .. }
+                    | InventoryCommand::Release { product_id, .. } => product_id.clone(),
+                };
+                self.stock.execute(&product_id, &command, &context).await?;
+            }
+            PlacementCommand::Order { order_id, command } => {
+                self.orders.execute(&order_id, &command, &context).await?;
+            }
+        }
+        Ok(())
+    }
+}

@@ -19,3 +19,9 @@ pub use diptych_core::*;
 pub mod sqlite {
     pub use diptych_sqlite::*;
 }
+
+/// The HTTP layer: `diptych::http::app(state)` and the `Application` trait.
+#[cfg(feature = "http")]
+pub mod http {
+    pub use diptych_http::*;
+}

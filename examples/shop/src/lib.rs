@@ -15,6 +15,7 @@ pub mod customers;
 pub mod inventory;
 pub mod ordering;
 pub mod placement;
+pub mod service;
 pub mod views;
 
 use std::collections::BTreeMap;
@@ -130,7 +131,9 @@ pub enum ParseError {
     InvalidBody {
         /// The command.
         command: &'static str,
-        /// What serde said, naming the field.
+        /// The field at fault (`lines[0].quantity`), when one is.
+        field: Option<String>,
+        /// What is wrong.
         reason: String,
     },
 }
@@ -154,9 +157,27 @@ impl ShopCommand {
             command: &'static str,
             body: serde_json::Value,
         ) -> Result<T, ParseError> {
-            serde_json::from_value(body).map_err(|error| ParseError::InvalidBody {
-                command,
-                reason: error.to_string(),
+            serde_path_to_error::deserialize(body).map_err(|error| {
+                let path = error.path().to_string();
+                let reason = error.inner().to_string();
+                // serde names a missing or unknown field in its message, between
+                // backquotes; a missing one is reported at its parent's path.
+                let named = reason
+                    .split('`')
+                    .nth(1)
+                    .filter(|_| reason.contains("field `"))
+                    .map(|name| match path.as_str() {
+                        "." => name.to_owned(),
+                        // An unknown field's path already ends with it.
+                        path if path.ends_with(name) => path.to_owned(),
+                        parent => format!("{parent}.{name}"),
+                    });
+                let field = named.or_else(|| (path != ".").then_some(path));
+                ParseError::InvalidBody {
+                    command,
+                    field,
+                    reason,
+                }
             })
         }
         Ok(match name {

@@ -1,0 +1,172 @@
+//! The HTTP layer every diptych service gets: commands, views, streams, the
+//! global log, projections, health, bearer-token auth and problem+json errors.
+//!
+//! An application plugs in through [`Application`]: it runs a command given its
+//! name and JSON body, and folds a stream into its state at a version or a time.
+//! Everything else (views, streams, the log, projections) is served straight from
+//! the [`EventStore`] and [`ViewStore`] in [`AppState`], so this crate knows no
+//! domain and the domain knows no HTTP. [`app`] returns the whole `Router`, which
+//! tests drive with `oneshot(request)` and servers bind to a socket.
+//!
+//! Errors are `application/problem+json` with a stable `code`: 400 for input
+//! that cannot be read (the field named), 404 for an unknown command, view,
+//! stream or document, 409 for a version conflict, 422 for a business rule, 413
+//! for a body over the limit, 401/403 for missing or insufficient credentials. A
+//! failure of the service itself is a 500 that shows only a request id; its
+//! cause goes to the log under that id.
+
+mod auth;
+mod commands;
+mod problem;
+mod reads;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use axum::Router;
+use axum::routing::{get, post};
+use diptych_core::{CommandContext, CommandOutcome, EventStore, StreamId, Timestamp, ViewStore};
+
+pub use auth::{Auth, Role};
+pub use problem::Problem;
+
+/// The name of the header carrying a consistency token (a log position): set on
+/// every answer, and read by view queries that must include a client's write.
+pub const POSITION_HEADER: &str = "x-diptych-position";
+/// The request header asking a view read to wait for a position.
+pub const WAIT_FOR_HEADER: &str = "x-diptych-wait-for";
+
+/// A point in a stream's history to read its state at.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StateAt {
+    /// The latest state.
+    Latest,
+    /// After this version.
+    Version(u64),
+    /// As it was at this time.
+    Time(Timestamp),
+}
+
+/// A stream's state as an application folds it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StreamState {
+    /// The version the state reflects.
+    pub version: u64,
+    /// The state, as JSON.
+    pub state: serde_json::Value,
+}
+
+/// Why an application did not run a command or fold a state.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplicationError {
+    /// No command of that name.
+    #[error("no command named `{0}`")]
+    UnknownCommand(String),
+    /// The input cannot be read or a field is invalid.
+    #[error("{message}")]
+    InvalidInput {
+        /// The field at fault, when known.
+        field: Option<String>,
+        /// What is wrong.
+        message: String,
+    },
+    /// A business rule said no.
+    #[error("{message}")]
+    Rejected {
+        /// The stable code (`insufficient_stock`).
+        code: &'static str,
+        /// What happened, for people.
+        message: String,
+    },
+    /// `If-Match` named another version than the aggregate's.
+    #[error("the stream is at version {actual}, not {expected}")]
+    Conflict {
+        /// The version asked for.
+        expected: u64,
+        /// The version found.
+        actual: u64,
+    },
+    /// The idempotency key was used before for another command.
+    #[error("this idempotency key was used for another command")]
+    IdempotencyKeyReused,
+    /// Nothing there (a stream the application does not know).
+    #[error("{0}")]
+    NotFound(String),
+    /// The service failed; the cause is logged, not shown.
+    #[error("internal error: {0}")]
+    Internal(Box<dyn std::error::Error + Send + Sync>),
+}
+
+/// What a service built on diptych plugs into the HTTP layer.
+#[async_trait]
+pub trait Application: Send + Sync + 'static {
+    /// The names of the commands it takes.
+    fn commands(&self) -> Vec<&'static str>;
+
+    /// Runs the command `name` with its JSON body.
+    async fn execute(
+        &self,
+        name: &str,
+        body: serde_json::Value,
+        context: &CommandContext,
+    ) -> Result<CommandOutcome, ApplicationError>;
+
+    /// The state of the aggregate behind `stream` at a point of its history.
+    async fn state(&self, stream: &StreamId, at: StateAt) -> Result<StreamState, ApplicationError>;
+}
+
+/// Settings of the HTTP layer.
+#[derive(Clone, Debug)]
+pub struct HttpConfig {
+    /// The largest request body accepted, in bytes.
+    pub body_limit: usize,
+    /// How long a read waits for a consistency token at most.
+    pub max_wait: Duration,
+    /// The wait when a client asks for one without a limit of its own.
+    pub default_wait: Duration,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            body_limit: 64 * 1024,
+            max_wait: Duration::from_secs(30),
+            default_wait: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Everything the routes need.
+#[derive(Clone)]
+pub struct AppState {
+    /// The application.
+    pub application: Arc<dyn Application>,
+    /// Its event store.
+    pub store: Arc<dyn EventStore>,
+    /// Its view store.
+    pub views: Arc<dyn ViewStore>,
+    /// Who may do what.
+    pub auth: Auth,
+    /// Limits.
+    pub config: HttpConfig,
+}
+
+/// The whole HTTP API of a service.
+pub fn app(state: AppState) -> Router {
+    let body_limit = state.config.body_limit;
+    Router::new()
+        .route("/commands/{name}", post(commands::execute))
+        .route("/views/{view}", get(reads::query_view))
+        .route("/views/{view}/{key}", get(reads::get_document))
+        .route("/streams/{stream}", get(reads::read_stream))
+        .route("/streams/{stream}/state", get(reads::stream_state))
+        .route("/events", get(reads::read_log))
+        .route("/projections", get(reads::projections))
+        .route("/projections/{name}/rebuild", post(reads::rebuild))
+        .route("/health/live", get(reads::live))
+        .route("/health/ready", get(reads::ready))
+        .fallback(reads::no_route)
+        .layer(axum::extract::DefaultBodyLimit::max(body_limit))
+        .with_state(state)
+}

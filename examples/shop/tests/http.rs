@@ -1,0 +1,498 @@
+//! The shop's HTTP API through `app(...)`, request by request, as a client sees it.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use diptych::http::{AppState, Auth, HttpConfig, Role, app};
+use diptych::{MemoryStore, MemoryViews, RunnerConfig, RunnerHandle};
+use diptych_shop::Shop;
+use http_body_util::BodyExt;
+use serde_json::{Value, json};
+use tower::ServiceExt;
+
+struct Api {
+    router: axum::Router,
+    _runners: Vec<RunnerHandle>,
+}
+
+struct Answer {
+    status: StatusCode,
+    position: Option<u64>,
+    content_type: String,
+    body: Value,
+}
+
+async fn api(auth: Auth) -> Api {
+    let store = Arc::new(MemoryStore::new());
+    let views = Arc::new(MemoryViews::new());
+    let shop = Arc::new(Shop::new(store.clone(), views.clone()));
+    let runners = shop.start(RunnerConfig::default()).await.unwrap();
+    let state = AppState {
+        application: shop,
+        store,
+        views,
+        auth,
+        config: HttpConfig {
+            body_limit: 4096,
+            // Long enough for these small views on a loaded machine; short enough
+            // that the check of a wait that times out stays quick.
+            default_wait: std::time::Duration::from_secs(2),
+            ..HttpConfig::default()
+        },
+    };
+    Api {
+        router: app(state),
+        _runners: runners,
+    }
+}
+
+impl Api {
+    async fn call(
+        &self,
+        method: &str,
+        uri: &str,
+        headers: &[(&str, &str)],
+        body: Option<String>,
+    ) -> Answer {
+        let mut request = Request::builder().method(method).uri(uri);
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let request = request
+            .header("content-type", "application/json")
+            .body(body.map_or_else(Body::empty, Body::from))
+            .unwrap();
+        let response = self.router.clone().oneshot(request).await.unwrap();
+        let status = response.status();
+        let position = response
+            .headers()
+            .get("x-diptych-position")
+            .and_then(|value| value.to_str().ok()?.parse().ok());
+        let content_type = response
+            .headers()
+            .get("content-type")
+            .and_then(|value| value.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        Answer {
+            status,
+            position,
+            content_type,
+            body,
+        }
+    }
+
+    async fn command(&self, name: &str, body: Value) -> Answer {
+        self.call(
+            "POST",
+            &format!("/commands/{name}"),
+            &[],
+            Some(body.to_string()),
+        )
+        .await
+    }
+
+    async fn seed(&self) -> u64 {
+        for (name, body) in [
+            (
+                "RegisterProduct",
+                json!({"product_id": "mug", "name": "Mug", "description": "Blue stoneware", "price_cents": 1299}),
+            ),
+            ("AddStock", json!({"product_id": "mug", "quantity": 5})),
+            (
+                "RegisterCustomer",
+                json!({"customer_id": "ada", "name": "Ada", "email": "ada@example.com", "address": "1 Engine St"}),
+            ),
+        ] {
+            let answer = self.command(name, body).await;
+            assert_eq!(answer.status, StatusCode::OK, "{name}: {}", answer.body);
+        }
+        let placed = self
+            .command("PlaceOrder", json!({"order_id": "o1", "customer_id": "ada", "lines": [{"product_id": "mug", "quantity": 2}]}))
+            .await;
+        assert_eq!(placed.status, StatusCode::OK, "{}", placed.body);
+        placed.position.unwrap()
+    }
+}
+
+fn assert_problem(answer: &Answer, status: StatusCode, code: &str) {
+    assert_eq!(answer.status, status, "{}", answer.body);
+    assert_eq!(answer.content_type, "application/problem+json");
+    assert_eq!(answer.body["code"], code, "{}", answer.body);
+    assert_eq!(answer.body["status"], status.as_u16());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_answers_with_its_events_and_a_consistency_token() {
+    let api = api(Auth::open()).await;
+    let answer = api
+        .command(
+            "RegisterProduct",
+            json!({"product_id": "mug", "name": "Mug", "description": "Blue", "price_cents": 1299}),
+        )
+        .await;
+    assert_eq!(answer.status, StatusCode::OK);
+    assert_eq!(answer.body["stream"], "product-mug");
+    assert_eq!(answer.body["version"], 1);
+    assert_eq!(answer.body["events"][0]["type"], "ProductAdded");
+    assert_eq!(answer.body["events"][0]["data"]["price_cents"], 1299);
+    assert_eq!(
+        answer.position,
+        Some(answer.body["position"].as_u64().unwrap())
+    );
+    // Read your write with the token.
+    let token = answer.position.unwrap().to_string();
+    let read = api
+        .call(
+            "GET",
+            "/views/products/mug",
+            &[("x-diptych-wait-for", &token)],
+            None,
+        )
+        .await;
+    assert_eq!(read.status, StatusCode::OK);
+    assert_eq!(read.body["name"], "Mug");
+    assert!(read.position.unwrap() >= answer.position.unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_a_problem_with_a_stable_code_and_the_field() {
+    let api = api(Auth::open()).await;
+    assert_problem(
+        &api.command("Teleport", json!({})).await,
+        StatusCode::NOT_FOUND,
+        "unknown_command",
+    );
+    let malformed = api
+        .call(
+            "POST",
+            "/commands/AddStock",
+            &[],
+            Some("{not json".to_owned()),
+        )
+        .await;
+    assert_problem(&malformed, StatusCode::BAD_REQUEST, "malformed_json");
+    let wrong_type = api
+        .command("AddStock", json!({"product_id": "mug", "quantity": "ten"}))
+        .await;
+    assert_problem(&wrong_type, StatusCode::BAD_REQUEST, "invalid_field");
+    assert_eq!(wrong_type.body["field"], "quantity");
+    let missing = api.command("AddStock", json!({"product_id": "mug"})).await;
+    assert_problem(&missing, StatusCode::BAD_REQUEST, "invalid_field");
+    assert_eq!(missing.body["field"], "quantity");
+    let nested = api
+        .command("PlaceOrder", json!({"order_id": "o", "customer_id": "c", "lines": [{"product_id": "mug", "quantity": -1}]}))
+        .await;
+    assert_eq!(nested.body["field"], "lines[0].quantity", "{}", nested.body);
+    let unknown_field = api
+        .command("CancelOrder", json!({"order_id": "o", "reason": "x"}))
+        .await;
+    assert_problem(&unknown_field, StatusCode::BAD_REQUEST, "invalid_field");
+    assert_eq!(unknown_field.body["field"], "reason");
+    let empty_name = api
+        .command(
+            "RegisterProduct",
+            json!({"product_id": "cup", "name": "", "description": "", "price_cents": 5}),
+        )
+        .await;
+    assert_problem(&empty_name, StatusCode::BAD_REQUEST, "invalid_field");
+    assert_eq!(empty_name.body["field"], "name");
+    let huge = json!({"product_id": "x".repeat(5000), "quantity": 1}).to_string();
+    let too_large = api
+        .call("POST", "/commands/AddStock", &[], Some(huge))
+        .await;
+    assert_problem(&too_large, StatusCode::PAYLOAD_TOO_LARGE, "body_too_large");
+    let bad_header = api
+        .call(
+            "POST",
+            "/commands/CancelOrder",
+            &[("if-match", "seven")],
+            Some(json!({"order_id": "o"}).to_string()),
+        )
+        .await;
+    assert_problem(&bad_header, StatusCode::BAD_REQUEST, "invalid_header");
+    assert_problem(
+        &api.call("GET", "/nowhere", &[], None).await,
+        StatusCode::NOT_FOUND,
+        "no_route",
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn business_rules_conflicts_and_repeats() {
+    let api = api(Auth::open()).await;
+    api.seed().await;
+    let short = api
+        .command("PlaceOrder", json!({"order_id": "o2", "customer_id": "ada", "lines": [{"product_id": "mug", "quantity": 50}]}))
+        .await;
+    assert_problem(
+        &short,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "insufficient_stock",
+    );
+    let unknown = api
+        .command("PlaceOrder", json!({"order_id": "o2", "customer_id": "ada", "lines": [{"product_id": "lamp", "quantity": 1}]}))
+        .await;
+    assert_problem(
+        &unknown,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "product_not_found",
+    );
+    // If-Match with a stale version.
+    let rename = json!({"product_id": "mug", "name": "Cup"}).to_string();
+    let conflict = api
+        .call(
+            "POST",
+            "/commands/RenameProduct",
+            &[("if-match", "7")],
+            Some(rename.clone()),
+        )
+        .await;
+    assert_problem(&conflict, StatusCode::CONFLICT, "version_conflict");
+    let matched = api
+        .call(
+            "POST",
+            "/commands/RenameProduct",
+            &[("if-match", "1")],
+            Some(rename),
+        )
+        .await;
+    assert_eq!(matched.status, StatusCode::OK, "{}", matched.body);
+    // The same Idempotency-Key twice: the first result, nothing written again.
+    let body = json!({"product_id": "mug", "quantity": 3}).to_string();
+    let first = api
+        .call(
+            "POST",
+            "/commands/AddStock",
+            &[("idempotency-key", "delivery-42")],
+            Some(body.clone()),
+        )
+        .await;
+    let again = api
+        .call(
+            "POST",
+            "/commands/AddStock",
+            &[("idempotency-key", "delivery-42")],
+            Some(body),
+        )
+        .await;
+    assert_eq!(first.status, StatusCode::OK);
+    assert_eq!(again.status, StatusCode::OK);
+    assert_eq!(again.body["position"], first.body["position"]);
+    assert_eq!(again.body["deduplicated"], true);
+    let reused = api
+        .call(
+            "POST",
+            "/commands/AddStock",
+            &[("idempotency-key", "delivery-42")],
+            Some(json!({"product_id": "mug", "quantity": 4}).to_string()),
+        )
+        .await;
+    assert_eq!(
+        reused.body["position"], first.body["position"],
+        "a repeat returns the first result"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn views_streams_the_log_and_projections_read_back() {
+    let api = api(Auth::open()).await;
+    let token = api.seed().await.to_string();
+    let order = api
+        .call(
+            "GET",
+            &format!("/views/orders/o1?wait_for={token}"),
+            &[],
+            None,
+        )
+        .await;
+    assert_eq!(order.status, StatusCode::OK, "{}", order.body);
+    assert_eq!(order.body["total_cents"], 2598);
+    let history = api
+        .call(
+            "GET",
+            &format!("/views/customer-orders?customer_id=ada&order=-placed_at_us&wait_for={token}"),
+            &[],
+            None,
+        )
+        .await;
+    assert_eq!(history.body["items"][0]["key"], "o1", "{}", history.body);
+    let cheap = api
+        .call(
+            "GET",
+            &format!("/views/products?price_cents[lt]=2000&q=stoneware&wait_for={token}"),
+            &[],
+            None,
+        )
+        .await;
+    assert_eq!(cheap.body["items"][0]["key"], "mug", "{}", cheap.body);
+    assert_problem(
+        &api.call("GET", "/views/nothing/x", &[], None).await,
+        StatusCode::NOT_FOUND,
+        "unknown_view",
+    );
+    assert_problem(
+        &api.call("GET", "/views/orders/none", &[], None).await,
+        StatusCode::NOT_FOUND,
+        "not_found",
+    );
+    assert_problem(
+        &api.call("GET", "/views/orders?name=x", &[], None).await,
+        StatusCode::BAD_REQUEST,
+        "invalid_query",
+    );
+    let far = api
+        .call("GET", "/views/orders/o1?wait_for=999999", &[], None)
+        .await;
+    assert_problem(&far, StatusCode::SERVICE_UNAVAILABLE, "wait_timeout");
+
+    let audit = api.call("GET", "/streams/order-o1", &[], None).await;
+    assert_eq!(
+        audit.body["events"][0]["event_type"], "OrderPlaced",
+        "{}",
+        audit.body
+    );
+    let then = api
+        .call("GET", "/streams/order-o1/state?version=1", &[], None)
+        .await;
+    assert_eq!(then.body["state"]["status"], "placed", "{}", then.body);
+    assert_problem(
+        &api.call("GET", "/streams/nothing-1", &[], None).await,
+        StatusCode::NOT_FOUND,
+        "unknown_stream",
+    );
+    assert_problem(
+        &api.call("GET", "/streams/order-o1/state?at=yesterday", &[], None)
+            .await,
+        StatusCode::BAD_REQUEST,
+        "invalid_query",
+    );
+    let log = api.call("GET", "/events?after=0&limit=2", &[], None).await;
+    assert_eq!(log.body["events"].as_array().unwrap().len(), 2);
+    assert_eq!(log.body["next_after"], 2);
+
+    let projections = api.call("GET", "/projections", &[], None).await;
+    let names: Vec<&str> = projections
+        .body
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    assert!(
+        names.contains(&"customer-orders") && names.contains(&"order-placement"),
+        "{names:?}"
+    );
+    let rebuild = api
+        .call("POST", "/projections/products/rebuild", &[], None)
+        .await;
+    assert_eq!(rebuild.status, StatusCode::ACCEPTED);
+    assert_problem(
+        &api.call("POST", "/projections/order-placement/rebuild", &[], None)
+            .await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "not_rebuildable",
+    );
+    assert_eq!(
+        api.call("GET", "/health/live", &[], None).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        api.call("GET", "/health/ready", &[], None).await.status,
+        StatusCode::OK
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_and_roles_guard_every_endpoint() {
+    let tokens = BTreeMap::from([
+        ("r".to_owned(), Role::Reader),
+        ("w".to_owned(), Role::Writer),
+        ("a".to_owned(), Role::Admin),
+    ]);
+    let api = api(Auth::tokens(tokens)).await;
+    let body = Some(
+        json!({"customer_id": "c", "name": "C", "email": "c@example.com", "address": ""})
+            .to_string(),
+    );
+    assert_problem(
+        &api.call("POST", "/commands/RegisterCustomer", &[], body.clone())
+            .await,
+        StatusCode::UNAUTHORIZED,
+        "missing_token",
+    );
+    assert_problem(
+        &api.call(
+            "POST",
+            "/commands/RegisterCustomer",
+            &[("authorization", "Bearer nope")],
+            body.clone(),
+        )
+        .await,
+        StatusCode::UNAUTHORIZED,
+        "invalid_token",
+    );
+    assert_problem(
+        &api.call(
+            "POST",
+            "/commands/RegisterCustomer",
+            &[("authorization", "Bearer r")],
+            body.clone(),
+        )
+        .await,
+        StatusCode::FORBIDDEN,
+        "insufficient_role",
+    );
+    assert_eq!(
+        api.call(
+            "POST",
+            "/commands/RegisterCustomer",
+            &[("authorization", "Bearer w")],
+            body
+        )
+        .await
+        .status,
+        StatusCode::OK
+    );
+    assert_problem(
+        &api.call("GET", "/events", &[], None).await,
+        StatusCode::UNAUTHORIZED,
+        "missing_token",
+    );
+    assert_eq!(
+        api.call("GET", "/events", &[("authorization", "Bearer r")], None)
+            .await
+            .status,
+        StatusCode::OK
+    );
+    assert_problem(
+        &api.call(
+            "POST",
+            "/projections/products/rebuild",
+            &[("authorization", "Bearer w")],
+            None,
+        )
+        .await,
+        StatusCode::FORBIDDEN,
+        "insufficient_role",
+    );
+    assert_eq!(
+        api.call(
+            "POST",
+            "/projections/products/rebuild",
+            &[("authorization", "Bearer a")],
+            None
+        )
+        .await
+        .status,
+        StatusCode::ACCEPTED
+    );
+    assert_eq!(
+        api.call("GET", "/health/live", &[], None).await.status,
+        StatusCode::OK
+    );
+}

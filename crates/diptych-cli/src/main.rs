@@ -1,8 +1,9 @@
-//! The `diptych` command: benchmarks, a look into a store, and the operator's
-//! controls of projections.
+//! The `diptych` command: the demo shop, benchmarks, a look into a store, and
+//! the operator's controls of projections.
 
 mod bench;
 mod bench_query;
+mod demo;
 mod projections;
 
 use std::io::Write;
@@ -24,6 +25,18 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Serve the reference shop over HTTP on SQLite, seeded on first start.
+    Demo {
+        /// Where to listen.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        addr: std::net::SocketAddr,
+        /// The data directory (events.db and views.db).
+        #[arg(long, default_value = "data")]
+        data: PathBuf,
+        /// Simulated customers that keep placing orders.
+        #[arg(long, default_value_t = 0)]
+        traffic: usize,
+    },
     /// Measure the store against a floor measured in the same run.
     Bench {
         #[command(subcommand)]
@@ -262,6 +275,18 @@ async fn run(cli: Cli) -> Result<()> {
                 );
             }
             Ok(())
+        }
+        Command::Demo {
+            addr,
+            data,
+            traffic,
+        } => {
+            demo::run(demo::DemoConfig {
+                addr,
+                data,
+                traffic,
+            })
+            .await
         }
         Command::Projections { data, command } => projections::run(data, command).await,
         Command::Streams { data, command } => {

@@ -1,0 +1,240 @@
+//! `diptych demo`: the reference shop served over HTTP, on SQLite under a data
+//! directory, with a catalogue and customers seeded on first start and, if asked,
+//! simulated customers placing orders.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use diptych::http::{AppState, Auth, HttpConfig, app};
+use diptych::sqlite::{SqliteStore, SqliteViews};
+use diptych::{CommandContext, EventStore, RunnerConfig};
+use diptych_shop::{Shop, ShopCommand};
+use serde_json::json;
+
+/// How to run the demo.
+pub struct DemoConfig {
+    /// Where to listen.
+    pub addr: SocketAddr,
+    /// Where `events.db` and `views.db` live.
+    pub data: PathBuf,
+    /// How many simulated customers keep placing orders.
+    pub traffic: usize,
+}
+
+/// The catalogue seeded on first start: id, name, description, price, stock.
+const CATALOGUE: &[(&str, &str, &str, u64, u64)] = &[
+    (
+        "mug",
+        "Stoneware mug",
+        "A blue glazed stoneware mug, 350 ml",
+        1299,
+        500,
+    ),
+    (
+        "tea",
+        "Green tea",
+        "Loose leaf sencha from Shizuoka, 100 g",
+        850,
+        300,
+    ),
+    (
+        "kettle",
+        "Gooseneck kettle",
+        "Stainless steel pour-over kettle, 1 l",
+        4599,
+        40,
+    ),
+    (
+        "grinder",
+        "Burr grinder",
+        "Hand grinder with ceramic burrs",
+        3499,
+        25,
+    ),
+    (
+        "beans",
+        "Coffee beans",
+        "Washed Ethiopian beans, medium roast, 250 g",
+        1150,
+        800,
+    ),
+];
+
+/// The customers seeded on first start.
+const CUSTOMERS: &[(&str, &str, &str, &str)] = &[
+    (
+        "ada",
+        "Ada Lovelace",
+        "ada@example.com",
+        "12 St James's Square, London",
+    ),
+    (
+        "alan",
+        "Alan Turing",
+        "alan@example.com",
+        "Bletchley Park, Milton Keynes",
+    ),
+    (
+        "grace",
+        "Grace Hopper",
+        "grace@example.com",
+        "1 Navy Yard, Arlington",
+    ),
+];
+
+/// Serves the shop until Ctrl-C (or SIGTERM), then stops cleanly: the server
+/// finishes its requests, the projections their batches, and the stores close.
+pub async fn run(config: DemoConfig) -> Result<()> {
+    let (store, views) = open(&config.data)?;
+    let fresh = store.head().await?.0 == 0;
+    let shop = Arc::new(Shop::new(store.clone(), views.clone()));
+    let runners = shop.start(RunnerConfig::default()).await?;
+    if fresh {
+        seed(&shop).await?;
+    }
+    let listener = tokio::net::TcpListener::bind(config.addr)
+        .await
+        .with_context(|| {
+            format!(
+                "listening on {}; pass --addr to use another address",
+                config.addr
+            )
+        })?;
+    let addr = listener.local_addr()?;
+    print_welcome(addr, &config.data, fresh);
+    let mut traffic = Vec::new();
+    for customer in 0..config.traffic {
+        traffic.push(tokio::spawn(simulate_customer(shop.clone(), customer)));
+    }
+    let state = AppState {
+        application: shop.clone(),
+        store,
+        views,
+        auth: Auth::open(),
+        config: HttpConfig::default(),
+    };
+    axum::serve(listener, app(state))
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .context("serving HTTP")?;
+    for task in traffic {
+        task.abort();
+    }
+    for runner in runners {
+        runner.stop().await;
+    }
+    println!("stopped cleanly; run the same command to continue where it stopped");
+    Ok(())
+}
+
+fn open(data: &Path) -> Result<(Arc<dyn EventStore>, Arc<SqliteViews>)> {
+    let events = data.join("events.db");
+    let store = SqliteStore::open(&events)
+        .with_context(|| format!("opening the event store at {}", events.display()))?;
+    let views_path = data.join("views.db");
+    let views = SqliteViews::open(&views_path)
+        .with_context(|| format!("opening the views at {}", views_path.display()))?;
+    Ok((Arc::new(store), Arc::new(views)))
+}
+
+async fn seed(shop: &Shop) -> Result<()> {
+    let mut commands = Vec::new();
+    for (id, name, description, price_cents, stock) in CATALOGUE {
+        commands.push(("RegisterProduct", json!({"product_id": id, "name": name, "description": description, "price_cents": price_cents})));
+        commands.push(("AddStock", json!({"product_id": id, "quantity": stock})));
+    }
+    for (id, name, email, address) in CUSTOMERS {
+        commands.push((
+            "RegisterCustomer",
+            json!({"customer_id": id, "name": name, "email": email, "address": address}),
+        ));
+    }
+    for (name, body) in commands {
+        let command = ShopCommand::parse(name, body)?;
+        shop.execute(command, &CommandContext::default())
+            .await
+            .with_context(|| format!("seeding with {name}"))?;
+    }
+    Ok(())
+}
+
+/// One simulated customer: orders one or two products every so often, and
+/// sometimes cancels.
+async fn simulate_customer(shop: Arc<Shop>, customer: usize) {
+    let (customer_id, _, _, _) = CUSTOMERS[customer % CUSTOMERS.len()];
+    for n in 0u64.. {
+        tokio::time::sleep(Duration::from_millis(200 + fastrand::u64(0..800))).await;
+        let order_id = format!("sim-{customer}-{}-{n}", std::process::id());
+        let mut lines = vec![
+            json!({"product_id": CATALOGUE[fastrand::usize(0..CATALOGUE.len())].0, "quantity": fastrand::u64(1..3)}),
+        ];
+        if fastrand::bool() {
+            lines.push(json!({"product_id": CATALOGUE[fastrand::usize(0..CATALOGUE.len())].0, "quantity": 1}));
+        }
+        let body = json!({"order_id": order_id, "customer_id": customer_id, "lines": lines});
+        let Ok(command) = ShopCommand::parse("PlaceOrder", body) else {
+            continue;
+        };
+        // Running out of stock is part of the simulation, not a failure.
+        let _ = shop.execute(command, &CommandContext::default()).await;
+        if n % 7 == 6 {
+            if let Ok(cancel) = ShopCommand::parse("CancelOrder", json!({"order_id": order_id})) {
+                let _ = shop.execute(cancel, &CommandContext::default()).await;
+            }
+        }
+    }
+}
+
+fn print_welcome(addr: SocketAddr, data: &Path, fresh: bool) {
+    let url = format!("http://{addr}");
+    println!("diptych shop listening on {url}");
+    println!(
+        "data in {} ({})",
+        data.display(),
+        if fresh {
+            "new: seeded a catalogue and three customers"
+        } else {
+            "continuing"
+        }
+    );
+    println!();
+    println!("Try:");
+    println!("  curl -s {url}/views/products?q=tea");
+    println!(
+        "  curl -si -X POST {url}/commands/PlaceOrder -H 'content-type: application/json' \\\n    -d '{{\"order_id\":\"o-1\",\"customer_id\":\"ada\",\"lines\":[{{\"product_id\":\"mug\",\"quantity\":2}}]}}'"
+    );
+    println!(
+        "  curl -s -H 'x-diptych-wait-for: <X-Diptych-Position from above>' {url}/views/orders/o-1"
+    );
+    println!("  curl -s {url}/streams/order-o-1");
+    println!("  curl -s '{url}/views/customer-orders?customer_id=ada&order=-placed_at_us'");
+    println!("  curl -s {url}/projections");
+    println!();
+    println!("Ctrl-C stops it cleanly.");
+}
+
+async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut terminate =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(signal) => signal,
+                Err(_) => {
+                    let _ = interrupt.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = interrupt => {}
+            _ = terminate.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = interrupt.await;
+    }
+}

@@ -1,0 +1,147 @@
+//! `diptych demo` against a real socket: served, used, stopped with SIGINT,
+//! restarted on the same data.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+
+use serde_json::Value;
+
+struct Demo {
+    child: Child,
+    addr: String,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+fn start(data: &str) -> Demo {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_diptych"))
+        .args(["demo", "--addr", "127.0.0.1:0", "--data", data])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("the demo starts");
+    let stdout = child.stdout.take().expect("stdout");
+    let (sender, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if sender.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let first = lines
+        .recv_timeout(std::time::Duration::from_secs(60))
+        .expect("the demo says where it listens");
+    let addr = first
+        .rsplit("http://")
+        .next()
+        .expect("an address")
+        .trim()
+        .to_owned();
+    Demo { child, addr, lines }
+}
+
+impl Demo {
+    /// One HTTP/1.1 request on its own connection: the status and the JSON body.
+    fn request(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &str,
+    ) -> (u16, Value, String) {
+        let mut stream = TcpStream::connect(&self.addr).expect("connects");
+        let mut request = format!(
+            "{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n",
+            self.addr,
+            body.len()
+        );
+        for (name, value) in headers {
+            request.push_str(&format!("{name}: {value}\r\n"));
+        }
+        request.push_str("\r\n");
+        request.push_str(body);
+        stream.write_all(request.as_bytes()).expect("sends");
+        let mut response = String::new();
+        stream.read_to_string(&mut response).expect("reads");
+        let (head, body) = response.split_once("\r\n\r\n").expect("a response");
+        let status = head
+            .split(' ')
+            .nth(1)
+            .and_then(|code| code.parse().ok())
+            .expect("a status");
+        (
+            status,
+            serde_json::from_str(body).unwrap_or(Value::Null),
+            head.to_lowercase(),
+        )
+    }
+
+    /// SIGINT, as Ctrl-C sends; the demo must exit cleanly and say so.
+    fn interrupt(mut self) -> Vec<String> {
+        let status = Command::new("kill")
+            .args(["-INT", &self.child.id().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success());
+        let exit = self.child.wait().expect("the demo exits");
+        assert!(exit.success(), "the demo exited with {exit}");
+        // The reader thread ends at the end of the output, closing the channel.
+        let mut said = Vec::new();
+        while let Ok(line) = self.lines.recv_timeout(std::time::Duration::from_secs(30)) {
+            said.push(line);
+        }
+        said
+    }
+}
+
+#[test]
+fn the_demo_serves_the_shop_stops_cleanly_and_continues_on_restart() {
+    let data = tempfile::tempdir().unwrap();
+    let data = data.path().to_str().unwrap().to_owned();
+    let demo = start(&data);
+    let (status, ready, _) = demo.request("GET", "/health/ready", &[], "");
+    assert_eq!(status, 200, "{ready}");
+    let order =
+        r#"{"order_id":"o-1","customer_id":"ada","lines":[{"product_id":"mug","quantity":2}]}"#;
+    let (status, placed, head) = demo.request("POST", "/commands/PlaceOrder", &[], order);
+    assert_eq!(status, 200, "{placed}");
+    let position = placed["position"].as_u64().unwrap().to_string();
+    assert!(
+        head.contains(&format!("x-diptych-position: {position}")),
+        "{head}"
+    );
+    let (status, read, _) = demo.request(
+        "GET",
+        "/views/orders/o-1",
+        &[("X-Diptych-Wait-For", &position)],
+        "",
+    );
+    assert_eq!(status, 200, "{read}");
+    assert_eq!(read["total_cents"], 2 * 1299);
+    let (status, problem, head) = demo.request("POST", "/commands/PlaceOrder", &[], "{oops");
+    assert_eq!(status, 400);
+    assert!(head.contains("application/problem+json"), "{head}");
+    assert_eq!(problem["code"], "malformed_json");
+    let said = demo.interrupt();
+    assert!(
+        said.iter().any(|line| line.contains("stopped cleanly")),
+        "{said:?}"
+    );
+
+    // Restarted on the same data: nothing seeded again, the order still there.
+    let demo = start(&data);
+    let (status, read, _) = demo.request("GET", "/views/orders/o-1", &[], "");
+    assert_eq!(status, 200, "{read}");
+    let (_, audit, _) = demo.request("GET", "/streams/product-mug", &[], "");
+    assert_eq!(
+        audit["events"].as_array().unwrap().len(),
+        1,
+        "the catalogue was not seeded twice"
+    );
+    let said = demo.interrupt();
+    assert!(
+        said.iter().any(|line| line.contains("continuing")),
+        "{said:?}"
+    );
+}

@@ -17,6 +17,7 @@
 
 mod auth;
 mod commands;
+mod live;
 mod problem;
 mod reads;
 
@@ -162,6 +163,8 @@ pub fn app(state: AppState) -> Router {
         .route("/streams/{stream}", get(reads::read_stream))
         .route("/streams/{stream}/state", get(reads::stream_state))
         .route("/events", get(reads::read_log))
+        .route("/events/live", get(live::events))
+        .route("/views/{view}/{key}/live", get(live::document))
         .route("/projections", get(reads::projections))
         .route("/projections/{name}/rebuild", post(reads::rebuild))
         .route("/health/live", get(reads::live))

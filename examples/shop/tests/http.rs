@@ -496,3 +496,137 @@ async fn tokens_and_roles_guard_every_endpoint() {
         StatusCode::OK
     );
 }
+
+/// Reads SSE events (id, data) from a streaming body until `wanted` have come.
+async fn sse_events(body: &mut Body, wanted: usize) -> Vec<(u64, Value)> {
+    let mut text = String::new();
+    let mut events = Vec::new();
+    while events.len() < wanted {
+        let frame = tokio::time::timeout(std::time::Duration::from_secs(30), body.frame())
+            .await
+            .expect("an event in time")
+            .expect("the feed is open")
+            .unwrap();
+        let Ok(chunk) = frame.into_data() else {
+            continue;
+        };
+        text.push_str(std::str::from_utf8(&chunk).unwrap());
+        while let Some(end) = text.find("\n\n") {
+            let block: String = text.drain(..end + 2).collect();
+            let id = block
+                .lines()
+                .find_map(|line| line.strip_prefix("id: "))
+                .map(|id| id.parse().unwrap());
+            let data = block.lines().find_map(|line| line.strip_prefix("data: "));
+            if let (Some(id), Some(data)) = (id, data) {
+                events.push((id, serde_json::from_str(data).unwrap()));
+            }
+        }
+    }
+    events
+}
+
+impl Api {
+    async fn open_feed(&self, uri: &str, last_event_id: Option<u64>) -> Body {
+        let mut request = Request::builder().uri(uri);
+        if let Some(id) = last_event_id {
+            request = request.header("last-event-id", id.to_string());
+        }
+        let response = self
+            .router
+            .clone()
+            .oneshot(request.body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(response.headers()["content-type"], "text/event-stream");
+        response.into_body()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_live_log_resumes_after_a_disconnect_without_gap_or_duplicate() {
+    let api = api(Auth::open()).await;
+    api.seed().await;
+    let mut feed = api.open_feed("/events/live?after=0", None).await;
+    let first = sse_events(&mut feed, 5).await;
+    assert_eq!(
+        first.iter().map(|(id, _)| *id).collect::<Vec<_>>(),
+        [1, 2, 3, 4, 5]
+    );
+    assert_eq!(first[0].1["event_type"], "ProductAdded");
+    drop(feed);
+    // Meanwhile more is written.
+    api.command("AddStock", json!({"product_id": "mug", "quantity": 1}))
+        .await;
+    let head = api
+        .call("GET", "/events?after=0&limit=1000", &[], None)
+        .await
+        .body["next_after"]
+        .as_u64()
+        .unwrap();
+    let mut resumed = api.open_feed("/events/live", Some(5)).await;
+    let rest = sse_events(&mut resumed, (head - 5) as usize).await;
+    assert_eq!(
+        rest.iter().map(|(id, _)| *id).collect::<Vec<_>>(),
+        (6..=head).collect::<Vec<_>>()
+    );
+    // And it follows live, still without a gap (the saga may append in between).
+    let added = api
+        .command("AddStock", json!({"product_id": "mug", "quantity": 2}))
+        .await
+        .position
+        .unwrap();
+    let mut last = head;
+    while last < added {
+        let next = sse_events(&mut resumed, 1).await;
+        assert_eq!(next[0].0, last + 1, "a gap or a duplicate in the live feed");
+        last = next[0].0;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_documents_feed_sends_each_new_version() {
+    let api = api(Auth::open()).await;
+    api.seed().await;
+    // Let the saga finish (the order confirmed), then the products view catch up
+    // with everything, so the feed's first document is the settled one.
+    for _ in 0..3000 {
+        let order = api.call("GET", "/views/orders/o1", &[], None).await;
+        if order.body["status"] == "confirmed" {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let log = api
+        .call("GET", "/events?after=0&limit=1000", &[], None)
+        .await;
+    let head = log.body["next_after"].clone();
+    let settled = api
+        .call(
+            "GET",
+            &format!("/views/products/mug?wait_for={head}"),
+            &[],
+            None,
+        )
+        .await;
+    assert_eq!(settled.status, StatusCode::OK);
+    let mut feed = api.open_feed("/views/products/mug/live", None).await;
+    let now = sse_events(&mut feed, 1).await;
+    let available = now[0].1["stock_available"].as_u64().unwrap();
+    api.command("AddStock", json!({"product_id": "mug", "quantity": 10}))
+        .await;
+    let next = sse_events(&mut feed, 1).await;
+    assert!(next[0].0 > now[0].0);
+    assert_eq!(next[0].1["stock_available"], available + 10);
+    assert_problem(
+        &api.call("GET", "/views/nothing/x/live", &[], None).await,
+        StatusCode::NOT_FOUND,
+        "unknown_view",
+    );
+    assert_problem(
+        &api.call("GET", "/events/live?after=soon", &[], None).await,
+        StatusCode::BAD_REQUEST,
+        "invalid_query",
+    );
+}

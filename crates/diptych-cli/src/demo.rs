@@ -137,7 +137,8 @@ fn open(data: &Path) -> Result<(Arc<dyn EventStore>, Arc<SqliteViews>)> {
     let views_path = data.join("views.db");
     let views = SqliteViews::open(&views_path)
         .with_context(|| format!("opening the views at {}", views_path.display()))?;
-    Ok((Arc::new(store), Arc::new(views)))
+    // Appends are timed for /metrics.
+    Ok((diptych::http::metered(Arc::new(store)), Arc::new(views)))
 }
 
 async fn seed(shop: &Shop) -> Result<()> {

@@ -60,12 +60,16 @@ pub(crate) async fn execute(
         )
     })?;
     let context = context_from(&headers)?;
-    let outcome = state
-        .application
-        .execute(&name, body, &context)
-        .await
-        .map_err(problem_of)?;
-    Ok(outcome_response(&outcome))
+    let started = std::time::Instant::now();
+    let result = state.application.execute(&name, body, &context).await;
+    let outcome = match &result {
+        Ok(_) => "ok",
+        Err(ApplicationError::Rejected { .. } | ApplicationError::Conflict { .. }) => "rejected",
+        Err(ApplicationError::Internal(_)) => "failed",
+        Err(_) => "invalid",
+    };
+    crate::metrics::record_command(&name, outcome, started);
+    Ok(outcome_response(&result.map_err(problem_of)?))
 }
 
 /// The command's context from its headers: `Idempotency-Key` becomes the command

@@ -18,6 +18,7 @@
 mod auth;
 mod commands;
 mod live;
+mod metrics;
 mod problem;
 mod reads;
 
@@ -30,6 +31,7 @@ use axum::routing::{get, post};
 use diptych_core::{CommandContext, CommandOutcome, EventStore, StreamId, Timestamp, ViewStore};
 
 pub use auth::{Auth, Role};
+pub use metrics::metered;
 pub use problem::Problem;
 
 /// The name of the header carrying a consistency token (a log position): set on
@@ -155,8 +157,10 @@ pub struct AppState {
 
 /// The whole HTTP API of a service.
 pub fn app(state: AppState) -> Router {
+    metrics::install();
     let body_limit = state.config.body_limit;
     Router::new()
+        .route("/metrics", get(metrics::render))
         .route("/commands/{name}", post(commands::execute))
         .route("/views/{view}", get(reads::query_view))
         .route("/views/{view}/{key}", get(reads::get_document))
@@ -171,5 +175,6 @@ pub fn app(state: AppState) -> Router {
         .route("/health/ready", get(reads::ready))
         .fallback(reads::no_route)
         .layer(axum::extract::DefaultBodyLimit::max(body_limit))
+        .layer(axum::middleware::from_fn(metrics::record_requests))
         .with_state(state)
 }

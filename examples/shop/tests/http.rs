@@ -25,7 +25,7 @@ struct Answer {
 }
 
 async fn api(auth: Auth) -> Api {
-    let store = Arc::new(MemoryStore::new());
+    let store = diptych::http::metered(Arc::new(MemoryStore::new()));
     let views = Arc::new(MemoryViews::new());
     let shop = Arc::new(Shop::new(store.clone(), views.clone()));
     let runners = shop.start(RunnerConfig::default()).await.unwrap();
@@ -629,4 +629,37 @@ async fn a_documents_feed_sends_each_new_version() {
         StatusCode::BAD_REQUEST,
         "invalid_query",
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_requests_commands_appends_and_lag() {
+    let api = api(Auth::open()).await;
+    api.seed().await;
+    assert_problem(
+        &api.command("Teleport", json!({})).await,
+        StatusCode::NOT_FOUND,
+        "unknown_command",
+    );
+    let request = Request::builder()
+        .uri("/metrics")
+        .body(Body::empty())
+        .unwrap();
+    let response = api.router.clone().oneshot(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    let text = String::from_utf8(bytes.to_vec()).unwrap();
+    for expected in [
+        r#"diptych_commands_total{command="PlaceOrder",outcome="ok"}"#,
+        r#"diptych_http_requests_total{method="POST",route="/commands/{name}",status="200"}"#,
+        r#"diptych_http_requests_total{method="POST",route="/commands/{name}",status="404"}"#,
+        "diptych_command_seconds",
+        "diptych_append_seconds",
+        r#"diptych_projection_lag_events{projection="orders"}"#,
+        r#"diptych_projection_lag_ms{projection="customer-orders"}"#,
+    ] {
+        assert!(
+            text.contains(expected),
+            "`{expected}` missing from:\n{text}"
+        );
+    }
 }

@@ -19,6 +19,7 @@ mod auth;
 mod commands;
 mod live;
 mod metrics;
+mod openapi;
 mod problem;
 mod reads;
 
@@ -161,6 +162,7 @@ pub fn app(state: AppState) -> Router {
     let body_limit = state.config.body_limit;
     Router::new()
         .route("/metrics", get(metrics::render))
+        .route("/openapi.json", get(openapi::document))
         .route("/commands/{name}", post(commands::execute))
         .route("/views/{view}", get(reads::query_view))
         .route("/views/{view}/{key}", get(reads::get_document))

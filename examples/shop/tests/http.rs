@@ -663,3 +663,42 @@ async fn metrics_count_requests_commands_appends_and_lag() {
         );
     }
 }
+
+/// The OpenAPI document lists every command, and every path it lists is routed
+/// (none answers `no_route`), so the document and the router agree.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openapi_lists_every_command_and_only_routed_paths() {
+    let api = api(Auth::open()).await;
+    let document = api.call("GET", "/openapi.json", &[], None).await;
+    assert_eq!(document.status, StatusCode::OK);
+    assert!(document.body["openapi"].as_str().unwrap().starts_with("3."));
+    let paths = document.body["paths"].as_object().unwrap();
+    let commands = paths["/commands/{name}"]["post"]["description"]
+        .as_str()
+        .unwrap();
+    for name in diptych_shop::ShopCommand::NAMES {
+        assert!(commands.contains(name), "{name} missing from {commands}");
+    }
+    for (path, item) in paths {
+        let concrete = path
+            .replace("{name}", "products")
+            .replace("{view}", "products")
+            .replace("{key}", "mug")
+            .replace("{stream}", "product-mug");
+        let method = if item.get("post").is_some() {
+            "POST"
+        } else {
+            "GET"
+        };
+        if concrete.ends_with("/live") {
+            continue; // a feed never ends; its routing is tested with the feeds
+        }
+        let answer = api
+            .call(method, &concrete, &[], Some("{}".to_owned()))
+            .await;
+        assert_ne!(
+            answer.body["code"], "no_route",
+            "{method} {path} is listed but not routed"
+        );
+    }
+}

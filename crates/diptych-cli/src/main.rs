@@ -3,8 +3,8 @@
 
 mod bench;
 mod bench_query;
-mod demo;
 mod projections;
+mod serve;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -36,6 +36,18 @@ enum Command {
         /// Simulated customers that keep placing orders.
         #[arg(long, default_value_t = 0)]
         traffic: usize,
+        /// Serve open on a non-loopback address anyway.
+        #[arg(long)]
+        insecure: bool,
+    },
+    /// Serve the shop from a settings file (address, data directory, tokens).
+    Serve {
+        /// The TOML settings file.
+        #[arg(long)]
+        config: PathBuf,
+        /// Serve without tokens on a non-loopback address anyway.
+        #[arg(long)]
+        insecure: bool,
     },
     /// Measure the store against a floor measured in the same run.
     Bench {
@@ -280,11 +292,27 @@ async fn run(cli: Cli) -> Result<()> {
             addr,
             data,
             traffic,
+            insecure,
         } => {
-            demo::run(demo::DemoConfig {
+            serve::run(serve::ServeConfig {
                 addr,
                 data,
+                auth: diptych::http::Auth::open(),
+                insecure,
+                seed: true,
                 traffic,
+            })
+            .await
+        }
+        Command::Serve { config, insecure } => {
+            let (file, auth) = serve::ServeFile::load(&config)?;
+            serve::run(serve::ServeConfig {
+                addr: file.addr,
+                data: file.data,
+                auth,
+                insecure,
+                seed: false,
+                traffic: 0,
             })
             .await
         }

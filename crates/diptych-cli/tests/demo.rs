@@ -14,8 +14,13 @@ struct Demo {
 }
 
 fn start(data: &str) -> Demo {
+    start_with(&["demo", "--addr", "127.0.0.1:0", "--data", data], &[])
+}
+
+fn start_with(args: &[&str], env: &[(&str, &str)]) -> Demo {
     let mut child = Command::new(env!("CARGO_BIN_EXE_diptych"))
-        .args(["demo", "--addr", "127.0.0.1:0", "--data", data])
+        .args(args)
+        .envs(env.iter().copied())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
@@ -37,7 +42,7 @@ fn start(data: &str) -> Demo {
         .next()
         .expect("an address")
         .trim()
-        .to_owned();
+        .replace("0.0.0.0", "127.0.0.1");
     Demo { child, addr, lines }
 }
 
@@ -144,4 +149,100 @@ fn the_demo_serves_the_shop_stops_cleanly_and_continues_on_restart() {
         said.iter().any(|line| line.contains("continuing")),
         "{said:?}"
     );
+}
+
+fn settings(dir: &std::path::Path, addr: &str, tokens: &str) -> String {
+    let path = dir.join("serve.toml");
+    let data = dir.join("data");
+    std::fs::write(
+        &path,
+        format!("addr = \"{addr}\"\ndata = \"{}\"\n{tokens}", data.display()),
+    )
+    .unwrap();
+    path.to_str().unwrap().to_owned()
+}
+
+#[test]
+fn serve_refuses_to_run_open_on_a_public_address_unless_told() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = settings(dir.path(), "0.0.0.0:0", "");
+    let refused = Command::new(env!("CARGO_BIN_EXE_diptych"))
+        .args(["serve", "--config", &config])
+        .env_remove("DIPTYCH_TOKENS")
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        said.contains("refusing to serve without authentication"),
+        "{said}"
+    );
+    assert!(said.contains("--insecure"), "{said}");
+    let open = start_with(&["serve", "--config", &config, "--insecure"], &[]);
+    let (status, _, _) = open.request("GET", "/events", &[], "");
+    assert_eq!(status, 200);
+    open.interrupt();
+}
+
+#[test]
+fn serve_takes_tokens_from_its_file_and_the_environment() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = settings(
+        dir.path(),
+        "0.0.0.0:0",
+        "[tokens]\nfile-reader = \"reader\"\n",
+    );
+    let served = start_with(
+        &["serve", "--config", &config],
+        &[("DIPTYCH_TOKENS", "env-writer=writer")],
+    );
+    let (status, problem, _) = served.request("GET", "/events", &[], "");
+    assert_eq!(
+        (status, problem["code"].as_str()),
+        (401, Some("missing_token"))
+    );
+    let (status, _, _) = served.request(
+        "GET",
+        "/events",
+        &[("Authorization", "Bearer file-reader")],
+        "",
+    );
+    assert_eq!(status, 200);
+    let customer = r#"{"customer_id":"c","name":"C","email":"c@example.com","address":""}"#;
+    let (status, problem, _) = served.request(
+        "POST",
+        "/commands/RegisterCustomer",
+        &[("Authorization", "Bearer file-reader")],
+        customer,
+    );
+    assert_eq!(
+        (status, problem["code"].as_str()),
+        (403, Some("insufficient_role"))
+    );
+    let (status, _, _) = served.request(
+        "POST",
+        "/commands/RegisterCustomer",
+        &[("Authorization", "Bearer env-writer")],
+        customer,
+    );
+    assert_eq!(status, 200);
+    served.interrupt();
+}
+
+#[test]
+fn a_settings_file_with_a_mistake_is_refused_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = settings(dir.path(), "127.0.0.1:0", "[tokens]\nsomeone = \"owner\"\n");
+    let refused = Command::new(env!("CARGO_BIN_EXE_diptych"))
+        .args(["serve", "--config", &config])
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(said.contains("`owner` is not a role"), "{said}");
+    let missing = Command::new(env!("CARGO_BIN_EXE_diptych"))
+        .args(["serve", "--config", "/nonexistent/serve.toml"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("reading the settings file"));
 }

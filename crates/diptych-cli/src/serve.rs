@@ -1,6 +1,8 @@
-//! `diptych demo`: the reference shop served over HTTP, on SQLite under a data
-//! directory, with a catalogue and customers seeded on first start and, if asked,
-//! simulated customers placing orders.
+//! `diptych demo` and `diptych serve`: the reference shop served over HTTP, on
+//! SQLite under a data directory. The demo seeds a catalogue and customers on
+//! first start, can simulate customers, and runs open on a loopback address;
+//! `serve` takes a config file and bearer tokens, and refuses to run open on any
+//! other address unless told `--insecure`.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -8,20 +10,73 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use diptych::http::{AppState, Auth, HttpConfig, app};
+use diptych::http::{AppState, Auth, HttpConfig, Role, app};
 use diptych::sqlite::{SqliteStore, SqliteViews};
 use diptych::{CommandContext, EventStore, RunnerConfig};
 use diptych_shop::{Shop, ShopCommand};
 use serde_json::json;
 
-/// How to run the demo.
-pub struct DemoConfig {
+/// How to run the shop.
+pub struct ServeConfig {
     /// Where to listen.
     pub addr: SocketAddr,
     /// Where `events.db` and `views.db` live.
     pub data: PathBuf,
+    /// Who may do what.
+    pub auth: Auth,
+    /// Serve without tokens on a non-loopback address anyway.
+    pub insecure: bool,
+    /// Seed a catalogue and customers into an empty store.
+    pub seed: bool,
     /// How many simulated customers keep placing orders.
     pub traffic: usize,
+}
+
+/// The settings file of `diptych serve` (TOML).
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServeFile {
+    /// Where to listen, such as `0.0.0.0:8080`.
+    pub addr: SocketAddr,
+    /// The data directory.
+    pub data: PathBuf,
+    /// Bearer tokens and their roles (`reader`, `writer`, `admin`).
+    #[serde(default)]
+    pub tokens: std::collections::BTreeMap<String, String>,
+}
+
+impl ServeFile {
+    /// Reads the file; tokens in `DIPTYCH_TOKENS` (`token=role,token=role`) are
+    /// added to those in the file.
+    pub fn load(path: &Path) -> Result<(Self, Auth)> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading the settings file {}", path.display()))?;
+        let file: ServeFile = toml::from_str(&text)
+            .with_context(|| format!("reading the settings file {}", path.display()))?;
+        let mut tokens = std::collections::BTreeMap::new();
+        let from_env = std::env::var("DIPTYCH_TOKENS").unwrap_or_default();
+        let env_pairs = from_env
+            .split(',')
+            .filter(|pair| !pair.trim().is_empty())
+            .map(|pair| {
+                pair.split_once('=')
+                    .map(|(token, role)| (token.trim().to_owned(), role.trim().to_owned()))
+                    .with_context(|| format!("DIPTYCH_TOKENS holds `{pair}`; write token=role"))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        for (token, role) in file.tokens.clone().into_iter().chain(env_pairs) {
+            let role: Role = role
+                .parse()
+                .map_err(|error: String| anyhow::anyhow!("token `{token}`: {error}"))?;
+            tokens.insert(token, role);
+        }
+        let auth = if tokens.is_empty() {
+            Auth::open()
+        } else {
+            Auth::tokens(tokens)
+        };
+        Ok((file, auth))
+    }
 }
 
 /// The catalogue seeded on first start: id, name, description, price, stock.
@@ -87,12 +142,19 @@ const CUSTOMERS: &[(&str, &str, &str, &str)] = &[
 
 /// Serves the shop until Ctrl-C (or SIGTERM), then stops cleanly: the server
 /// finishes its requests, the projections their batches, and the stores close.
-pub async fn run(config: DemoConfig) -> Result<()> {
+pub async fn run(config: ServeConfig) -> Result<()> {
+    anyhow::ensure!(
+        !config.auth.is_open() || config.addr.ip().is_loopback() || config.insecure,
+        "refusing to serve without authentication on {}, which is not a loopback address: \
+         configure tokens (the settings file's [tokens], or DIPTYCH_TOKENS=token=role), or \
+         pass --insecure if the network in front of it is trusted",
+        config.addr
+    );
     let (store, views) = open(&config.data)?;
     let fresh = store.head().await?.0 == 0;
     let shop = Arc::new(Shop::new(store.clone(), views.clone()));
     let runners = shop.start(RunnerConfig::default()).await?;
-    if fresh {
+    if fresh && config.seed {
         seed(&shop).await?;
     }
     let listener = tokio::net::TcpListener::bind(config.addr)
@@ -104,7 +166,7 @@ pub async fn run(config: DemoConfig) -> Result<()> {
             )
         })?;
     let addr = listener.local_addr()?;
-    print_welcome(addr, &config.data, fresh);
+    print_welcome(addr, &config.data, fresh && config.seed, &config.auth);
     let mut traffic = Vec::new();
     for customer in 0..config.traffic {
         traffic.push(tokio::spawn(simulate_customer(shop.clone(), customer)));
@@ -113,7 +175,7 @@ pub async fn run(config: DemoConfig) -> Result<()> {
         application: shop.clone(),
         store,
         views,
-        auth: Auth::open(),
+        auth: config.auth.clone(),
         config: HttpConfig::default(),
     };
     axum::serve(listener, app(state))
@@ -189,16 +251,21 @@ async fn simulate_customer(shop: Arc<Shop>, customer: usize) {
     }
 }
 
-fn print_welcome(addr: SocketAddr, data: &Path, fresh: bool) {
+fn print_welcome(addr: SocketAddr, data: &Path, seeded: bool, auth: &Auth) {
     let url = format!("http://{addr}");
     println!("diptych shop listening on {url}");
     println!(
-        "data in {} ({})",
+        "data in {} ({}); {}",
         data.display(),
-        if fresh {
+        if seeded {
             "new: seeded a catalogue and three customers"
         } else {
             "continuing"
+        },
+        if auth.is_open() {
+            "no authentication"
+        } else {
+            "bearer tokens required"
         }
     );
     println!();

@@ -3,7 +3,7 @@
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{Path, State};
+use axum::extract::{Extension, Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use diptych_core::{CommandContext, CommandOutcome};
@@ -12,6 +12,7 @@ use uuid::Uuid;
 
 use crate::auth::Role;
 use crate::problem::Problem;
+use crate::request_id::RequestId;
 use crate::{AppState, ApplicationError, POSITION_HEADER};
 
 /// Ids derived from idempotency keys that are not UUIDs live under this namespace.
@@ -21,6 +22,7 @@ pub(crate) async fn execute(
     State(state): State<AppState>,
     Path(name): Path<String>,
     headers: HeaderMap,
+    request_id: Option<Extension<RequestId>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, Problem> {
     state.auth.require(&headers, Role::Writer)?;
@@ -59,7 +61,10 @@ pub(crate) async fn execute(
             format!("the body is not JSON: {error}"),
         )
     })?;
-    let context = context_from(&headers)?;
+    let mut context = context_from(&headers)?;
+    if context.correlation_id.is_none() {
+        context.correlation_id = request_id.map(|Extension(RequestId(id))| id);
+    }
     let started = std::time::Instant::now();
     let result = state.application.execute(&name, body, &context).await;
     let outcome = match &result {

@@ -12,8 +12,10 @@
 //! that cannot be read (the field named), 404 for an unknown command, view,
 //! stream or document, 409 for a version conflict, 422 for a business rule, 413
 //! for a body over the limit, 401/403 for missing or insufficient credentials. A
-//! failure of the service itself is a 500 that shows only a request id; its
-//! cause goes to the log under that id.
+//! failure of the service itself is a 500 that shows only an error id; its
+//! cause goes to the log under that id. Every answer carries `X-Request-Id`,
+//! which is also the correlation id of a command's events unless the client
+//! sent `X-Correlation-Id`.
 
 mod auth;
 mod commands;
@@ -22,6 +24,7 @@ mod metrics;
 mod openapi;
 mod problem;
 mod reads;
+mod request_id;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -178,5 +181,6 @@ pub fn app(state: AppState) -> Router {
         .fallback(reads::no_route)
         .layer(axum::extract::DefaultBodyLimit::max(body_limit))
         .layer(axum::middleware::from_fn(metrics::record_requests))
+        .layer(axum::middleware::from_fn(request_id::assign))
         .with_state(state)
 }

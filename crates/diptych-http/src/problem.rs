@@ -18,7 +18,7 @@ struct Body {
     #[serde(skip_serializing_if = "Option::is_none")]
     field: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    request_id: Option<String>,
+    error_id: Option<String>,
 }
 
 impl Problem {
@@ -30,7 +30,7 @@ impl Problem {
             title: status.canonical_reason().unwrap_or("error").to_owned(),
             detail: detail.into(),
             field: None,
-            request_id: None,
+            error_id: None,
         }))
     }
 
@@ -40,16 +40,17 @@ impl Problem {
         self
     }
 
-    /// A 500 that shows only a request id; the cause is logged under it.
+    /// A 500 that shows only an error id; the cause is logged under it (within
+    /// the request's span, which carries the request id).
     pub fn internal(cause: &dyn std::fmt::Display) -> Self {
-        let request_id = uuid::Uuid::now_v7().to_string();
-        tracing::error!(request_id = %request_id, error = %cause, "internal error");
+        let error_id = uuid::Uuid::now_v7().to_string();
+        tracing::error!(error_id = %error_id, error = %cause, "internal error");
         let mut problem = Self::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "internal",
-            "the service failed to handle the request; report the request id",
+            "the service failed to handle the request; report the error id",
         );
-        problem.0.request_id = Some(request_id);
+        problem.0.error_id = Some(error_id);
         problem
     }
 

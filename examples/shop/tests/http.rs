@@ -19,6 +19,7 @@ struct Api {
 
 struct Answer {
     status: StatusCode,
+    request_id: Option<String>,
     position: Option<u64>,
     content_type: String,
     body: Value,
@@ -70,6 +71,11 @@ impl Api {
             .headers()
             .get("x-diptych-position")
             .and_then(|value| value.to_str().ok()?.parse().ok());
+        let request_id = response
+            .headers()
+            .get("x-request-id")
+            .and_then(|value| value.to_str().ok())
+            .map(str::to_owned);
         let content_type = response
             .headers()
             .get("content-type")
@@ -80,6 +86,7 @@ impl Api {
         let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
         Answer {
             status,
+            request_id,
             position,
             content_type,
             body,
@@ -157,6 +164,27 @@ async fn a_command_answers_with_its_events_and_a_consistency_token() {
     assert_eq!(read.status, StatusCode::OK);
     assert_eq!(read.body["name"], "Mug");
     assert!(read.position.unwrap() >= answer.position.unwrap());
+    // The request id is the events' correlation id when the client sent none.
+    let audit = api.call("GET", "/streams/product-mug", &[], None).await;
+    assert_eq!(
+        audit.body["events"][0]["metadata"]["correlation_id"].as_str(),
+        answer.request_id.as_deref()
+    );
+    let correlation = "0193a1c2-7f55-7000-8000-000000000042";
+    let renamed = api
+        .call(
+            "POST",
+            "/commands/RenameProduct",
+            &[("x-correlation-id", correlation)],
+            Some(json!({"product_id": "mug", "name": "Cup"}).to_string()),
+        )
+        .await;
+    assert_eq!(renamed.status, StatusCode::OK);
+    let audit = api.call("GET", "/streams/product-mug", &[], None).await;
+    assert_eq!(
+        audit.body["events"][1]["metadata"]["correlation_id"],
+        correlation
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -164,6 +164,7 @@ pub fn app(state: AppState) -> Router {
     metrics::install();
     let body_limit = state.config.body_limit;
     Router::new()
+        .route("/", get(reads::console))
         .route("/metrics", get(metrics::render))
         .route("/openapi.json", get(openapi::document))
         .route("/commands/{name}", post(commands::execute))

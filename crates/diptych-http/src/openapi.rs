@@ -187,6 +187,13 @@ pub(crate) const ENDPOINTS: &[Endpoint] = &[
     },
     Endpoint {
         post: false,
+        path: "/",
+        summary: "The web console: projections, a view browser, the log live",
+        role: None,
+        parameters: &[],
+    },
+    Endpoint {
+        post: false,
         path: "/openapi.json",
         summary: "This document",
         role: None,

@@ -378,6 +378,11 @@ pub(crate) async fn ready(State(state): State<AppState>) -> Response {
     }
 }
 
+/// `GET /`: the web console, one page embedded in the binary.
+pub(crate) async fn console() -> Response {
+    axum::response::Html(include_str!("console.html")).into_response()
+}
+
 pub(crate) async fn no_route() -> Problem {
     Problem::new(
         StatusCode::NOT_FOUND,

@@ -697,6 +697,17 @@ async fn metrics_count_requests_commands_appends_and_lag() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn openapi_lists_every_command_and_only_routed_paths() {
     let api = api(Auth::open()).await;
+    let request = Request::builder().uri("/").body(Body::empty()).unwrap();
+    let console = api.router.clone().oneshot(request).await.unwrap();
+    assert_eq!(console.status(), StatusCode::OK);
+    assert!(
+        console.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/html")
+    );
+    let page = console.into_body().collect().await.unwrap().to_bytes();
+    assert!(String::from_utf8_lossy(&page).contains("diptych console"));
     let document = api.call("GET", "/openapi.json", &[], None).await;
     assert_eq!(document.status, StatusCode::OK);
     assert!(document.body["openapi"].as_str().unwrap().starts_with("3."));

@@ -741,3 +741,109 @@ async fn openapi_lists_every_command_and_only_routed_paths() {
         );
     }
 }
+
+/// Polls an order's document until the saga has decided it.
+async fn decided(api: &Api, order_id: &str) -> String {
+    for _ in 0..3000 {
+        let order = api
+            .call("GET", &format!("/views/orders/{order_id}"), &[], None)
+            .await;
+        if let Some(status) = order.body["status"].as_str() {
+            if status != "placed" {
+                return status.to_owned();
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    panic!("order {order_id} was never confirmed or rejected");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_clients_ordering_the_last_units_over_http_never_oversell() {
+    let api = Arc::new(api(Auth::open()).await);
+    api.seed().await; // 5 mugs, 2 ordered by o1
+    assert_eq!(decided(&api, "o1").await, "confirmed");
+    let mut clients = Vec::new();
+    for n in 0..10 {
+        let api = api.clone();
+        clients.push(tokio::spawn(async move {
+            let body = json!({"order_id": format!("c{n}"), "customer_id": "ada", "lines": [{"product_id": "mug", "quantity": 1}]});
+            (format!("c{n}"), api.command("PlaceOrder", body).await)
+        }));
+    }
+    let mut confirmed = vec!["o1".to_owned()];
+    for client in clients {
+        let (order_id, answer) = client.await.unwrap();
+        match answer.status {
+            StatusCode::OK => {
+                if decided(&api, &order_id).await == "confirmed" {
+                    confirmed.push(order_id);
+                }
+            }
+            StatusCode::UNPROCESSABLE_ENTITY => {
+                assert_eq!(answer.body["code"], "insufficient_stock")
+            }
+            other => panic!("{order_id}: {other} {}", answer.body),
+        }
+    }
+    confirmed.sort();
+    assert!(
+        confirmed.len() <= 4,
+        "{} orders confirmed for 5 mugs of which o1 holds 2",
+        confirmed.len()
+    );
+    let stock = api.call("GET", "/streams/stock-mug/state", &[], None).await;
+    let mut holders: Vec<String> = stock.body["state"]["reservations"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .cloned()
+        .collect();
+    holders.sort();
+    assert_eq!(
+        holders, confirmed,
+        "reservations must be exactly the confirmed orders'"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rename_and_an_earlier_time_over_http() {
+    let api = api(Auth::open()).await;
+    api.seed().await;
+    assert_eq!(decided(&api, "o1").await, "confirmed");
+    let renamed = api
+        .command(
+            "RenameProduct",
+            json!({"product_id": "mug", "name": "Big mug"}),
+        )
+        .await;
+    let token = renamed.position.unwrap();
+    let history = api
+        .call(
+            "GET",
+            &format!("/views/customer-orders?customer_id=ada&wait_for={token}"),
+            &[],
+            None,
+        )
+        .await;
+    assert_eq!(
+        history.body["items"][0]["document"]["lines"][0]["name"], "Big mug",
+        "{}",
+        history.body
+    );
+    let audit = api.call("GET", "/streams/order-o1", &[], None).await;
+    let placed_at = audit.body["events"][0]["recorded_at"].as_i64().unwrap();
+    let at = diptych::Timestamp::from_unix_micros(placed_at).to_string();
+    let then = api
+        .call(
+            "GET",
+            &format!("/streams/order-o1/state?at={at}"),
+            &[],
+            None,
+        )
+        .await;
+    assert_eq!(then.body["state"]["status"], "placed", "{}", then.body);
+    assert_eq!(then.body["version"], 1);
+    let now = api.call("GET", "/streams/order-o1/state", &[], None).await;
+    assert_eq!(now.body["state"]["status"], "confirmed");
+}

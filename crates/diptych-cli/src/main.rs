@@ -2,6 +2,7 @@
 //! the operator's controls of projections.
 
 mod bench;
+mod bench_http;
 mod bench_query;
 mod projections;
 mod serve;
@@ -90,6 +91,19 @@ enum BenchCommand {
         /// existing log of the same size there is reused).
         #[arg(long)]
         dir: Option<PathBuf>,
+    },
+    /// Commands and view reads over real HTTP on loopback at increasing
+    /// concurrency, against the in-process command path.
+    Http {
+        /// Print one JSON object per result line.
+        #[arg(long)]
+        json: bool,
+        /// Seconds each measurement runs.
+        #[arg(long, default_value_t = 3.0)]
+        seconds: f64,
+        /// Client counts to run, comma separated.
+        #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
+        clients: Vec<usize>,
     },
     /// Live lag: appends at a steady rate; the time from each append's
     /// acknowledgement to the view having applied it, against a bare subscriber.
@@ -313,6 +327,54 @@ async fn run(cli: Cli) -> Result<()> {
                 insecure,
                 seed: false,
                 traffic: 0,
+            })
+            .await
+        }
+        Command::Bench {
+            bench:
+                BenchCommand::Http {
+                    json,
+                    seconds,
+                    clients,
+                },
+        } => {
+            anyhow::ensure!(
+                seconds.is_finite() && seconds > 0.0 && clients.iter().all(|&c| c > 0),
+                "--seconds and --clients must be positive"
+            );
+            if !json {
+                println!(
+                    "{:<14} {:>7} {:>10} {:>9} {:>9} {:>12} {:>6} {:>10}",
+                    "operation",
+                    "clients",
+                    "per s",
+                    "p50 us",
+                    "p99 us",
+                    "floor per s",
+                    "ratio",
+                    "sagas/s"
+                );
+            }
+            bench_http::run(&clients, Duration::from_secs_f64(seconds), |result| {
+                let line = if json {
+                    serde_json::to_string(result).unwrap_or_default()
+                } else {
+                    let optional = |value: Option<f64>, precision: usize| {
+                        value.map_or_else(|| "-".to_owned(), |v| format!("{v:.precision$}"))
+                    };
+                    format!(
+                        "{:<14} {:>7} {:>10.0} {:>9} {:>9} {:>12} {:>6} {:>10}",
+                        result.operation,
+                        result.clients,
+                        result.per_sec,
+                        result.p50_us,
+                        result.p99_us,
+                        optional(result.floor_per_sec, 0),
+                        optional(result.ratio, 2),
+                        optional(result.sagas_per_sec, 0)
+                    )
+                };
+                println!("{line}");
             })
             .await
         }

@@ -69,7 +69,11 @@ pub(crate) async fn execute(
     let result = state.application.execute(&name, body, &context).await;
     let outcome = match &result {
         Ok(_) => "ok",
-        Err(ApplicationError::Rejected { .. } | ApplicationError::Conflict { .. }) => "rejected",
+        Err(
+            ApplicationError::Rejected { .. }
+            | ApplicationError::Conflict { .. }
+            | ApplicationError::Busy(_),
+        ) => "rejected",
         Err(ApplicationError::Internal(_)) => "failed",
         Err(_) => "invalid",
     };
@@ -187,6 +191,11 @@ pub(crate) fn problem_of(error: ApplicationError) -> Problem {
             format!(
                 "the stream is at version {actual}, not {expected}: read it again and decide anew"
             ),
+        ),
+        ApplicationError::Busy(detail) => Problem::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "stream_busy",
+            format!("{detail}; try again"),
         ),
         ApplicationError::IdempotencyKeyReused => Problem::new(
             StatusCode::CONFLICT,

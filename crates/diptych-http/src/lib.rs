@@ -94,6 +94,10 @@ pub enum ApplicationError {
         /// The version found.
         actual: u64,
     },
+    /// The stream kept changing under the command (many writers on one
+    /// aggregate); trying again later may succeed.
+    #[error("the stream is busy: {0}")]
+    Busy(String),
     /// The idempotency key was used before for another command.
     #[error("this idempotency key was used for another command")]
     IdempotencyKeyReused,

@@ -68,7 +68,9 @@ impl SqliteViews {
         connection.set_prepared_statement_cache_capacity(256);
         schema::VIEWS.migrate(&mut connection)?;
         Ok(Self {
-            readers: Arc::new(ReaderPool::new(path.clone(), 4)),
+            // Many HTTP readers at once: keep enough connections that a burst of
+            // queries reuses them instead of opening new ones.
+            readers: Arc::new(ReaderPool::new(path.clone(), 32)),
             path,
             writer: Arc::new(Mutex::new(connection)),
             checkpoints: CheckpointWatches::default(),

@@ -1,6 +1,6 @@
 //! The catalog: products, their names, descriptions and prices.
 
-use diptych::Aggregate;
+use diptych::{Aggregate, SnapshotPolicy};
 use serde::{Deserialize, Serialize};
 
 use crate::Rejection;
@@ -137,6 +137,12 @@ impl Aggregate for Product {
                 }])
             }
         }
+    }
+
+    /// A hot product's stream grows with every reservation (or rename): a
+    /// snapshot every 50 events keeps loading it cheap.
+    fn snapshot_policy() -> SnapshotPolicy {
+        SnapshotPolicy::Every(50)
     }
 
     fn evolve(&mut self, event: &CatalogEvent) {

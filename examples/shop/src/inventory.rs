@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 
-use diptych::Aggregate;
+use diptych::{Aggregate, SnapshotPolicy};
 use serde::{Deserialize, Serialize};
 
 use crate::Rejection;
@@ -158,6 +158,12 @@ impl Aggregate for Stock {
                 .into_iter()
                 .collect()),
         }
+    }
+
+    /// A hot product's stream grows with every reservation (or rename): a
+    /// snapshot every 50 events keeps loading it cheap.
+    fn snapshot_policy() -> SnapshotPolicy {
+        SnapshotPolicy::Every(50)
     }
 
     fn evolve(&mut self, event: &InventoryEvent) {

@@ -120,6 +120,9 @@ fn application_error(error: CommandError<Rejection>) -> ApplicationError {
             },
             actual,
         },
+        CommandError::TooManyConflicts { attempts, .. } => ApplicationError::Busy(format!(
+            "the aggregate kept changing; gave up after {attempts} attempts"
+        )),
         CommandError::Append(AppendError::IdempotencyKeyReused { .. }) => {
             ApplicationError::IdempotencyKeyReused
         }

@@ -1,0 +1,320 @@
+//! `diptych bench http`: commands and view reads over real HTTP on loopback,
+//! at increasing concurrency, next to the floor of the same commands run on the
+//! in-process command path (`Shop::execute`, no HTTP) in the same run.
+//!
+//! Each client is one task with one keep-alive connection, sending its next
+//! request when the previous answer is read. `PlaceOrder` goes through the whole
+//! saga: the run ends when every order placed has been confirmed, and
+//! `sagas_per_sec` counts orders confirmed over that whole time.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use diptych::http::{AppState, Auth, HttpConfig, app};
+use diptych::sqlite::{SqliteStore, SqliteViews};
+use diptych::{CommandContext, EventStore, RunnerConfig, ViewStore, wait_for};
+use diptych_shop::{Shop, ShopCommand};
+use serde::Serialize;
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+
+use crate::bench::percentile;
+
+/// One result line.
+#[derive(Debug, Serialize)]
+pub struct HttpResult {
+    /// Always `http`.
+    pub bench: &'static str,
+    /// `PlaceOrder`, `RenameProduct` or `view-read`.
+    pub operation: &'static str,
+    /// Concurrent clients.
+    pub clients: usize,
+    /// Requests answered per second.
+    pub per_sec: f64,
+    /// Median latency, microseconds.
+    pub p50_us: u64,
+    /// 99th percentile latency, microseconds.
+    pub p99_us: u64,
+    /// The same commands on the in-process path (no HTTP), per second.
+    pub floor_per_sec: Option<f64>,
+    /// `per_sec / floor_per_sec`.
+    pub ratio: Option<f64>,
+    /// For `PlaceOrder`: orders confirmed by the saga per second, until the last.
+    pub sagas_per_sec: Option<f64>,
+}
+
+/// A keep-alive HTTP/1.1 connection, enough for JSON requests and answers.
+struct Connection {
+    reader: BufReader<TcpStream>,
+}
+
+impl Connection {
+    async fn open(addr: SocketAddr) -> Result<Self> {
+        let stream = TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        Ok(Self {
+            reader: BufReader::new(stream),
+        })
+    }
+
+    async fn request(&mut self, method: &str, path: &str, body: &str) -> Result<u16> {
+        let request = format!(
+            "{method} {path} HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        self.reader.get_mut().write_all(request.as_bytes()).await?;
+        let mut line = String::new();
+        self.reader.read_line(&mut line).await?;
+        let status: u16 = line
+            .split(' ')
+            .nth(1)
+            .and_then(|code| code.parse().ok())
+            .context("an HTTP status line")?;
+        let mut length = 0usize;
+        loop {
+            line.clear();
+            self.reader.read_line(&mut line).await?;
+            if line == "\r\n" || line.is_empty() {
+                break;
+            }
+            if let Some((name, value)) = line.split_once(':') {
+                if name.eq_ignore_ascii_case("content-length") {
+                    length = value.trim().parse().unwrap_or(0);
+                }
+            }
+        }
+        let mut body = vec![0; length];
+        self.reader.read_exact(&mut body).await?;
+        Ok(status)
+    }
+}
+
+/// Runs the whole bench: clients at each concurrency, each operation for
+/// `duration`; calls `report` with each line.
+pub async fn run(
+    clients: &[usize],
+    duration: Duration,
+    mut report: impl FnMut(&HttpResult),
+) -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let store: Arc<dyn EventStore> = Arc::new(SqliteStore::open(dir.path().join("events.db"))?);
+    let views: Arc<dyn ViewStore> = Arc::new(SqliteViews::open(dir.path().join("views.db"))?);
+    let shop = Arc::new(Shop::new(store.clone(), views.clone()));
+    let runners = shop.start(RunnerConfig::default()).await?;
+    let mut seed = vec![(
+        "RegisterCustomer",
+        json!({"customer_id": "ada", "name": "Ada", "email": "ada@example.com", "address": "London"}),
+    )];
+    for product in 0..PRODUCTS {
+        seed.push(("RegisterProduct", json!({"product_id": format!("p{product}"), "name": "Mug", "description": "Blue", "price_cents": 1299})));
+        seed.push((
+            "AddStock",
+            json!({"product_id": format!("p{product}"), "quantity": 1_000_000_000u64}),
+        ));
+    }
+    for (name, body) in seed {
+        shop.execute(ShopCommand::parse(name, body)?, &CommandContext::default())
+            .await
+            .map_err(|error| anyhow::anyhow!("seeding: {error}"))?;
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let state = AppState {
+        application: shop.clone(),
+        store: store.clone(),
+        views: views.clone(),
+        auth: Auth::open(),
+        config: HttpConfig::default(),
+    };
+    let server = tokio::spawn(async move { axum::serve(listener, app(state)).await });
+    let orders = Arc::new(AtomicU64::new(0));
+    for &count in clients {
+        // PlaceOrder through the saga.
+        let started = Instant::now();
+        let order = order_body(orders.clone());
+        let latencies = over_http(
+            addr,
+            count,
+            duration,
+            "POST",
+            "/commands/PlaceOrder",
+            &order,
+        )
+        .await?;
+        let head = store.head().await?;
+        wait_for(&*views, "orders", head, Duration::from_secs(600)).await?;
+        settle(&store, &views).await?;
+        let saga_seconds = started.elapsed().as_secs_f64();
+        let floor = in_process(&shop, count, duration, "PlaceOrder", &order).await?;
+        let placed = latencies.len() as f64;
+        report(&result(
+            "PlaceOrder",
+            count,
+            duration,
+            latencies,
+            Some(floor),
+            Some(placed / saga_seconds),
+        ));
+        // A simple command.
+        let rename = rename_body();
+        let latencies = over_http(
+            addr,
+            count,
+            duration,
+            "POST",
+            "/commands/RenameProduct",
+            &rename,
+        )
+        .await?;
+        let floor = in_process(&shop, count, duration, "RenameProduct", &rename).await?;
+        report(&result(
+            "RenameProduct",
+            count,
+            duration,
+            latencies,
+            Some(floor),
+            None,
+        ));
+        // Reads by key.
+        let read = |_: u64| String::new();
+        let latencies =
+            over_http(addr, count, duration, "GET", "/views/products/p0", &read).await?;
+        report(&result("view-read", count, duration, latencies, None, None));
+    }
+    server.abort();
+    for runner in runners {
+        runner.stop().await;
+    }
+    Ok(())
+}
+
+/// Products in the catalogue: clients spread over them (client `c` uses `p<c % 64>`).
+const PRODUCTS: u64 = 64;
+
+/// Each client's requests carry `n = client * 1e9 + i`.
+fn product_of(n: u64) -> String {
+    format!("p{}", (n / 1_000_000_000) % PRODUCTS)
+}
+
+fn order_body(orders: Arc<AtomicU64>) -> impl Fn(u64) -> String + Send + Sync + Clone + 'static {
+    move |n| {
+        let order = orders.fetch_add(1, Ordering::Relaxed);
+        json!({"order_id": format!("bench-{order}"), "customer_id": "ada", "lines": [{"product_id": product_of(n), "quantity": 1}]}).to_string()
+    }
+}
+
+fn rename_body() -> impl Fn(u64) -> String + Send + Sync + Clone + 'static {
+    |n| json!({"product_id": product_of(n), "name": format!("Mug {n}")}).to_string()
+}
+
+/// Waits until the saga and every view have applied everything, including what
+/// the saga's own commands appended.
+async fn settle(store: &Arc<dyn EventStore>, views: &Arc<dyn ViewStore>) -> Result<()> {
+    loop {
+        let head = store.head().await?;
+        for view in diptych_shop::VIEWS.iter().chain(["order-placement"].iter()) {
+            wait_for(&**views, view, head, Duration::from_secs(600)).await?;
+        }
+        if store.head().await? == head {
+            return Ok(());
+        }
+    }
+}
+
+/// `clients` connections sending requests for `duration`; each latency in µs.
+async fn over_http(
+    addr: SocketAddr,
+    clients: usize,
+    duration: Duration,
+    method: &'static str,
+    path: &'static str,
+    body: &(impl Fn(u64) -> String + Send + Sync + Clone + 'static),
+) -> Result<Vec<u64>> {
+    let mut tasks = Vec::new();
+    for client in 0..clients {
+        let body = body.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut connection = Connection::open(addr).await?;
+            let mut latencies = Vec::new();
+            let started = Instant::now();
+            let mut n = client as u64 * 1_000_000_000;
+            while started.elapsed() < duration {
+                let text = body(n);
+                n += 1;
+                let sent = Instant::now();
+                let status = connection.request(method, path, &text).await?;
+                if status != 200 {
+                    bail!("{method} {path} answered {status}");
+                }
+                latencies.push(sent.elapsed().as_micros() as u64);
+            }
+            anyhow::Ok(latencies)
+        }));
+    }
+    let mut all = Vec::new();
+    for task in tasks {
+        all.extend(task.await??);
+    }
+    Ok(all)
+}
+
+/// The same commands on the in-process path, per second.
+async fn in_process(
+    shop: &Arc<Shop>,
+    clients: usize,
+    duration: Duration,
+    name: &'static str,
+    body: &(impl Fn(u64) -> String + Send + Sync + Clone + 'static),
+) -> Result<f64> {
+    let mut tasks = Vec::new();
+    for client in 0..clients {
+        let (shop, body) = (shop.clone(), body.clone());
+        tasks.push(tokio::spawn(async move {
+            let started = Instant::now();
+            let mut done = 0u64;
+            // The same products as the clients over HTTP, other names and ids.
+            let mut n = client as u64 * 1_000_000_000 + 500_000_000;
+            while started.elapsed() < duration {
+                let value: Value = serde_json::from_str(&body(n))?;
+                n += 1;
+                shop.execute(ShopCommand::parse(name, value)?, &CommandContext::default())
+                    .await
+                    .map_err(|error| anyhow::anyhow!("{name}: {error}"))?;
+                done += 1;
+            }
+            anyhow::Ok(done)
+        }));
+    }
+    let mut done = 0;
+    for task in tasks {
+        done += task.await??;
+    }
+    Ok(done as f64 / duration.as_secs_f64())
+}
+
+fn result(
+    operation: &'static str,
+    clients: usize,
+    duration: Duration,
+    mut latencies: Vec<u64>,
+    floor_per_sec: Option<f64>,
+    sagas_per_sec: Option<f64>,
+) -> HttpResult {
+    latencies.sort_unstable();
+    let per_sec = latencies.len() as f64 / duration.as_secs_f64();
+    HttpResult {
+        bench: "http",
+        operation,
+        clients,
+        per_sec,
+        p50_us: percentile(&latencies, 0.50),
+        p99_us: percentile(&latencies, 0.99),
+        floor_per_sec,
+        ratio: floor_per_sec.map(|floor| per_sec / floor),
+        sagas_per_sec,
+    }
+}

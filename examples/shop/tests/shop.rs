@@ -286,6 +286,8 @@ async fn concurrent_orders_never_oversell(shop: Running) {
         "{} orders confirmed for 3 teas",
         confirmed.len()
     );
+    // Reservations are keyed by order id, so compare in that order.
+    confirmed.sort();
     for product in ["mug", "tea"] {
         let stock = shop.shop.stock.load(product).await.unwrap().state;
         let held: Vec<&String> = stock.reservations.keys().collect();

@@ -1,4 +1,5 @@
-//! The shop's HTTP API through `app(...)`, request by request, as a client sees it.
+//! The shop's HTTP API as a client sees it, request by request: every test runs
+//! twice, through `app(...)` with `oneshot` and against a real socket.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -14,6 +15,7 @@ use tower::ServiceExt;
 
 struct Api {
     router: axum::Router,
+    socket: Option<std::net::SocketAddr>,
     _runners: Vec<RunnerHandle>,
 }
 
@@ -23,9 +25,17 @@ struct Answer {
     position: Option<u64>,
     content_type: String,
     body: Value,
+    text: String,
 }
 
-async fn api(auth: Auth) -> Api {
+/// How the tests reach the API: `oneshot` on the router, or a real socket.
+#[derive(Clone, Copy, Debug)]
+enum Mode {
+    App,
+    Socket,
+}
+
+async fn api(mode: Mode, auth: Auth) -> Api {
     let store = diptych::http::metered(Arc::new(MemoryStore::new()));
     let views = Arc::new(MemoryViews::new());
     let shop = Arc::new(Shop::new(store.clone(), views.clone()));
@@ -43,8 +53,20 @@ async fn api(auth: Auth) -> Api {
             ..HttpConfig::default()
         },
     };
+    let router = app(state);
+    let socket = match mode {
+        Mode::App => None,
+        Mode::Socket => {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let served = router.clone();
+            tokio::spawn(async move { axum::serve(listener, served).await });
+            Some(addr)
+        }
+    };
     Api {
-        router: app(state),
+        router,
+        socket,
         _runners: runners,
     }
 }
@@ -57,6 +79,9 @@ impl Api {
         headers: &[(&str, &str)],
         body: Option<String>,
     ) -> Answer {
+        if let Some(addr) = self.socket {
+            return call_socket(addr, method, uri, headers, body).await;
+        }
         let mut request = Request::builder().method(method).uri(uri);
         for (name, value) in headers {
             request = request.header(*name, *value);
@@ -83,13 +108,14 @@ impl Api {
             .unwrap_or_default()
             .to_owned();
         let bytes = response.into_body().collect().await.unwrap().to_bytes();
-        let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        let text = String::from_utf8_lossy(&bytes).into_owned();
         Answer {
             status,
             request_id,
             position,
             content_type,
-            body,
+            body: serde_json::from_str(&text).unwrap_or(Value::Null),
+            text,
         }
     }
 
@@ -133,9 +159,8 @@ fn assert_problem(answer: &Answer, status: StatusCode, code: &str) {
     assert_eq!(answer.body["status"], status.as_u16());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_command_answers_with_its_events_and_a_consistency_token() {
-    let api = api(Auth::open()).await;
+async fn a_command_answers_with_its_events_and_a_consistency_token(mode: Mode) {
+    let api = api(mode, Auth::open()).await;
     let answer = api
         .command(
             "RegisterProduct",
@@ -187,9 +212,8 @@ async fn a_command_answers_with_its_events_and_a_consistency_token() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bad_input_gets_a_problem_with_a_stable_code_and_the_field() {
-    let api = api(Auth::open()).await;
+async fn bad_input_gets_a_problem_with_a_stable_code_and_the_field(mode: Mode) {
+    let api = api(mode, Auth::open()).await;
     assert_problem(
         &api.command("Teleport", json!({})).await,
         StatusCode::NOT_FOUND,
@@ -250,9 +274,8 @@ async fn bad_input_gets_a_problem_with_a_stable_code_and_the_field() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn business_rules_conflicts_and_repeats() {
-    let api = api(Auth::open()).await;
+async fn business_rules_conflicts_and_repeats(mode: Mode) {
+    let api = api(mode, Auth::open()).await;
     api.seed().await;
     let short = api
         .command("PlaceOrder", json!({"order_id": "o2", "customer_id": "ada", "lines": [{"product_id": "mug", "quantity": 50}]}))
@@ -326,9 +349,8 @@ async fn business_rules_conflicts_and_repeats() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn views_streams_the_log_and_projections_read_back() {
-    let api = api(Auth::open()).await;
+async fn views_streams_the_log_and_projections_read_back(mode: Mode) {
+    let api = api(mode, Auth::open()).await;
     let token = api.seed().await.to_string();
     let order = api
         .call(
@@ -435,14 +457,13 @@ async fn views_streams_the_log_and_projections_read_back() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tokens_and_roles_guard_every_endpoint() {
+async fn tokens_and_roles_guard_every_endpoint(mode: Mode) {
     let tokens = BTreeMap::from([
         ("r".to_owned(), Role::Reader),
         ("w".to_owned(), Role::Writer),
         ("a".to_owned(), Role::Admin),
     ]);
-    let api = api(Auth::tokens(tokens)).await;
+    let api = api(mode, Auth::tokens(tokens)).await;
     let body = Some(
         json!({"customer_id": "c", "name": "C", "email": "c@example.com", "address": ""})
             .to_string(),
@@ -526,18 +547,13 @@ async fn tokens_and_roles_guard_every_endpoint() {
 }
 
 /// Reads SSE events (id, data) from a streaming body until `wanted` have come.
-async fn sse_events(body: &mut Body, wanted: usize) -> Vec<(u64, Value)> {
+async fn sse_events(feed: &mut Feed, wanted: usize) -> Vec<(u64, Value)> {
     let mut text = String::new();
     let mut events = Vec::new();
     while events.len() < wanted {
-        let frame = tokio::time::timeout(std::time::Duration::from_secs(30), body.frame())
+        let chunk = tokio::time::timeout(std::time::Duration::from_secs(30), feed.next_bytes())
             .await
-            .expect("an event in time")
-            .expect("the feed is open")
-            .unwrap();
-        let Ok(chunk) = frame.into_data() else {
-            continue;
-        };
+            .expect("an event in time");
         text.push_str(std::str::from_utf8(&chunk).unwrap());
         while let Some(end) = text.find("\n\n") {
             let block: String = text.drain(..end + 2).collect();
@@ -555,10 +571,20 @@ async fn sse_events(body: &mut Body, wanted: usize) -> Vec<(u64, Value)> {
 }
 
 impl Api {
-    async fn open_feed(&self, uri: &str, last_event_id: Option<u64>) -> Body {
+    async fn open_feed(&self, uri: &str, last_event_id: Option<u64>) -> Feed {
+        let id = last_event_id.map(|id| id.to_string());
+        let headers: Vec<(&str, &str)> =
+            id.iter().map(|id| ("last-event-id", id.as_str())).collect();
+        if let Some(addr) = self.socket {
+            let mut reader = send_socket(addr, "GET", uri, &headers, None).await;
+            let (status, response_headers) = read_head(&mut reader).await;
+            assert_eq!(status, StatusCode::OK);
+            assert_eq!(response_headers["content-type"], "text/event-stream");
+            return Feed::Socket(reader);
+        }
         let mut request = Request::builder().uri(uri);
-        if let Some(id) = last_event_id {
-            request = request.header("last-event-id", id.to_string());
+        for (name, value) in headers {
+            request = request.header(name, value);
         }
         let response = self
             .router
@@ -568,13 +594,12 @@ impl Api {
             .unwrap();
         assert_eq!(response.status(), StatusCode::OK);
         assert_eq!(response.headers()["content-type"], "text/event-stream");
-        response.into_body()
+        Feed::Body(response.into_body())
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_live_log_resumes_after_a_disconnect_without_gap_or_duplicate() {
-    let api = api(Auth::open()).await;
+async fn the_live_log_resumes_after_a_disconnect_without_gap_or_duplicate(mode: Mode) {
+    let api = api(mode, Auth::open()).await;
     api.seed().await;
     let mut feed = api.open_feed("/events/live?after=0", None).await;
     let first = sse_events(&mut feed, 5).await;
@@ -613,9 +638,8 @@ async fn the_live_log_resumes_after_a_disconnect_without_gap_or_duplicate() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_documents_feed_sends_each_new_version() {
-    let api = api(Auth::open()).await;
+async fn a_documents_feed_sends_each_new_version(mode: Mode) {
+    let api = api(mode, Auth::open()).await;
     api.seed().await;
     // Let the saga finish (the order confirmed), then the products view catch up
     // with everything, so the feed's first document is the settled one.
@@ -659,23 +683,17 @@ async fn a_documents_feed_sends_each_new_version() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn metrics_count_requests_commands_appends_and_lag() {
-    let api = api(Auth::open()).await;
+async fn metrics_count_requests_commands_appends_and_lag(mode: Mode) {
+    let api = api(mode, Auth::open()).await;
     api.seed().await;
     assert_problem(
         &api.command("Teleport", json!({})).await,
         StatusCode::NOT_FOUND,
         "unknown_command",
     );
-    let request = Request::builder()
-        .uri("/metrics")
-        .body(Body::empty())
-        .unwrap();
-    let response = api.router.clone().oneshot(request).await.unwrap();
-    assert_eq!(response.status(), StatusCode::OK);
-    let bytes = response.into_body().collect().await.unwrap().to_bytes();
-    let text = String::from_utf8(bytes.to_vec()).unwrap();
+    let metrics = api.call("GET", "/metrics", &[], None).await;
+    assert_eq!(metrics.status, StatusCode::OK);
+    let text = metrics.text;
     for expected in [
         r#"diptych_commands_total{command="PlaceOrder",outcome="ok"}"#,
         r#"diptych_http_requests_total{method="POST",route="/commands/{name}",status="200"}"#,
@@ -694,20 +712,12 @@ async fn metrics_count_requests_commands_appends_and_lag() {
 
 /// The OpenAPI document lists every command, and every path it lists is routed
 /// (none answers `no_route`), so the document and the router agree.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn openapi_lists_every_command_and_only_routed_paths() {
-    let api = api(Auth::open()).await;
-    let request = Request::builder().uri("/").body(Body::empty()).unwrap();
-    let console = api.router.clone().oneshot(request).await.unwrap();
-    assert_eq!(console.status(), StatusCode::OK);
-    assert!(
-        console.headers()["content-type"]
-            .to_str()
-            .unwrap()
-            .starts_with("text/html")
-    );
-    let page = console.into_body().collect().await.unwrap().to_bytes();
-    assert!(String::from_utf8_lossy(&page).contains("diptych console"));
+async fn openapi_lists_every_command_and_only_routed_paths(mode: Mode) {
+    let api = api(mode, Auth::open()).await;
+    let console = api.call("GET", "/", &[], None).await;
+    assert_eq!(console.status, StatusCode::OK);
+    assert!(console.content_type.starts_with("text/html"));
+    assert!(console.text.contains("diptych console"));
     let document = api.call("GET", "/openapi.json", &[], None).await;
     assert_eq!(document.status, StatusCode::OK);
     assert!(document.body["openapi"].as_str().unwrap().starts_with("3."));
@@ -758,9 +768,8 @@ async fn decided(api: &Api, order_id: &str) -> String {
     panic!("order {order_id} was never confirmed or rejected");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn many_clients_ordering_the_last_units_over_http_never_oversell() {
-    let api = Arc::new(api(Auth::open()).await);
+async fn many_clients_ordering_the_last_units_over_http_never_oversell(mode: Mode) {
+    let api = Arc::new(api(mode, Auth::open()).await);
     api.seed().await; // 5 mugs, 2 ordered by o1
     assert_eq!(decided(&api, "o1").await, "confirmed");
     let mut clients = Vec::new();
@@ -806,9 +815,8 @@ async fn many_clients_ordering_the_last_units_over_http_never_oversell() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_rename_and_an_earlier_time_over_http() {
-    let api = api(Auth::open()).await;
+async fn a_rename_and_an_earlier_time_over_http(mode: Mode) {
+    let api = api(mode, Auth::open()).await;
     api.seed().await;
     assert_eq!(decided(&api, "o1").await, "confirmed");
     let renamed = api
@@ -847,3 +855,158 @@ async fn a_rename_and_an_earlier_time_over_http() {
     let now = api.call("GET", "/streams/order-o1/state", &[], None).await;
     assert_eq!(now.body["state"]["status"], "confirmed");
 }
+
+/// Opens a connection and sends one HTTP/1.1 request on it.
+async fn send_socket(
+    addr: std::net::SocketAddr,
+    method: &str,
+    uri: &str,
+    headers: &[(&str, &str)],
+    body: Option<String>,
+) -> tokio::io::BufReader<tokio::net::TcpStream> {
+    use tokio::io::AsyncWriteExt;
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let body = body.unwrap_or_default();
+    let mut request = format!(
+        "{method} {uri} HTTP/1.1\r\nHost: test\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str("\r\n");
+    request.push_str(&body);
+    stream.write_all(request.as_bytes()).await.unwrap();
+    tokio::io::BufReader::new(stream)
+}
+
+/// Reads a response's status line and headers (names lower-cased).
+async fn read_head(
+    reader: &mut tokio::io::BufReader<tokio::net::TcpStream>,
+) -> (StatusCode, BTreeMap<String, String>) {
+    use tokio::io::AsyncBufReadExt;
+    let mut line = String::new();
+    reader.read_line(&mut line).await.unwrap();
+    let status = line
+        .split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .expect("a status");
+    let mut headers = BTreeMap::new();
+    loop {
+        line.clear();
+        reader.read_line(&mut line).await.unwrap();
+        if line == "\r\n" || line.is_empty() {
+            break;
+        }
+        if let Some((name, value)) = line.split_once(':') {
+            headers.insert(name.trim().to_lowercase(), value.trim().to_owned());
+        }
+    }
+    (StatusCode::from_u16(status).unwrap(), headers)
+}
+
+/// One chunk of a chunked body; `None` at its end.
+async fn read_chunk(reader: &mut tokio::io::BufReader<tokio::net::TcpStream>) -> Option<Vec<u8>> {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt};
+    let mut line = String::new();
+    reader.read_line(&mut line).await.ok()?;
+    let size = usize::from_str_radix(line.trim(), 16).ok()?;
+    if size == 0 {
+        return None;
+    }
+    let mut chunk = vec![0; size + 2];
+    reader.read_exact(&mut chunk).await.ok()?;
+    chunk.truncate(size);
+    Some(chunk)
+}
+
+async fn call_socket(
+    addr: std::net::SocketAddr,
+    method: &str,
+    uri: &str,
+    headers: &[(&str, &str)],
+    body: Option<String>,
+) -> Answer {
+    use tokio::io::AsyncReadExt;
+    let mut reader = send_socket(addr, method, uri, headers, body).await;
+    let (status, headers) = read_head(&mut reader).await;
+    let mut bytes = Vec::new();
+    if headers
+        .get("transfer-encoding")
+        .is_some_and(|value| value.contains("chunked"))
+    {
+        while let Some(chunk) = read_chunk(&mut reader).await {
+            bytes.extend(chunk);
+        }
+    } else {
+        reader.read_to_end(&mut bytes).await.unwrap();
+    }
+    let text = String::from_utf8_lossy(&bytes).into_owned();
+    Answer {
+        status,
+        request_id: headers.get("x-request-id").cloned(),
+        position: headers
+            .get("x-diptych-position")
+            .and_then(|value| value.parse().ok()),
+        content_type: headers.get("content-type").cloned().unwrap_or_default(),
+        body: serde_json::from_str(&text).unwrap_or(Value::Null),
+        text,
+    }
+}
+
+/// An open SSE feed, through the router or over a socket.
+enum Feed {
+    Body(Body),
+    Socket(tokio::io::BufReader<tokio::net::TcpStream>),
+}
+
+impl Feed {
+    async fn next_bytes(&mut self) -> Vec<u8> {
+        match self {
+            Feed::Body(body) => loop {
+                let frame = body.frame().await.expect("the feed is open").unwrap();
+                if let Ok(data) = frame.into_data() {
+                    return data.to_vec();
+                }
+            },
+            Feed::Socket(reader) => read_chunk(reader).await.expect("the feed is open"),
+        }
+    }
+}
+
+/// Every test, through `app(...)` and against a real socket.
+macro_rules! in_both_modes {
+    ($($test:ident),* $(,)?) => {
+        mod through_app {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    super::$test(super::Mode::App).await;
+                }
+            )*
+        }
+        mod over_a_socket {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    super::$test(super::Mode::Socket).await;
+                }
+            )*
+        }
+    };
+}
+
+in_both_modes!(
+    a_command_answers_with_its_events_and_a_consistency_token,
+    bad_input_gets_a_problem_with_a_stable_code_and_the_field,
+    business_rules_conflicts_and_repeats,
+    views_streams_the_log_and_projections_read_back,
+    tokens_and_roles_guard_every_endpoint,
+    the_live_log_resumes_after_a_disconnect_without_gap_or_duplicate,
+    a_documents_feed_sends_each_new_version,
+    metrics_count_requests_commands_appends_and_lag,
+    openapi_lists_every_command_and_only_routed_paths,
+    many_clients_ordering_the_last_units_over_http_never_oversell,
+    a_rename_and_an_earlier_time_over_http,
+);

@@ -557,6 +557,14 @@ pub trait ViewStore: Send + Sync + 'static {
     /// The projection that owns a collection.
     async fn owner_of(&self, collection: &str) -> Result<String, ViewError>;
 
+    /// The served checkpoint of the projection that owns a collection: the
+    /// position a read of it reflects (`X-Diptych-Position`). Backends may answer
+    /// it in one round trip; the default asks for the owner, then its record.
+    async fn served_position(&self, collection: &str) -> Result<Position, ViewError> {
+        let owner = self.owner_of(collection).await?;
+        Ok(self.projection(&owner).await?.position)
+    }
+
     /// A document of the served generation.
     async fn get(&self, collection: &str, key: &str) -> Result<Option<Document>, ViewError>;
 

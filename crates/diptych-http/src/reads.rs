@@ -172,9 +172,11 @@ async fn wait_if_asked(
             Err(other) => Err(Problem::internal(&other)),
         };
     }
-    let owner = state.views.owner_of(view).await.map_err(view_problem)?;
-    let record = state.views.projection(&owner).await.map_err(view_problem)?;
-    Ok(record.position)
+    state
+        .views
+        .served_position(view)
+        .await
+        .map_err(view_problem)
 }
 
 fn with_position(mut response: Response, position: Position) -> Response {

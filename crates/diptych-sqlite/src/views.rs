@@ -282,6 +282,28 @@ impl ViewStore for SqliteViews {
         .await
     }
 
+    async fn served_position(&self, collection: &str) -> Result<Position, ViewError> {
+        let collection = collection.to_owned();
+        self.read(move |connection| {
+            connection
+                .prepare_cached(
+                    "SELECT k.position FROM collections c
+                     JOIN projections p ON p.name = c.projection
+                     JOIN checkpoints k ON k.projection = p.name AND k.generation = p.generation
+                     WHERE c.name = ?1",
+                )
+                .and_then(|mut statement| {
+                    statement
+                        .query_row([&collection], |row| row.get::<_, i64>(0))
+                        .optional()
+                })
+                .map_err(|error| backend("reading a checkpoint", error))?
+                .map(|position| Position(position as u64))
+                .ok_or(ViewError::UnknownCollection(collection))
+        })
+        .await
+    }
+
     async fn get(&self, collection: &str, key: &str) -> Result<Option<Document>, ViewError> {
         let (collection, key) = (collection.to_owned(), key.to_owned());
         self.read(move |connection| {

@@ -173,6 +173,14 @@ pub async fn views_documents_round_trip(fixture: ViewFixture) {
     assert_eq!(dump_collection(&*views, "people").await.len(), 5);
     let record = views.projection("directory").await.expect("the record");
     assert_eq!(record.position, Position(2));
+    assert_eq!(
+        views.served_position("people").await.expect("position"),
+        Position(2)
+    );
+    assert!(matches!(
+        views.served_position("nothing").await,
+        Err(ViewError::UnknownCollection(_))
+    ));
     assert_eq!(record.generation, 1);
     assert_eq!(
         views.get_in("people", 1, "alan").await.expect("get_in"),

@@ -21,7 +21,7 @@
 use std::collections::BTreeMap;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_util::FutureExt;
 use tokio::sync::watch;
@@ -185,34 +185,64 @@ impl Runner {
         self.views.register(&self.declaration).await?;
         let mut head = self.store.head_watch();
         let mut controls = self.views.control_watch();
+        // The record is read again only when a request may have changed it (a
+        // control in this process, the poll for other processes, a switch); in
+        // between, the runner's own commits are all that move it, and it tracks
+        // those itself. A live batch thus costs no extra read of the views.
+        let mut known: Option<(ProjectionRecord, Instant)> = None;
         loop {
             if self.stopping() {
                 return Ok(());
             }
             head.borrow_and_update();
-            controls.borrow_and_update();
-            let mut record = self.views.projection(&name).await?;
-            if record.stalled.is_some() {
-                self.views.set_stalled(&name, None).await?;
+            let stale = match &known {
+                None => true,
+                Some((_, read_at)) => {
+                    controls.has_changed().unwrap_or(true)
+                        || read_at.elapsed() >= self.config.control_poll
+                }
+            };
+            if stale {
+                controls.borrow_and_update();
+                let record = self.views.projection(&name).await?;
+                if record.stalled.is_some() {
+                    self.views.set_stalled(&name, None).await?;
+                }
+                known = Some((record, Instant::now()));
             }
+            let Some((record, _)) = known.as_mut() else {
+                continue;
+            };
             let mut worked = false;
             if !record.paused {
-                worked |= self.retry_requested(&record).await?;
+                // Retries are requests: look for them only with a fresh record.
+                if stale && self.retry_requested(record).await? {
+                    known = None;
+                    continue;
+                }
                 if record.rebuild_requested && record.rebuild.is_none() {
                     record.rebuild = Some(self.views.begin_rebuild(&name).await?);
+                    record.rebuild_requested = false;
                 }
                 let serving = self.step(record.generation, record.position, None).await?;
                 worked |= serving != record.position;
-                if let Some(rebuild) = record.rebuild {
-                    worked |= self
+                record.position = serving;
+                if let Some(rebuild) = record.rebuild.as_mut() {
+                    let reached = self
                         .step(rebuild.generation, rebuild.position, Some(serving))
-                        .await?
-                        != rebuild.position;
+                        .await?;
+                    worked |= reached != rebuild.position;
+                    rebuild.position = reached;
+                    if reached >= serving {
+                        // Switched: the served generation changed under the record.
+                        known = None;
+                    }
                 }
             }
+            let paused = known.as_ref().is_some_and(|(record, _)| record.paused);
             if !worked {
                 tokio::select! {
-                    _ = head.changed(), if !record.paused => {}
+                    _ = head.changed(), if !paused => {}
                     _ = controls.changed() => {}
                     _ = tokio::time::sleep(self.config.control_poll) => {}
                     _ = self.stop.changed() => {}

@@ -390,7 +390,7 @@ impl ViewStore for SqliteViews {
         let projection = projection.to_owned();
         self.write(move |transaction| {
             let record = read_record(transaction, &projection)?;
-            let changed = match control {
+            match control {
                 Control::Pause => transaction.execute(
                     "UPDATE projections SET paused = 1 WHERE name = ?1",
                     [&projection],
@@ -407,36 +407,27 @@ impl ViewStore for SqliteViews {
                         [&projection],
                     )
                 }
-                Control::Retry(position) => transaction
-                    .execute(
+                Control::Retry(position) | Control::Skip(position) => {
+                    let statement = if matches!(control, Control::Retry(_)) {
                         "UPDATE parked SET retry_requested = 1
-                         WHERE projection = ?1 AND generation = ?2 AND position = ?3",
-                        params![
-                            projection,
-                            to_sql_int(record.generation),
-                            to_sql_int(position.0)
-                        ],
-                    )
-                    .map(|changed| if changed == 0 { usize::MAX } else { changed }),
-                Control::Skip(position) => transaction
-                    .execute(
+                         WHERE projection = ?1 AND generation = ?2 AND position = ?3"
+                    } else {
                         "DELETE FROM parked
-                         WHERE projection = ?1 AND generation = ?2 AND position = ?3",
-                        params![
-                            projection,
-                            to_sql_int(record.generation),
-                            to_sql_int(position.0)
-                        ],
-                    )
-                    .map(|changed| if changed == 0 { usize::MAX } else { changed }),
+                         WHERE projection = ?1 AND generation = ?2 AND position = ?3"
+                    };
+                    let parked = params![
+                        projection,
+                        to_sql_int(record.generation),
+                        to_sql_int(position.0)
+                    ];
+                    match transaction.execute(statement, parked) {
+                        Ok(0) => return Err(no_parked_event(&projection, position)),
+                        other => other,
+                    }
+                }
             }
             .map_err(|error| backend("recording an operator's request", error))?;
-            match control {
-                Control::Retry(position) | Control::Skip(position) if changed == usize::MAX => {
-                    Err(no_parked_event(&projection, position))
-                }
-                _ => Ok(()),
-            }
+            Ok(())
         })
         .await?;
         self.controls.send_modify(|count| *count += 1);

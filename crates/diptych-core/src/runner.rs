@@ -630,6 +630,7 @@ pub async fn projection_status(
             let age_us = Timestamp::now().as_unix_micros() - event.recorded_at.as_unix_micros();
             u64::try_from(age_us / 1000).unwrap_or(0)
         });
+        let lag_events = store.events_after(record.position, head).await?;
         let state = if record.paused {
             ProjectionState::Paused
         } else if record.stalled.is_some() {
@@ -646,7 +647,7 @@ pub async fn projection_status(
             kind: record.kind,
             position: record.position,
             head,
-            lag_events: head.0.saturating_sub(record.position.0),
+            lag_events,
             lag_ms,
             state,
             parked: record.parked,

@@ -225,6 +225,13 @@ pub trait EventStore: Send + Sync + 'static {
     /// subscribers without polling.
     fn head_watch(&self) -> watch::Receiver<Position>;
 
+    /// How many events lie after `after` up to and including `upto`: a
+    /// projection's lag. Positions may be sparse (PostgreSQL's are), so a backend
+    /// whose positions are not dense counts; the default subtracts.
+    async fn events_after(&self, after: Position, upto: Position) -> Result<u64, ReadError> {
+        Ok(upto.0.saturating_sub(after.0))
+    }
+
     /// The latest snapshot of a stream, if one was saved.
     async fn load_snapshot(&self, stream: &StreamId) -> Result<Option<Snapshot>, SnapshotError>;
 

@@ -1,0 +1,70 @@
+//! Support for tests against a real PostgreSQL: a fresh schema per test, so
+//! tests run in parallel on one database without seeing each other's rows.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use tokio_postgres::NoTls;
+
+use crate::PgConfig;
+
+/// The variable that names the test server.
+pub const TEST_URL_VARIABLE: &str = "DIPTYCH_TEST_PG";
+
+/// The URL of the test server, from `DIPTYCH_TEST_PG`. Panics with what to do
+/// when it is not set: tests that need PostgreSQL are never silently skipped.
+pub fn test_url() -> String {
+    std::env::var(TEST_URL_VARIABLE).unwrap_or_else(|_| {
+        panic!(
+            "{TEST_URL_VARIABLE} is not set: point it at a PostgreSQL server, e.g. \
+             {TEST_URL_VARIABLE}=postgres://postgres@127.0.0.1:5432/test (.cargo/config.toml \
+             sets that default for cargo test)"
+        )
+    })
+}
+
+/// A config on the test server in a schema no other test uses. Schemas left by
+/// test runs more than a day old are dropped on the way.
+pub async fn fresh_config() -> PgConfig {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let url = test_url();
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs();
+    let schema = format!(
+        "test_{now}_{}_{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    );
+    drop_stale_schemas(&url, now).await;
+    PgConfig::new(url).with_schema(schema).with_pool_size(8)
+}
+
+async fn drop_stale_schemas(url: &str, now: u64) {
+    let Ok((client, connection)) = tokio_postgres::connect(url, NoTls).await else {
+        return;
+    };
+    let driver = tokio::spawn(connection);
+    let stale = client
+        .query(
+            "SELECT nspname FROM pg_namespace WHERE nspname LIKE 'test\\_%'",
+            &[],
+        )
+        .await
+        .unwrap_or_default();
+    for row in stale {
+        let name: String = row.get(0);
+        let born = name
+            .split('_')
+            .nth(1)
+            .and_then(|stamp| stamp.parse::<u64>().ok());
+        if born.is_some_and(|born| born + 86_400 < now) {
+            let _ = client
+                .batch_execute(&format!("DROP SCHEMA IF EXISTS {name} CASCADE"))
+                .await;
+        }
+    }
+    drop(client);
+    let _ = driver.await;
+}

@@ -26,6 +26,11 @@ pub struct PgConfig {
     pub schema: String,
     /// How many pooled connections each store keeps at most.
     pub pool_size: usize,
+    /// How long an append waits, after committing, for its events to become
+    /// readable in the global order (an older transaction still in progress holds
+    /// them back). Waiting makes a reader that follows the append see it; the
+    /// append is durable either way. Zero returns at once.
+    pub readable_wait: Duration,
 }
 
 impl PgConfig {
@@ -38,6 +43,7 @@ impl PgConfig {
             url: url.into(),
             schema: Self::DEFAULT_SCHEMA.to_owned(),
             pool_size: 16,
+            readable_wait: Duration::from_secs(2),
         }
     }
 

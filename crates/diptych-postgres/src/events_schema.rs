@@ -31,7 +31,7 @@ pub(crate) const TOO_MANY_EVENTS: &str = "DT003";
 pub(crate) const EVENTS: Migrations = Migrations {
     component: "events",
     steps: &[
-        // 1: the log, streams, idempotency keys, snapshots and the append.
+        // 1: the log, idempotency keys, snapshots and the append.
         r#"
         CREATE TABLE events (
             position       bigint  PRIMARY KEY,
@@ -44,10 +44,6 @@ pub(crate) const EVENTS: Migrations = Migrations {
             metadata       jsonb   NOT NULL,
             recorded_at    bigint  NOT NULL,
             UNIQUE (stream_id, version)
-        );
-        CREATE TABLE streams (
-            stream_id text   PRIMARY KEY,
-            version   bigint NOT NULL
         );
         CREATE TABLE idempotency (
             key            text   PRIMARY KEY,
@@ -63,9 +59,11 @@ pub(crate) const EVENTS: Migrations = Migrations {
             taken_at      bigint  NOT NULL
         );
 
-        -- One append, checked and written in the caller's transaction. Checks run
-        -- in the contract's order: a repeated key, the expected version, then event
-        -- ids (left to the unique index; the caller finds the first offender).
+        -- One append, checked and written in the caller's transaction (one append
+        -- per transaction: the stream lock must come before anything that assigns
+        -- the transaction an id). Checks run in the contract's order: a repeated
+        -- key, the expected version, then event ids (left to the unique index; the
+        -- caller finds the first offender).
         -- p_expected is NULL for "any version".
         CREATE FUNCTION diptych_append(
             p_stream text, p_expected bigint, p_key text,
@@ -83,6 +81,13 @@ pub(crate) const EVENTS: Migrations = Migrations {
             v_now    bigint;
             v_key    record;
         BEGIN
+            -- The stream's lock comes first and takes no transaction id; the id is
+            -- assigned right after, while the lock is held. So of two appends to one
+            -- stream, the later one always has the higher id, and the log's order
+            -- keeps each stream's order.
+            PERFORM pg_advisory_xact_lock(hashtextextended(p_stream, 0));
+            v_base := pg_current_xact_id()::text::bigint << 16;
+
             IF p_key IS NOT NULL THEN
                 -- Claiming the key waits for a concurrent append holding it.
                 INSERT INTO idempotency (key, stream_id) VALUES (p_key, p_stream)
@@ -99,23 +104,13 @@ pub(crate) const EVENTS: Migrations = Migrations {
                 END IF;
             END IF;
 
-            SELECT s.version INTO v_actual FROM streams s
-                WHERE s.stream_id = p_stream FOR UPDATE;
-            IF NOT FOUND THEN
-                v_actual := 0;
-            END IF;
+            SELECT COALESCE(max(e.version), 0) INTO v_actual FROM events e
+                WHERE e.stream_id = p_stream;
             IF p_expected IS NOT NULL AND p_expected <> v_actual THEN
                 RAISE EXCEPTION USING ERRCODE = 'DT001', MESSAGE = v_actual::text;
             END IF;
-            IF v_actual = 0 THEN
-                -- A racing creator makes this a unique violation; the caller retries.
-                INSERT INTO streams (stream_id, version) VALUES (p_stream, v_count);
-            ELSE
-                UPDATE streams SET version = v_actual + v_count WHERE stream_id = p_stream;
-            END IF;
 
             -- Positions: this transaction's id, then a count within it.
-            v_base := pg_current_xact_id()::text::bigint << 16;
             SELECT COALESCE(max(e.position) + 1, v_base) INTO v_first FROM events e
                 WHERE e.position >= v_base AND e.position < v_base + 65536;
             IF v_first + v_count > v_base + 65536 THEN

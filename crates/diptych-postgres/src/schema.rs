@@ -77,7 +77,10 @@ impl Migrations {
             let target = index as i64 + 1;
             let failed = |error| {
                 OpenError::Backend(backend(
-                    format!("migrating the {} tables to version {target}", self.component),
+                    format!(
+                        "migrating the {} tables to version {target}",
+                        self.component
+                    ),
                     error,
                 ))
             };

@@ -38,6 +38,7 @@ pub struct PgStore {
     database: Arc<Database>,
     head: watch::Sender<Position>,
     follower: JoinHandle<()>,
+    readable_wait: Duration,
 }
 
 impl PgStore {
@@ -52,6 +53,7 @@ impl PgStore {
             database,
             head,
             follower,
+            readable_wait: config.readable_wait,
         })
     }
 
@@ -68,11 +70,16 @@ impl PgStore {
             ExpectedVersion::Exact(version) => Some(to_sql(version)),
         };
         let ids: Vec<Uuid> = request.events.iter().map(|e| e.event_id).collect();
-        let types: Vec<&str> = request.events.iter().map(|e| e.event_type.as_str()).collect();
+        let types: Vec<&str> = request
+            .events
+            .iter()
+            .map(|e| e.event_type.as_str())
+            .collect();
         let schema_versions: Vec<i32> = request
             .events
             .iter()
-            .map(|e| i32::try_from(e.schema_version).unwrap_or(i32::MAX))
+            // Stored bit for bit: PostgreSQL has no unsigned integers.
+            .map(|e| e.schema_version as i32)
             .collect();
         let payloads: Vec<&serde_json::Value> = request.events.iter().map(|e| &e.payload).collect();
         let metadata: Vec<serde_json::Value> = request
@@ -135,10 +142,23 @@ impl PgStore {
         })
     }
 
+    /// Waits (at most `readable_wait`) until the head reaches `position`.
+    async fn until_readable(&self, position: Position) {
+        let mut head = self.head.subscribe();
+        let _ =
+            tokio::time::timeout(self.readable_wait, head.wait_for(|head| *head >= position)).await;
+    }
+
     /// The first event id of `request`, in request order, that is already stored
     /// or repeated earlier in the request.
-    async fn first_duplicate_id(&self, request: &AppendRequest) -> Result<Option<Uuid>, BackendError> {
-        let client = self.database.connection("finding a duplicate event id").await?;
+    async fn first_duplicate_id(
+        &self,
+        request: &AppendRequest,
+    ) -> Result<Option<Uuid>, BackendError> {
+        let client = self
+            .database
+            .connection("finding a duplicate event id")
+            .await?;
         let ids: Vec<Uuid> = request.events.iter().map(|e| e.event_id).collect();
         let row = client
             .query_opt(
@@ -346,7 +366,10 @@ impl EventStore for PgStore {
         loop {
             tries += 1;
             match self.try_append(&request).await {
-                Ok(outcome) => return Ok(outcome),
+                Ok(outcome) => {
+                    self.until_readable(outcome.last_position()).await;
+                    return Ok(outcome);
+                }
                 Err(Attempt::Failed(error)) => return Err(error),
                 Err(Attempt::DuplicateId) => {
                     if let Some(event_id) = self.first_duplicate_id(&request).await? {
@@ -366,7 +389,10 @@ impl EventStore for PgStore {
     }
 
     async fn find_idempotent_append(&self, key: &str) -> Result<Option<AppendOutcome>, ReadError> {
-        let client = self.database.connection("reading an idempotency key").await?;
+        let client = self
+            .database
+            .connection("reading an idempotency key")
+            .await?;
         let row = client
             .query_opt(
                 "SELECT first_position, last_position FROM idempotency \
@@ -509,7 +535,7 @@ async fn stream_version(
 ) -> Result<u64, BackendError> {
     let row = client
         .query_opt(
-            "SELECT version FROM streams WHERE stream_id = $1",
+            "SELECT COALESCE(max(version), 0) FROM events WHERE stream_id = $1",
             &[&stream.as_str()],
         )
         .await

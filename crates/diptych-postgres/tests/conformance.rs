@@ -9,7 +9,9 @@ use diptych_postgres::{PgStore, testing};
 
 async fn fresh_store() -> Fixture {
     let config = testing::fresh_config().await;
-    let store = PgStore::connect(&config).await.expect("a fresh store opens");
+    let store = PgStore::connect(&config)
+        .await
+        .expect("a fresh store opens");
     Fixture::new(Arc::new(store)).with_reopen(move || {
         let config = config.clone();
         async move {

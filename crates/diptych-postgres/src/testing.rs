@@ -68,3 +68,17 @@ async fn drop_stale_schemas(url: &str, now: u64) {
     drop(client);
     let _ = driver.await;
 }
+
+/// A plain connection to `config`'s schema, outside any store: for tests that
+/// need a transaction of their own (one held open, say).
+pub async fn raw_client(config: &PgConfig) -> tokio_postgres::Client {
+    let connection_config = config
+        .connection_config()
+        .expect("the test config is valid");
+    let (client, connection) = connection_config
+        .connect(NoTls)
+        .await
+        .expect("a connection to the test server");
+    tokio::spawn(connection);
+    client
+}

@@ -76,7 +76,10 @@ async fn a_held_transaction_holds_back_later_positions_until_it_commits() {
         .await
         .expect("the held append");
     let held_position = Position(held_row.get::<_, i64>(0) as u64);
-    assert!(held_position > before, "the held event comes after the first");
+    assert!(
+        held_position > before,
+        "the held event comes after the first"
+    );
 
     // Many writers commit meanwhile, on other streams.
     let mut writers = Vec::new();
@@ -117,7 +120,10 @@ async fn a_held_transaction_holds_back_later_positions_until_it_commits() {
         );
     }
 
-    held_transaction.commit().await.expect("the held append commits");
+    held_transaction
+        .commit()
+        .await
+        .expect("the held append commits");
     wait_for_count(&delivered, 202).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     let seen = delivered.lock().unwrap().clone();
@@ -126,7 +132,8 @@ async fn a_held_transaction_holds_back_later_positions_until_it_commits() {
     assert_eq!(ids.len(), 202, "no event delivered twice");
     assert!(ids.contains(&held_id), "the held event was delivered");
     assert!(
-        seen.windows(2).all(|pair| pair[0].position < pair[1].position),
+        seen.windows(2)
+            .all(|pair| pair[0].position < pair[1].position),
         "positions increase along the delivery"
     );
     assert_eq!(

@@ -114,21 +114,25 @@ pub async fn run_append(
 }
 
 #[derive(Clone, Copy, Debug)]
-struct Scenario {
-    writers: usize,
-    events_per_append: usize,
-    hot: bool,
+pub(crate) struct Scenario {
+    pub writers: usize,
+    pub events_per_append: usize,
+    pub hot: bool,
 }
 
-struct Measured {
-    events_per_sec: f64,
-    operations_per_sec: f64,
-    p50_us: u64,
-    p99_us: u64,
+pub(crate) struct Measured {
+    pub events_per_sec: f64,
+    pub operations_per_sec: f64,
+    pub p50_us: u64,
+    pub p99_us: u64,
 }
 
 impl Measured {
-    fn from_samples(events: usize, elapsed: Duration, mut latencies_us: Vec<u64>) -> Self {
+    pub(crate) fn from_samples(
+        events: usize,
+        elapsed: Duration,
+        mut latencies_us: Vec<u64>,
+    ) -> Self {
         latencies_us.sort_unstable();
         let seconds = elapsed.as_secs_f64().max(f64::EPSILON);
         Self {
@@ -153,7 +157,7 @@ pub fn percentile(sorted: &[u64], p: f64) -> u64 {
 ///
 /// Built once and cloned: the bench measures the store, so its clients should
 /// spend as little of the two shared cores as an application's would.
-fn payload_template() -> serde_json::Value {
+pub(crate) fn payload_template() -> serde_json::Value {
     json!({
         "order_id": "order-0193a1c2-7f55-7000-8000-000000000000",
         "customer_id": "customer-42",
@@ -164,7 +168,7 @@ fn payload_template() -> serde_json::Value {
 
 /// Alternates short slices of the store and the floor, so that both see the same
 /// disk and the same neighbours: a disk that slows down for a second slows both.
-const SLICES: u32 = 10;
+pub(crate) const SLICES: u32 = 10;
 
 async fn measure_alternating(
     store_path: &Path,
@@ -185,31 +189,51 @@ async fn measure_alternating(
     // store's streams grow exactly as the floor's do.
     let mut versions = vec![0; scenario.writers];
     for _ in 0..SLICES {
-        let started = Instant::now();
-        let deadline = started + slice;
-        let tasks: Vec<_> = versions
-            .iter()
-            .enumerate()
-            .map(|(writer, &version)| {
-                let store = Arc::clone(&store);
-                tokio::spawn(async move {
-                    append_until(store, scenario, writer, version, deadline).await
-                })
-            })
-            .collect();
-        for (writer, task) in tasks.into_iter().enumerate() {
-            let run = task.await.context("a bench writer panicked")??;
-            store_events += run.events;
-            store_latencies.extend(run.latencies_us);
-            versions[writer] = run.version;
-        }
-        store_elapsed += started.elapsed();
+        store_slice(
+            &store,
+            scenario,
+            &mut versions,
+            slice,
+            (&mut store_events, &mut store_latencies, &mut store_elapsed),
+        )
+        .await?;
         floor.run_for(slice)?;
     }
     Ok((
         Measured::from_samples(store_events, store_elapsed, store_latencies),
         floor.measured(),
     ))
+}
+
+/// Runs every writer against `store` for one slice, adding what they did to
+/// `(events, latencies, elapsed)`.
+pub(crate) async fn store_slice(
+    store: &Arc<dyn EventStore>,
+    scenario: Scenario,
+    versions: &mut [u64],
+    slice: Duration,
+    (events, latencies, elapsed): (&mut usize, &mut Vec<u64>, &mut Duration),
+) -> Result<()> {
+    let started = Instant::now();
+    let deadline = started + slice;
+    let tasks: Vec<_> = versions
+        .iter()
+        .enumerate()
+        .map(|(writer, &version)| {
+            let store = Arc::clone(store);
+            tokio::spawn(
+                async move { append_until(store, scenario, writer, version, deadline).await },
+            )
+        })
+        .collect();
+    for (writer, task) in tasks.into_iter().enumerate() {
+        let run = task.await.context("a bench writer panicked")??;
+        *events += run.events;
+        latencies.extend(run.latencies_us);
+        versions[writer] = run.version;
+    }
+    *elapsed += started.elapsed();
+    Ok(())
 }
 
 /// What one writer did in one slice.

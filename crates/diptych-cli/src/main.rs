@@ -3,6 +3,7 @@
 
 mod bench;
 mod bench_http;
+mod bench_pg;
 mod bench_query;
 mod projections;
 mod serve;
@@ -130,15 +131,21 @@ enum BenchCommand {
         /// Seconds each measurement runs (the store and the floor each).
         #[arg(long, default_value_t = 3.0)]
         seconds: f64,
-        /// Writer counts to run, comma separated.
-        #[arg(long, value_delimiter = ',', default_value = "1,16,64")]
-        writers: Vec<usize>,
+        /// Writer counts to run, comma separated (1,16,64 on SQLite; 1,8,32 on
+        /// PostgreSQL).
+        #[arg(long, value_delimiter = ',')]
+        writers: Option<Vec<usize>>,
         /// Events per append to run, comma separated.
         #[arg(long, value_delimiter = ',', default_value = "1,10")]
         events: Vec<usize>,
         /// Where to put the database files (a temporary directory by default).
         #[arg(long)]
         dir: Option<PathBuf>,
+        /// Measure a PostgreSQL store instead (`postgres://user@host:port/db`):
+        /// fresh schemas in that database, dropped afterwards; writers default
+        /// to 1, 8 and 32.
+        #[arg(long)]
+        store: Option<String>,
     },
 }
 
@@ -188,6 +195,7 @@ async fn run(cli: Cli) -> Result<()> {
                     writers,
                     events,
                     dir,
+                    store,
                 },
         } => {
             anyhow::ensure!(
@@ -195,29 +203,14 @@ async fn run(cli: Cli) -> Result<()> {
                 "--seconds must be a positive number, got {seconds}"
             );
             anyhow::ensure!(
-                writers.iter().chain(&events).all(|&count| count > 0),
+                writers
+                    .iter()
+                    .flatten()
+                    .chain(&events)
+                    .all(|&count| count > 0),
                 "--writers and --events take positive counts"
             );
-            let config = bench::AppendBenchConfig {
-                writers,
-                events_per_append: events,
-                duration: Duration::from_secs_f64(seconds),
-                directory: dir,
-            };
-            if !json {
-                println!(
-                    "{:>7} {:>6} {:>5} {:>12} {:>9} {:>9} {:>12} {:>6}",
-                    "writers",
-                    "events",
-                    "streams",
-                    "events/s",
-                    "p50 us",
-                    "p99 us",
-                    "floor ev/s",
-                    "ratio"
-                );
-            }
-            bench::run_append(&config, |result| {
+            let print = move |result: &bench::AppendBenchResult| {
                 let line = if json {
                     serde_json::to_string(result).unwrap_or_default()
                 } else {
@@ -236,8 +229,32 @@ async fn run(cli: Cli) -> Result<()> {
                 let mut stdout = std::io::stdout().lock();
                 let _ = writeln!(stdout, "{line}");
                 let _ = stdout.flush();
-            })
-            .await
+            };
+            if !json {
+                println!(
+                    "{:>7} {:>6} {:>5} {:>12} {:>9} {:>9} {:>12} {:>6}",
+                    "writers",
+                    "events",
+                    "streams",
+                    "events/s",
+                    "p50 us",
+                    "p99 us",
+                    "floor ev/s",
+                    "ratio"
+                );
+            }
+            if let Some(url) = store {
+                let writers = writers.unwrap_or_else(|| vec![1, 8, 32]);
+                let duration = Duration::from_secs_f64(seconds);
+                return bench_pg::run_append(&url, &writers, &events, duration, print).await;
+            }
+            let config = bench::AppendBenchConfig {
+                writers: writers.unwrap_or_else(|| vec![1, 16, 64]),
+                events_per_append: events,
+                duration: Duration::from_secs_f64(seconds),
+                directory: dir,
+            };
+            bench::run_append(&config, print).await
         }
         Command::Bench {
             bench:

@@ -129,9 +129,6 @@ pub(crate) const EVENTS: Migrations = Migrations {
                                        last_position = v_first + v_count - 1
                     WHERE key = p_key;
             END IF;
-            -- Delivered at commit: wakes every process's subscribers.
-            PERFORM pg_notify('diptych_' || current_schema() || '_events',
-                              (v_first + v_count - 1)::text);
             RETURN QUERY SELECT v_first, v_first + v_count - 1, v_actual + 1, v_now, false;
         END;
         $$;

@@ -15,9 +15,11 @@
 //!
 //! # Waking subscribers
 //!
-//! Each append notifies a channel of the schema (`NOTIFY` is delivered at
-//! commit). One listening connection per store turns notifications into a watch
-//! on the readable head. While committed events are held back by an older
+//! After appends commit, each store sends one `NOTIFY` on a channel of the
+//! schema for the whole burst (not from inside the appends: PostgreSQL
+//! serialises the commits of notifying transactions). One listening connection
+//! per store turns notifications into a watch on the readable head; a store's
+//! own appends wake its watch directly. While committed events are held back by an older
 //! transaction still in progress, the head is re-read every few milliseconds,
 //! since the commit that releases them need not be an append.
 

@@ -13,6 +13,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_postgres::Row;
 use tokio_postgres::error::SqlState;
+use tokio_postgres::types::ToSql;
 use uuid::Uuid;
 
 use crate::database::{Database, PgConfig};
@@ -32,12 +33,22 @@ const HELD_BACK_RECHECK: Duration = Duration::from_millis(5);
 /// The event store on PostgreSQL, shared by any number of processes.
 ///
 /// Appends from many connections run concurrently: each locks only its own
-/// stream's row, and PostgreSQL flushes the WAL of concurrent commits together.
-/// The global order needs no lock either (see the crate documentation).
+/// stream, and PostgreSQL flushes the WAL of concurrent commits together. The
+/// global order needs no lock either (see the crate documentation).
+///
+/// Appends do not `NOTIFY` in their own transaction: PostgreSQL serialises the
+/// commits of notifying transactions on one lock, which would serialise every
+/// writer. Instead a notifier task sends one notification after a burst of
+/// appends, outside their transactions, and wakes this process's own
+/// subscribers directly.
 pub struct PgStore {
     database: Arc<Database>,
     head: watch::Sender<Position>,
-    follower: JoinHandle<()>,
+    /// Moves after each append, for the notifier.
+    appended: watch::Sender<u64>,
+    /// Moves after an append that was not yet readable, for the follower.
+    held_back: watch::Sender<u64>,
+    tasks: [JoinHandle<()>; 2],
     readable_wait: Duration,
 }
 
@@ -48,11 +59,20 @@ impl PgStore {
         let database = Arc::new(Database::open(config, &EVENTS, &["events"]).await?);
         let (readable, _) = read_head(&database).await?;
         let head = watch::Sender::new(readable);
-        let follower = tokio::spawn(follow_head(Arc::clone(&database), head.clone()));
+        let appended = watch::Sender::new(0);
+        let held_back = watch::Sender::new(0);
+        let follower = tokio::spawn(follow_head(
+            Arc::clone(&database),
+            held_back.subscribe(),
+            head.clone(),
+        ));
+        let notifier = tokio::spawn(notify_appends(Arc::clone(&database), appended.subscribe()));
         Ok(Self {
             database,
             head,
-            follower,
+            appended,
+            held_back,
+            tasks: [follower, notifier],
             readable_wait: config.readable_wait,
         })
     }
@@ -91,22 +111,39 @@ impl PgStore {
             .prepare_cached("SELECT * FROM diptych_append($1, $2, $3, $4, $5, $6, $7, $8)")
             .await
             .map_err(|error| Attempt::Failed(backend("preparing the append", error).into()))?;
-        let row = client
-            .query_one(
-                &statement,
-                &[
-                    &request.stream.as_str(),
-                    &expected,
-                    &request.idempotency_key,
-                    &ids,
-                    &types,
-                    &schema_versions,
-                    &payloads,
-                    &metadata,
-                ],
-            )
+        let bound = client
+            .prepare_cached(&format!("SELECT {READABLE_BOUND}"))
             .await
-            .map_err(|error| classify(request, error))?;
+            .map_err(|error| Attempt::Failed(backend("preparing the append", error).into()))?;
+        // Pipelined behind the append on the same connection, so it runs right
+        // after the append commits at no extra round trip: whether the events
+        // are already readable in the global order (they usually are).
+        let stream = request.stream.as_str();
+        let params: [&(dyn ToSql + Sync); 8] = [
+            &stream,
+            &expected,
+            &request.idempotency_key,
+            &ids,
+            &types,
+            &schema_versions,
+            &payloads,
+            &metadata,
+        ];
+        let (appended, readable_bound) = tokio::join!(
+            client.query_one(&statement, &params),
+            client.query_one(&bound, &[]),
+        );
+        let row = appended.map_err(|error| classify(request, error))?;
+        if let Ok(bound) = readable_bound {
+            let last: i64 = row.get("last_position");
+            if last < bound.get::<_, i64>(0) {
+                self.head.send_if_modified(|head| {
+                    let moved = Position(last as u64) > *head;
+                    *head = (*head).max(Position(last as u64));
+                    moved
+                });
+            }
+        }
         let first: i64 = row.get("first_position");
         let last: i64 = row.get("last_position");
         if row.get::<_, bool>("deduplicated") {
@@ -177,7 +214,7 @@ impl PgStore {
 
 impl Drop for PgStore {
     fn drop(&mut self) {
-        self.follower.abort();
+        self.tasks.iter().for_each(JoinHandle::abort);
     }
 }
 
@@ -323,18 +360,55 @@ async fn read_head(database: &Database) -> Result<(Position, Position), BackendE
     ))
 }
 
-/// Keeps the head watch up to date: re-reads the head whenever an append is
-/// notified, and every few milliseconds while committed events are held back.
-async fn follow_head(database: Arc<Database>, head: watch::Sender<Position>) {
+/// Tells other processes that events were appended: one `NOTIFY` at a time,
+/// each covering every append committed before it was sent. It commits without
+/// waiting for the disk, since a lost wake-up costs nothing: the notification
+/// carries no data, and listeners re-read after reconnecting.
+async fn notify_appends(database: Arc<Database>, mut appended: watch::Receiver<u64>) {
+    let channel = crate::database::channel(&database.schema, "events");
+    while appended.changed().await.is_ok() {
+        appended.borrow_and_update();
+        let sent = async {
+            let client = database.connection("notifying an append").await?;
+            client
+                .batch_execute(&format!(
+                    "BEGIN; SET LOCAL synchronous_commit = off; NOTIFY {channel}; COMMIT;"
+                ))
+                .await
+                .map_err(|error| backend("notifying an append", error))
+        };
+        if let Err(error) = sent.await {
+            tracing::warn!(%error, "could not notify other processes of an append");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// Keeps the head watch up to date: re-reads the head whenever another
+/// process's append is notified, and every few milliseconds while committed
+/// events are held back (`appended` moves when one of this process's own
+/// appends found itself held back).
+async fn follow_head(
+    database: Arc<Database>,
+    mut appended: watch::Receiver<u64>,
+    head: watch::Sender<Position>,
+) {
     let mut wakes = database.wakes("events");
     let mut held_back = false;
     loop {
+        let woken = async {
+            tokio::select! {
+                changed = wakes.changed() => changed.is_ok(),
+                changed = appended.changed() => changed.is_ok(),
+            }
+        };
         if held_back {
-            let _ = tokio::time::timeout(HELD_BACK_RECHECK, wakes.changed()).await;
-        } else if wakes.changed().await.is_err() {
+            let _ = tokio::time::timeout(HELD_BACK_RECHECK, woken).await;
+        } else if !woken.await {
             return;
         }
         wakes.borrow_and_update();
+        appended.borrow_and_update();
         match read_head(&database).await {
             Ok((readable, committed)) => {
                 held_back = committed > readable;
@@ -367,7 +441,14 @@ impl EventStore for PgStore {
             tries += 1;
             match self.try_append(&request).await {
                 Ok(outcome) => {
-                    self.until_readable(outcome.last_position()).await;
+                    if !outcome.deduplicated {
+                        self.appended.send_modify(|count| *count += 1);
+                    }
+                    if *self.head.borrow() < outcome.last_position() {
+                        // Held back: have the follower poll until it is released.
+                        self.held_back.send_modify(|count| *count += 1);
+                        self.until_readable(outcome.last_position()).await;
+                    }
                     return Ok(outcome);
                 }
                 Err(Attempt::Failed(error)) => return Err(error),

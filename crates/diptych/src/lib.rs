@@ -7,6 +7,7 @@
 //! | feature  | default | gives you |
 //! |----------|---------|-----------|
 //! | `sqlite` | yes     | [`sqlite::SqliteStore`], the embedded event store |
+//! | `postgres`| no     | [`postgres::PgStore`] and [`postgres::PgViews`], for many processes on one PostgreSQL |
 //! | `testkit`| no      | `testkit`, the backend conformance suite |
 //!
 //! Start with [`Aggregate`] and [`Repository`]; open a store with
@@ -18,6 +19,12 @@ pub use diptych_core::*;
 #[cfg(feature = "sqlite")]
 pub mod sqlite {
     pub use diptych_sqlite::*;
+}
+
+/// The PostgreSQL backend.
+#[cfg(feature = "postgres")]
+pub mod postgres {
+    pub use diptych_postgres::*;
 }
 
 /// The HTTP layer: `diptych::http::app(state)` and the `Application` trait.

@@ -45,6 +45,7 @@ pub mod envelope;
 pub mod error;
 pub mod memory;
 pub mod memory_views;
+pub mod partition;
 pub mod process;
 pub mod projection;
 pub mod repository;
@@ -67,6 +68,7 @@ pub use error::{
 };
 pub use memory::MemoryStore;
 pub use memory_views::MemoryViews;
+pub use partition::{Partition, stream_partition};
 pub use process::{ProcessManager, spawn_process_manager, state_collection};
 pub use projection::{Interest, Mark, Projection, ViewTx};
 pub use repository::{CommandContext, CommandOutcome, Loaded, Repository, RepositoryConfig};

@@ -19,7 +19,7 @@ use crate::error::ViewError;
 use crate::view::{
     Change, CheckpointWatches, CollectionSpec, Comparison, Control, Cursor, Declaration, Document,
     HandlerKind, Order, Page, ParkedEvent, ProjectionRecord, Query, RebuildProgress, ViewCommit,
-    ViewStore, check_redeclaration, field_value, no_parked_event, refuse_process_manager,
+    ViewStore, check_redeclaration, field_value, same_owner, no_parked_event, refuse_process_manager,
     verify_commit, words,
 };
 
@@ -148,7 +148,7 @@ impl ViewStore for MemoryViews {
         let name = &declaration.name;
         for spec in &declaration.collections {
             match inner.owners.get(&spec.name) {
-                Some(owner) if owner != name => {
+                Some(owner) if !same_owner(owner, name) => {
                     return Err(ViewError::CollectionTaken {
                         collection: spec.name.clone(),
                         owner: owner.clone(),

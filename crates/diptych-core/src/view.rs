@@ -486,7 +486,8 @@ pub struct Declaration {
 impl Declaration {
     /// Checks the names of the projection and its collections.
     pub fn validate(&self) -> Result<(), ViewError> {
-        validate_name("projection", &self.name)?;
+        // A partition's name is its projection's name with `.<k>of<n>`.
+        validate_name("projection", crate::partition::projection_group(&self.name))?;
         self.collections
             .iter()
             .try_for_each(CollectionSpec::validate)
@@ -562,7 +563,7 @@ pub trait ViewStore: Send + Sync + 'static {
     /// it in one round trip; the default asks for the owner, then its record.
     async fn served_position(&self, collection: &str) -> Result<Position, ViewError> {
         let owner = self.owner_of(collection).await?;
-        Ok(self.projection(&owner).await?.position)
+        group_position(self, &owner).await
     }
 
     /// A document of the served generation.
@@ -638,6 +639,31 @@ impl CheckpointWatches {
     }
 }
 
+/// The position a projection's collections reflect: its checkpoint, or for a
+/// partitioned projection the lowest of its partitions' (one not registered yet
+/// has applied nothing).
+pub async fn group_position<V: ViewStore + ?Sized>(
+    views: &V,
+    projection: &str,
+) -> Result<Position, ViewError> {
+    let mut lowest: Option<Position> = None;
+    for member in crate::partition::group_members(projection) {
+        let position = match views.projection(&member).await {
+            Ok(record) => record.position,
+            Err(ViewError::UnknownProjection(_)) => Position::START,
+            Err(error) => return Err(error),
+        };
+        lowest = Some(lowest.map_or(position, |lowest| lowest.min(position)));
+    }
+    Ok(lowest.unwrap_or(Position::START))
+}
+
+/// Whether two projection names may share collections: the same projection, or
+/// partitions of one.
+pub fn same_owner(owner: &str, projection: &str) -> bool {
+    crate::partition::projection_group(owner) == crate::partition::projection_group(projection)
+}
+
 /// Waits until `view` (a collection or a projection) has applied `position`, so a
 /// client reads its own writes. Woken by the checkpoint watch when the projection
 /// commits through the same view store; commits by another process on the same
@@ -659,8 +685,26 @@ pub async fn wait_for(
         }
         Err(other) => return Err(WaitError::View(other)),
     };
-    let mut watch = views.checkpoint_watch(&projection);
     let deadline = tokio::time::Instant::now() + timeout;
+    // A partitioned projection has applied `position` when each partition has.
+    let mut reached = Position(u64::MAX);
+    for member in crate::partition::group_members(&projection) {
+        let member_reached =
+            wait_for_projection(views, view, &member, position, deadline, timeout).await?;
+        reached = reached.min(member_reached);
+    }
+    Ok(reached)
+}
+
+async fn wait_for_projection(
+    views: &dyn ViewStore,
+    view: &str,
+    projection: &str,
+    position: Position,
+    deadline: tokio::time::Instant,
+    timeout: Duration,
+) -> Result<Position, WaitError> {
+    let mut watch = views.checkpoint_watch(projection);
     let mut reached = *watch.borrow_and_update();
     while reached < position {
         tokio::select! {
@@ -675,7 +719,13 @@ pub async fn wait_for(
             // Commits made through this instance wake the watch at once; this
             // re-read catches those made by another process on the same views.
             _ = tokio::time::sleep(STORED_CHECKPOINT_RECHECK) => {
-                reached = reached.max(views.projection(&projection).await?.position);
+                let stored = match views.projection(projection).await {
+                    Ok(record) => record.position,
+                    // A partition no process has started yet.
+                    Err(ViewError::UnknownProjection(_)) => Position::START,
+                    Err(error) => return Err(error.into()),
+                };
+                reached = reached.max(stored);
             }
             _ = tokio::time::sleep_until(deadline) => {
                 return Err(WaitError::Timeout {
@@ -752,8 +802,17 @@ pub fn check_redeclaration(
     })
 }
 
-/// Refuses a rebuild of a process manager.
+/// Refuses a rebuild of a process manager, or of one partition of a projection
+/// (its partitions share one generation of the collections).
 pub fn refuse_process_manager(projection: &str, kind: HandlerKind) -> Result<(), ViewError> {
+    if crate::partition::split_partition_name(projection).is_some() {
+        return Err(ViewError::NotPossible {
+            projection: projection.to_owned(),
+            reason: "a partition of a projection is not rebuilt on its own: stop its \
+                     processes, drop its collections and start them again to rebuild"
+                .to_owned(),
+        });
+    }
     match kind {
         HandlerKind::Projection => Ok(()),
         HandlerKind::ProcessManager => Err(ViewError::NotPossible {

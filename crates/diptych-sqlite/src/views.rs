@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use diptych_core::view::{
-    CheckpointWatches, check_redeclaration, field_value, no_parked_event, refuse_process_manager,
+    CheckpointWatches, check_redeclaration, field_value, same_owner, no_parked_event, refuse_process_manager,
     verify_commit, words,
 };
 use diptych_core::{
@@ -185,7 +185,7 @@ impl ViewStore for SqliteViews {
                     let Some((owner, stored)) = stored else {
                         continue;
                     };
-                    if &owner != name {
+                    if !same_owner(&owner, name) {
                         return Err(ViewError::CollectionTaken {
                             collection: spec.name.clone(),
                             owner,

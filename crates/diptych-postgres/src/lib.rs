@@ -28,8 +28,10 @@ mod error;
 mod events_schema;
 mod schema;
 mod store;
+mod views;
 
 pub use database::PgConfig;
 pub use error::OpenError;
 pub use store::PgStore;
+pub use views::PgViews;
 pub mod testing;

@@ -19,8 +19,8 @@ use crate::error::ViewError;
 use crate::view::{
     Change, CheckpointWatches, CollectionSpec, Comparison, Control, Cursor, Declaration, Document,
     HandlerKind, Order, Page, ParkedEvent, ProjectionRecord, Query, RebuildProgress, ViewCommit,
-    ViewStore, check_redeclaration, field_value, same_owner, no_parked_event, refuse_process_manager,
-    verify_commit, words,
+    ViewStore, check_redeclaration, field_value, no_parked_event, refuse_process_manager,
+    same_owner, verify_commit, words,
 };
 
 /// Views held in memory, for tests and as the reference model.

@@ -85,7 +85,9 @@ impl Partition {
     /// Every partition of `inner`, for a coordinator to hand out.
     pub fn all(inner: Arc<dyn Projection>, count: u32) -> Vec<Arc<dyn Projection>> {
         (0..count)
-            .map(|index| Arc::new(Self::new(Arc::clone(&inner), index, count)) as Arc<dyn Projection>)
+            .map(|index| {
+                Arc::new(Self::new(Arc::clone(&inner), index, count)) as Arc<dyn Projection>
+            })
             .collect()
     }
 

@@ -23,6 +23,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
+use diptych_core::partition::split_partition_name;
+use diptych_core::view::group_position;
 use diptych_core::{
     Control, Declaration, Document, Page, ParkedEvent, Position, ProjectionRecord, Query,
     RebuildProgress, Timestamp, ViewCommit, ViewError, ViewStore,
@@ -228,9 +230,9 @@ impl ViewStore for PgViews {
 
     async fn served_position(&self, collection: &str) -> Result<Position, ViewError> {
         let client = self.client("reading a checkpoint").await?;
-        prepared_query_opt(
+        let (owner, position): (String, i64) = prepared_query_opt(
             &client,
-            "SELECT k.position FROM collections c
+            "SELECT p.name, k.position FROM collections c
              JOIN projections p ON p.name = c.projection
              JOIN checkpoints k ON k.projection = p.name AND k.generation = p.generation
              WHERE c.name = $1",
@@ -238,8 +240,12 @@ impl ViewStore for PgViews {
         )
         .await
         .map_err(|error| backend("reading a checkpoint", error))?
-        .map(|row| Position(row.get::<_, i64>(0) as u64))
-        .ok_or_else(|| ViewError::UnknownCollection(collection.to_owned()))
+        .map(|row| (row.get(0), row.get(1)))
+        .ok_or_else(|| ViewError::UnknownCollection(collection.to_owned()))?;
+        if split_partition_name(&owner).is_some() {
+            return group_position(self, &owner).await;
+        }
+        Ok(Position(position as u64))
     }
 
     async fn get(&self, collection: &str, key: &str) -> Result<Option<Document>, ViewError> {

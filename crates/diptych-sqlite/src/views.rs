@@ -21,9 +21,11 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use diptych_core::partition::split_partition_name;
+use diptych_core::view::group_position;
 use diptych_core::view::{
-    CheckpointWatches, check_redeclaration, field_value, same_owner, no_parked_event, refuse_process_manager,
-    verify_commit, words,
+    CheckpointWatches, check_redeclaration, field_value, no_parked_event, refuse_process_manager,
+    same_owner, verify_commit, words,
 };
 use diptych_core::{
     BackendError, Change, CollectionSpec, Comparison, Control, Cursor, Declaration, Document,
@@ -284,24 +286,30 @@ impl ViewStore for SqliteViews {
 
     async fn served_position(&self, collection: &str) -> Result<Position, ViewError> {
         let collection = collection.to_owned();
-        self.read(move |connection| {
-            connection
-                .prepare_cached(
-                    "SELECT k.position FROM collections c
-                     JOIN projections p ON p.name = c.projection
-                     JOIN checkpoints k ON k.projection = p.name AND k.generation = p.generation
-                     WHERE c.name = ?1",
-                )
-                .and_then(|mut statement| {
-                    statement
-                        .query_row([&collection], |row| row.get::<_, i64>(0))
-                        .optional()
-                })
-                .map_err(|error| backend("reading a checkpoint", error))?
-                .map(|position| Position(position as u64))
-                .ok_or(ViewError::UnknownCollection(collection))
-        })
-        .await
+        let (owner, position) = self
+            .read(move |connection| {
+                connection
+                    .prepare_cached(
+                        "SELECT p.name, k.position FROM collections c
+                         JOIN projections p ON p.name = c.projection
+                         JOIN checkpoints k ON k.projection = p.name AND k.generation = p.generation
+                         WHERE c.name = ?1",
+                    )
+                    .and_then(|mut statement| {
+                        statement
+                            .query_row([&collection], |row| {
+                                Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)?))
+                            })
+                            .optional()
+                    })
+                    .map_err(|error| backend("reading a checkpoint", error))?
+                    .ok_or(ViewError::UnknownCollection(collection))
+            })
+            .await?;
+        if split_partition_name(&owner).is_some() {
+            return group_position(self, &owner).await;
+        }
+        Ok(Position(position as u64))
     }
 
     async fn get(&self, collection: &str, key: &str) -> Result<Option<Document>, ViewError> {

@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 
 use deadpool_postgres::GenericClient;
-use diptych_core::view::{check_redeclaration, refuse_process_manager};
+use diptych_core::view::{check_redeclaration, refuse_process_manager, same_owner};
 use diptych_core::{
     BackendError, Declaration, Position, ProjectionRecord, RebuildProgress, ViewError,
 };
@@ -53,7 +53,7 @@ pub(crate) async fn register(
         let Some((owner, stored)) = found.remove(&spec.name) else {
             continue;
         };
-        if owner != name {
+        if !same_owner(&owner, name) {
             return Err(ViewError::CollectionTaken {
                 collection: spec.name.clone(),
                 owner,

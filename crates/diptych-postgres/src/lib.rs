@@ -26,12 +26,14 @@
 mod database;
 mod error;
 mod events_schema;
+mod leases;
 mod schema;
 mod store;
 mod views;
 
 pub use database::PgConfig;
 pub use error::OpenError;
+pub use leases::{LeaseConfig, PartitionedRunner, PgLeases};
 pub use store::PgStore;
 pub use views::PgViews;
 pub mod testing;

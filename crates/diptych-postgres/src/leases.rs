@@ -1,0 +1,328 @@
+//! Leases on the partitions of a projection, held in PostgreSQL, so projector
+//! processes share a partitioned projection (`diptych_core::partition`) and take
+//! over the partitions of one that dies.
+//!
+//! Each process runs a [`PartitionedRunner`] per partitioned projection. Every
+//! `ttl / 3` it renews its leases, stops the runners of any it lost, and claims
+//! free or expired partitions up to its fair share (partitions divided by live
+//! holders, rounded up), or hands one back when it holds more than its share,
+//! so a process that joins gets work. Expiry is judged by the server's clock,
+//! so processes' clocks need not agree.
+//!
+//! A lease is what keeps two processes from running one partition in the normal
+//! case; it is not what keeps an event from being applied twice. That is the
+//! view store's checkpoint check: every batch names the checkpoint it started
+//! from and is refused if another runner moved it, so even a process that was
+//! frozen past its lease and wakes up still holding a runner cannot apply a
+//! batch twice.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use diptych_core::{
+    BackendError, EventStore, HandlerKind, Partition, Projection, RunnerConfig, RunnerHandle,
+    ViewStore, spawn_projection,
+};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::database::{Database, PgConfig};
+use crate::error::{OpenError, backend};
+use crate::schema::Migrations;
+
+const LEASES: Migrations = Migrations {
+    component: "leases",
+    steps: &["CREATE TABLE leases (
+            projection text        NOT NULL,
+            partition  integer     NOT NULL,
+            holder     text        NOT NULL,
+            expires_at timestamptz NOT NULL,
+            PRIMARY KEY (projection, partition)
+        );"],
+};
+
+/// How a process holds leases.
+#[derive(Clone, Debug)]
+pub struct LeaseConfig {
+    /// How long a lease lasts unless renewed: how long a dead process's
+    /// partitions wait before another process takes them. Renewed every third.
+    pub ttl: Duration,
+    /// This process's name in the leases table (unique per process).
+    pub holder: String,
+}
+
+impl Default for LeaseConfig {
+    fn default() -> Self {
+        Self {
+            ttl: Duration::from_secs(10),
+            holder: format!("pid-{}-{}", std::process::id(), uuid::Uuid::now_v7().simple()),
+        }
+    }
+}
+
+/// The leases table of a schema.
+#[derive(Clone)]
+pub struct PgLeases {
+    database: Arc<Database>,
+}
+
+impl PgLeases {
+    /// Connects, creating the table if needed.
+    pub async fn connect(config: &PgConfig) -> Result<Self, OpenError> {
+        let config = config.clone().with_pool_size(2);
+        Ok(Self {
+            database: Arc::new(Database::open(&config, &LEASES, &[]).await?),
+        })
+    }
+
+    /// Who holds each partition of `projection` now (expired leases left out).
+    pub async fn holders(&self, projection: &str) -> Result<BTreeMap<u32, String>, BackendError> {
+        let client = self.database.connection("reading leases").await?;
+        let rows = client
+            .query(
+                "SELECT partition, holder FROM leases \
+                 WHERE projection = $1 AND expires_at > now() ORDER BY partition",
+                &[&projection],
+            )
+            .await
+            .map_err(|error| backend("reading leases", error))?;
+        Ok(rows
+            .iter()
+            .map(|row| (row.get::<_, i32>(0) as u32, row.get(1)))
+            .collect())
+    }
+
+    async fn renew(&self, projection: &str, lease: &LeaseConfig) -> Result<Vec<u32>, BackendError> {
+        let client = self.database.connection("renewing leases").await?;
+        let rows = client
+            .query(
+                "UPDATE leases SET expires_at = now() + make_interval(secs => $3) \
+                 WHERE projection = $1 AND holder = $2 RETURNING partition",
+                &[&projection, &lease.holder, &lease.ttl.as_secs_f64()],
+            )
+            .await
+            .map_err(|error| backend("renewing leases", error))?;
+        Ok(rows.iter().map(|row| row.get::<_, i32>(0) as u32).collect())
+    }
+
+    /// How many processes other than this one hold a live lease on `projection`.
+    async fn other_holders(&self, projection: &str, holder: &str) -> Result<usize, BackendError> {
+        let client = self.database.connection("reading leases").await?;
+        let row = client
+            .query_one(
+                "SELECT count(DISTINCT holder) FROM leases \
+                 WHERE projection = $1 AND holder <> $2 AND expires_at > now()",
+                &[&projection, &holder],
+            )
+            .await
+            .map_err(|error| backend("reading leases", error))?;
+        Ok(row.get::<_, i64>(0) as usize)
+    }
+
+    /// Partitions nobody holds, or whose lease expired.
+    async fn free(&self, projection: &str, count: u32) -> Result<Vec<u32>, BackendError> {
+        let client = self.database.connection("reading leases").await?;
+        let rows = client
+            .query(
+                "SELECT p FROM generate_series(0, $2 - 1) AS p \
+                 WHERE NOT EXISTS (SELECT 1 FROM leases l WHERE l.projection = $1 \
+                                   AND l.partition = p AND l.expires_at > now())",
+                &[&projection, &(count as i32)],
+            )
+            .await
+            .map_err(|error| backend("reading leases", error))?;
+        Ok(rows.iter().map(|row| row.get::<_, i32>(0) as u32).collect())
+    }
+
+    /// Takes a partition if it is free or its lease expired; true when taken.
+    async fn claim(
+        &self,
+        projection: &str,
+        partition: u32,
+        lease: &LeaseConfig,
+    ) -> Result<bool, BackendError> {
+        let client = self.database.connection("claiming a lease").await?;
+        let rows = client
+            .query(
+                "INSERT INTO leases (projection, partition, holder, expires_at) \
+                 VALUES ($1, $2, $3, now() + make_interval(secs => $4)) \
+                 ON CONFLICT (projection, partition) DO UPDATE \
+                     SET holder = excluded.holder, expires_at = excluded.expires_at \
+                     WHERE leases.expires_at <= now() OR leases.holder = excluded.holder \
+                 RETURNING partition",
+                &[&projection, &(partition as i32), &lease.holder, &lease.ttl.as_secs_f64()],
+            )
+            .await
+            .map_err(|error| backend("claiming a lease", error))?;
+        Ok(!rows.is_empty())
+    }
+
+    async fn release(&self, projection: &str, partition: u32, holder: &str) {
+        let released = async {
+            let client = self.database.connection("releasing a lease").await?;
+            client
+                .execute(
+                    "DELETE FROM leases WHERE projection = $1 AND partition = $2 AND holder = $3",
+                    &[&projection, &(partition as i32), &holder],
+                )
+                .await
+                .map_err(|error| backend("releasing a lease", error))
+        };
+        if let Err(error) = released.await {
+            // It expires on its own.
+            tracing::warn!(%error, projection, partition, "could not release a lease");
+        }
+    }
+}
+
+/// A partitioned projection run under leases. Dropping it stops the runners
+/// and hands the leases back in the background; [`PartitionedRunner::stop`]
+/// waits for that.
+pub struct PartitionedRunner {
+    stop: watch::Sender<bool>,
+    held: watch::Receiver<Vec<u32>>,
+    task: JoinHandle<()>,
+}
+
+impl PartitionedRunner {
+    /// Starts claiming and running partitions of `projection`, split `count` ways.
+    pub fn spawn(
+        leases: PgLeases,
+        store: Arc<dyn EventStore>,
+        views: Arc<dyn ViewStore>,
+        projection: Arc<dyn Projection>,
+        count: u32,
+        runner: RunnerConfig,
+        lease: LeaseConfig,
+    ) -> Self {
+        let (stop, stopped) = watch::channel(false);
+        let (held_sender, held) = watch::channel(Vec::new());
+        let coordinator = Coordinator {
+            leases,
+            store,
+            views,
+            partitions: Partition::all(Arc::clone(&projection), count),
+            name: projection.name().to_owned(),
+            count,
+            runner,
+            lease,
+            running: BTreeMap::new(),
+            held: held_sender,
+        };
+        Self {
+            stop,
+            held,
+            task: tokio::spawn(coordinator.run(stopped)),
+        }
+    }
+
+    /// The partitions this process runs now.
+    pub fn held(&self) -> watch::Receiver<Vec<u32>> {
+        self.held.clone()
+    }
+
+    /// Stops every runner after its batch and hands the leases back.
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+    }
+}
+
+struct Coordinator {
+    leases: PgLeases,
+    store: Arc<dyn EventStore>,
+    views: Arc<dyn ViewStore>,
+    partitions: Vec<Arc<dyn Projection>>,
+    name: String,
+    count: u32,
+    runner: RunnerConfig,
+    lease: LeaseConfig,
+    running: BTreeMap<u32, RunnerHandle>,
+    held: watch::Sender<Vec<u32>>,
+}
+
+impl Coordinator {
+    async fn run(mut self, mut stopped: watch::Receiver<bool>) {
+        let tick = self.lease.ttl / 3;
+        loop {
+            if let Err(error) = self.balance().await {
+                tracing::warn!(%error, projection = %self.name, "could not renew or claim leases");
+            }
+            self.held.send_replace(self.running.keys().copied().collect());
+            tokio::select! {
+                _ = tokio::time::sleep(tick) => {}
+                _ = stopped.wait_for(|stop| *stop) => break,
+            }
+        }
+        for (partition, runner) in std::mem::take(&mut self.running) {
+            runner.stop().await;
+            self.leases
+                .release(&self.name, partition, &self.lease.holder)
+                .await;
+        }
+    }
+
+    /// Renews, drops what was lost, then claims or hands back toward a fair share.
+    async fn balance(&mut self) -> Result<(), BackendError> {
+        let renewed = self.leases.renew(&self.name, &self.lease).await?;
+        let lost: Vec<u32> = self
+            .running
+            .keys()
+            .filter(|partition| !renewed.contains(partition))
+            .copied()
+            .collect();
+        for partition in lost {
+            tracing::warn!(projection = %self.name, partition, "lost a lease; stopping its runner");
+            if let Some(runner) = self.running.remove(&partition) {
+                runner.stop().await;
+            }
+        }
+        let holders = self.leases.other_holders(&self.name, &self.lease.holder).await? + 1;
+        let share = (self.count as usize).div_ceil(holders);
+        if self.running.len() > share {
+            if let Some((&partition, _)) = self.running.iter().next_back() {
+                if let Some(runner) = self.running.remove(&partition) {
+                    runner.stop().await;
+                }
+                self.leases
+                    .release(&self.name, partition, &self.lease.holder)
+                    .await;
+            }
+            return Ok(());
+        }
+        let mut free = self.leases.free(&self.name, self.count).await?;
+        fastrand::shuffle(&mut free);
+        for partition in free {
+            if self.running.len() >= share {
+                break;
+            }
+            if !self.leases.claim(&self.name, partition, &self.lease).await? {
+                continue;
+            }
+            let runner = spawn_projection(
+                Arc::clone(&self.store),
+                Arc::clone(&self.views),
+                Arc::clone(&self.partitions[partition as usize]),
+                HandlerKind::Projection,
+                self.runner.clone(),
+            )
+            .await;
+            match runner {
+                Ok(runner) => {
+                    self.running.insert(partition, runner);
+                }
+                Err(error) => {
+                    self.leases
+                        .release(&self.name, partition, &self.lease.holder)
+                        .await;
+                    return Err(BackendError::with_source(
+                        format!("starting partition {partition} of `{}`", self.name),
+                        error,
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}

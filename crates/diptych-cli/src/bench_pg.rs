@@ -29,7 +29,7 @@ pub async fn run_append(
     duration: Duration,
     mut report: impl FnMut(&AppendBenchResult),
 ) -> Result<()> {
-    let stamp = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
+    let stamp = stamp()?;
     let admin = connect(url, None).await?;
     for &events in events_per_append {
         for &writer_count in writers {
@@ -41,12 +41,7 @@ pub async fn run_append(
             let store_schema = format!("bench_{stamp}_{writer_count}_{events}_store");
             let floor_schema = format!("bench_{stamp}_{writer_count}_{events}_floor");
             let measured = measure(url, &store_schema, &floor_schema, scenario, duration).await;
-            for schema in [&store_schema, &floor_schema] {
-                admin
-                    .batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
-                    .await
-                    .with_context(|| format!("dropping the bench schema {schema}"))?;
-            }
+            drop_schemas(&admin, &[&store_schema, &floor_schema]).await?;
             let (store, floor) = measured?;
             report(&AppendBenchResult {
                 bench: "append-postgres",
@@ -197,7 +192,25 @@ async fn floor_slice(
     Ok(())
 }
 
-async fn connect(url: &str, schema: Option<&str>) -> Result<Client> {
+/// A stamp for the names of a run's schemas (`bench_<stamp>_…`), so runs never
+/// share one.
+pub(crate) fn stamp() -> Result<u64> {
+    Ok(SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs())
+}
+
+/// Drops a run's schemas with everything in them.
+pub(crate) async fn drop_schemas(admin: &Client, schemas: &[&str]) -> Result<()> {
+    for schema in schemas {
+        admin
+            .batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
+            .await
+            .with_context(|| format!("dropping the bench schema {schema}"))?;
+    }
+    Ok(())
+}
+
+/// A plain connection to `url`, its search path set to `schema` when given.
+pub(crate) async fn connect(url: &str, schema: Option<&str>) -> Result<Client> {
     let mut config: tokio_postgres::Config = url.parse().context("parsing the PostgreSQL URL")?;
     if let Some(schema) = schema {
         config.options(format!("-c search_path={schema}"));

@@ -20,9 +20,9 @@ use anyhow::{Context, Result};
 use async_trait::async_trait;
 use diptych::sqlite::{SqliteStore, SqliteViews};
 use diptych::{
-    AppendRequest, CollectionSpec, EventStore, ExpectedVersion, HandlerError, HandlerKind,
-    NewEvent, Position, Projection, RecordedEvent, RunnerConfig, StreamId, Subscription, ViewStore,
-    ViewTx, spawn_projection, wait_for,
+    AppendRequest, CollectionSpec, Declaration, EventStore, ExpectedVersion, HandlerError,
+    HandlerKind, NewEvent, Position, Projection, RecordedEvent, RunnerConfig, StreamId,
+    Subscription, ViewStore, ViewTx, spawn_projection, wait_for,
 };
 use serde::Serialize;
 use serde_json::json;
@@ -30,9 +30,9 @@ use serde_json::json;
 use crate::bench::{percentile, remove_database};
 
 /// The bench projection's collection.
-const COLLECTION: &str = "bench-docs";
+pub(crate) const COLLECTION: &str = "bench-docs";
 /// Events appended per append while seeding the log.
-const SEED_BATCH: usize = 1000;
+const SEED_BATCH: u64 = 1000;
 
 /// The projection measured: each event's payload becomes the document under its
 /// `key`, so every event is one upsert.
@@ -55,9 +55,24 @@ impl Projection for Upserts {
     }
 }
 
+/// The bench projection as a view store registers it.
+pub(crate) fn declaration() -> Declaration {
+    Declaration {
+        name: Upserts.name().to_owned(),
+        kind: HandlerKind::Projection,
+        collections: Upserts.collections(),
+    }
+}
+
+/// How many keys a log of `events` events updates: one event in ten updates a
+/// key again.
+pub(crate) fn distinct_keys(events: u64) -> u64 {
+    (events / 10).max(1)
+}
+
 /// The payload of the `n`th event: a document of typical size, keyed so that one
 /// key in ten is updated again later.
-fn document(n: u64, distinct_keys: u64) -> serde_json::Value {
+pub(crate) fn document(n: u64, distinct_keys: u64) -> serde_json::Value {
     json!({
         "key": format!("customer-{}", n % distinct_keys),
         "name": "Ada Lovelace",
@@ -89,6 +104,31 @@ pub struct ProjectResult {
     pub peak_rss_mib: f64,
 }
 
+impl ProjectResult {
+    /// The result of a catch-up of `events` events against a floor that took
+    /// `floor_seconds`.
+    pub(crate) fn new(
+        bench: &'static str,
+        events: u64,
+        batch: usize,
+        catch_up: CatchUp,
+        floor_seconds: f64,
+    ) -> Self {
+        let events_per_sec = events as f64 / catch_up.seconds;
+        let floor_events_per_sec = events as f64 / floor_seconds;
+        Self {
+            bench,
+            events,
+            batch,
+            events_per_sec,
+            floor_events_per_sec,
+            ratio: events_per_sec / floor_events_per_sec,
+            start_rss_mib: catch_up.start_rss_mib,
+            peak_rss_mib: catch_up.peak_rss_mib,
+        }
+    }
+}
+
 /// Seeds a log of `events` events, then measures the floor and the projection's
 /// catch-up.
 pub async fn run_project(
@@ -99,7 +139,7 @@ pub async fn run_project(
     let temporary = tempfile::tempdir().context("creating a temporary directory")?;
     let dir = directory.unwrap_or_else(|| temporary.path().to_owned());
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let distinct_keys = (events / 10).max(1);
+    let distinct_keys = distinct_keys(events);
     let store: Arc<dyn EventStore> = Arc::new(
         SqliteStore::open(dir.join("bench-events.db")).context("opening the bench event store")?,
     );
@@ -117,6 +157,30 @@ pub async fn run_project(
     remove_database(&views_path);
     let views: Arc<dyn ViewStore> =
         Arc::new(SqliteViews::open(&views_path).context("opening the bench views")?);
+    let catch_up = catch_up(store, views, batch).await?;
+    Ok(ProjectResult::new(
+        "project",
+        events,
+        batch,
+        catch_up,
+        floor_seconds,
+    ))
+}
+
+/// What a projection's catch-up took.
+pub(crate) struct CatchUp {
+    seconds: f64,
+    start_rss_mib: f64,
+    peak_rss_mib: f64,
+}
+
+/// Runs the bench projection over the whole log in `store` into `views`,
+/// `batch` events per transaction, until it has applied the head.
+pub(crate) async fn catch_up(
+    store: Arc<dyn EventStore>,
+    views: Arc<dyn ViewStore>,
+    batch: usize,
+) -> Result<CatchUp> {
     reset_peak_rss();
     let start_rss_mib = memory_kib("VmRSS:") as f64 / 1024.0;
     let started = Instant::now();
@@ -137,15 +201,8 @@ pub async fn run_project(
     let seconds = started.elapsed().as_secs_f64();
     let peak_rss_mib = memory_kib("VmHWM:") as f64 / 1024.0;
     runner.stop().await;
-    let events_per_sec = events as f64 / seconds;
-    let floor_events_per_sec = events as f64 / floor_seconds;
-    Ok(ProjectResult {
-        bench: "project",
-        events,
-        batch,
-        events_per_sec,
-        floor_events_per_sec,
-        ratio: events_per_sec / floor_events_per_sec,
+    Ok(CatchUp {
+        seconds,
         start_rss_mib,
         peak_rss_mib,
     })
@@ -157,18 +214,32 @@ async fn seed(store: &dyn EventStore, events: u64, distinct_keys: u64) -> Result
         existing == 0 || existing == events,
         "the bench directory holds a log of {existing} events, not {events}: pass another --dir"
     );
-    let mut n = existing;
-    while n < events {
-        let count = (events - n).min(SEED_BATCH as u64);
-        let batch = (n..n + count)
-            .map(|i| NewEvent::new("CustomerUpdated", document(i, distinct_keys)))
-            .collect();
-        let stream = StreamId::new(format!("seed-{}", n / SEED_BATCH as u64))?;
-        store
-            .append(AppendRequest::new(stream, ExpectedVersion::NoStream, batch))
-            .await?;
-        n += count;
+    if existing == events {
+        return Ok(());
     }
+    for chunk in 0..events.div_ceil(SEED_BATCH) {
+        append_chunk(store, chunk, SEED_BATCH, events, distinct_keys).await?;
+    }
+    Ok(())
+}
+
+/// Appends the `chunk`th run of `size` events of a log of `events` events, to
+/// a stream of its own.
+pub(crate) async fn append_chunk(
+    store: &dyn EventStore,
+    chunk: u64,
+    size: u64,
+    events: u64,
+    distinct_keys: u64,
+) -> Result<()> {
+    let first = chunk * size;
+    let batch = (first..(first + size).min(events))
+        .map(|i| NewEvent::new("CustomerUpdated", document(i, distinct_keys)))
+        .collect();
+    let stream = StreamId::new(format!("seed-{chunk}"))?;
+    store
+        .append(AppendRequest::new(stream, ExpectedVersion::NoStream, batch))
+        .await?;
     Ok(())
 }
 

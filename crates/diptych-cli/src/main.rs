@@ -4,6 +4,7 @@
 mod bench;
 mod bench_http;
 mod bench_pg;
+mod bench_project_pg;
 mod bench_query;
 mod projections;
 mod serve;
@@ -77,21 +78,27 @@ enum Command {
 #[derive(Subcommand)]
 enum BenchCommand {
     /// Projection catch-up: a log of N events into a SQLite view, one upsert per
-    /// event, against the same upserts done directly with rusqlite.
+    /// event, against the same upserts done directly with rusqlite (or, with
+    /// `--store`, into PostgreSQL against the same upserts done directly with
+    /// tokio-postgres).
     Project {
         /// Print one JSON object per result line.
         #[arg(long)]
         json: bool,
-        /// Events in the log.
-        #[arg(long, default_value_t = 1_000_000)]
-        events: u64,
+        /// Events in the log (1,000,000 on SQLite; 200,000 on PostgreSQL).
+        #[arg(long)]
+        events: Option<u64>,
         /// Events per transaction, for the runner and the floor alike.
         #[arg(long, default_value_t = 1000)]
         batch: usize,
         /// Where to put the database files (a temporary directory by default; an
         /// existing log of the same size there is reused).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "store")]
         dir: Option<PathBuf>,
+        /// Measure PostgreSQL instead (`postgres://user@host:port/db`): fresh
+        /// schemas in that database, dropped afterwards.
+        #[arg(long)]
+        store: Option<String>,
     },
     /// Commands and view reads over real HTTP on loopback at increasing
     /// concurrency, against the in-process command path.
@@ -263,18 +270,29 @@ async fn run(cli: Cli) -> Result<()> {
                     events,
                     batch,
                     dir,
+                    store,
                 },
         } => {
             anyhow::ensure!(
-                events > 0 && batch > 0,
+                events != Some(0) && batch > 0,
                 "--events and --batch take positive counts"
             );
-            let result = bench_query::run_project(events, batch, dir).await?;
+            let result = match store {
+                Some(url) => {
+                    let events = events.unwrap_or(200_000);
+                    bench_project_pg::run_project(&url, events, batch).await?
+                }
+                None => {
+                    let events = events.unwrap_or(1_000_000);
+                    bench_query::run_project(events, batch, dir).await?
+                }
+            };
             if json {
                 println!("{}", serde_json::to_string(&result)?);
             } else {
                 println!(
-                    "project: {} events, {} per batch: {:.0} events/s; floor {:.0} events/s; ratio {:.2}; RSS {:.0} MiB at start, peak {:.0} MiB",
+                    "{}: {} events, {} per batch: {:.0} events/s; floor {:.0} events/s; ratio {:.2}; RSS {:.0} MiB at start, peak {:.0} MiB",
+                    result.bench,
                     result.events,
                     result.batch,
                     result.events_per_sec,

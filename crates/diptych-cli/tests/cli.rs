@@ -147,6 +147,47 @@ fn bench_refuses_a_zero_duration_and_zero_writers() {
 }
 
 #[test]
+fn bench_project_on_postgres_reports_the_catch_up_against_its_floor() {
+    let url = diptych::postgres::testing::test_url();
+    let output = diptych(&[
+        "bench", "project", "--json", "--store", &url, "--events", "3000", "--batch", "200",
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let result: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(result["bench"], "project-postgres");
+    assert_eq!(
+        (result["events"].as_u64(), result["batch"].as_u64()),
+        (Some(3000), Some(200))
+    );
+    let events = result["events_per_sec"].as_f64().unwrap();
+    let floor = result["floor_events_per_sec"].as_f64().unwrap();
+    assert!(events > 0.0 && floor > 0.0, "{result}");
+    let ratio = result["ratio"].as_f64().unwrap();
+    assert!(
+        (ratio - events / floor).abs() < 1e-6 * ratio.max(1.0),
+        "{result}"
+    );
+}
+
+#[test]
+fn bench_project_takes_either_a_directory_or_a_store() {
+    let output = diptych(&[
+        "bench",
+        "project",
+        "--store",
+        "postgres://x@y/z",
+        "--dir",
+        "/tmp",
+    ]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(
+        stderr(&output).contains("cannot be used with"),
+        "{}",
+        stderr(&output)
+    );
+}
+
+#[test]
 fn bench_append_json_reports_store_floor_and_ratio_per_scenario() {
     let output = diptych(&[
         "bench",

@@ -1,9 +1,10 @@
-//! The shop end to end, on the in-memory stores and on SQLite: commands in, the
-//! saga running, the five views out.
+//! The shop end to end, on the in-memory stores, on SQLite and on PostgreSQL:
+//! commands in, the saga running, the five views out.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use diptych::postgres::{PgStore, PgViews, testing::fresh_config};
 use diptych::sqlite::{SqliteStore, SqliteViews};
 use diptych::{
     CommandContext, CommandError, EventStore, MemoryStore, MemoryViews, Query, RunnerConfig,
@@ -51,6 +52,14 @@ async fn on_sqlite() -> Running {
     let store = SqliteStore::open(dir.path().join("events.db")).unwrap();
     let views = SqliteViews::open(dir.path().join("views.db")).unwrap();
     running(Arc::new(store), Arc::new(views), Some(dir)).await
+}
+
+/// PgStore and PgViews in a schema of their own.
+async fn on_postgres() -> Running {
+    let config = fresh_config().await;
+    let store = PgStore::connect(&config).await.unwrap();
+    let views = PgViews::connect(&config).await.unwrap();
+    running(Arc::new(store), Arc::new(views), None).await
 }
 
 impl Running {
@@ -359,7 +368,7 @@ async fn an_order_reads_as_it_was_at_an_earlier_version(shop: Running) {
     shop.stop().await;
 }
 
-macro_rules! on_both_stores {
+macro_rules! on_every_store {
     ($($check:ident),* $(,)?) => {
         mod memory {
             $(
@@ -377,10 +386,18 @@ macro_rules! on_both_stores {
                 }
             )*
         }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $check() {
+                    super::$check(super::on_postgres().await).await;
+                }
+            )*
+        }
     };
 }
 
-on_both_stores!(
+on_every_store!(
     a_placed_order_is_confirmed_and_every_view_follows,
     business_rules_reject_with_stable_codes,
     concurrent_orders_never_oversell,

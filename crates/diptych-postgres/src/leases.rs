@@ -56,7 +56,11 @@ impl Default for LeaseConfig {
     fn default() -> Self {
         Self {
             ttl: Duration::from_secs(10),
-            holder: format!("pid-{}-{}", std::process::id(), uuid::Uuid::now_v7().simple()),
+            holder: format!(
+                "pid-{}-{}",
+                std::process::id(),
+                uuid::Uuid::now_v7().simple()
+            ),
         }
     }
 }
@@ -151,7 +155,12 @@ impl PgLeases {
                      SET holder = excluded.holder, expires_at = excluded.expires_at \
                      WHERE leases.expires_at <= now() OR leases.holder = excluded.holder \
                  RETURNING partition",
-                &[&projection, &(partition as i32), &lease.holder, &lease.ttl.as_secs_f64()],
+                &[
+                    &projection,
+                    &(partition as i32),
+                    &lease.holder,
+                    &lease.ttl.as_secs_f64(),
+                ],
             )
             .await
             .map_err(|error| backend("claiming a lease", error))?;
@@ -249,7 +258,8 @@ impl Coordinator {
             if let Err(error) = self.balance().await {
                 tracing::warn!(%error, projection = %self.name, "could not renew or claim leases");
             }
-            self.held.send_replace(self.running.keys().copied().collect());
+            self.held
+                .send_replace(self.running.keys().copied().collect());
             tokio::select! {
                 _ = tokio::time::sleep(tick) => {}
                 _ = stopped.wait_for(|stop| *stop) => break,
@@ -278,7 +288,11 @@ impl Coordinator {
                 runner.stop().await;
             }
         }
-        let holders = self.leases.other_holders(&self.name, &self.lease.holder).await? + 1;
+        let holders = self
+            .leases
+            .other_holders(&self.name, &self.lease.holder)
+            .await?
+            + 1;
         let share = (self.count as usize).div_ceil(holders);
         if self.running.len() > share {
             if let Some((&partition, _)) = self.running.iter().next_back() {
@@ -297,7 +311,11 @@ impl Coordinator {
             if self.running.len() >= share {
                 break;
             }
-            if !self.leases.claim(&self.name, partition, &self.lease).await? {
+            if !self
+                .leases
+                .claim(&self.name, partition, &self.lease)
+                .await?
+            {
                 continue;
             }
             let runner = spawn_projection(

@@ -82,3 +82,22 @@ pub async fn raw_client(config: &PgConfig) -> tokio_postgres::Client {
     tokio::spawn(connection);
     client
 }
+
+/// A child process that is killed when this guard is dropped, so a test that
+/// panics never leaves children behind (they would hold its output open, and
+/// the test run would hang).
+pub struct ChildGuard(pub std::process::Child);
+
+impl ChildGuard {
+    /// Kills the child with SIGKILL and reaps it.
+    pub fn kill(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

@@ -7,14 +7,15 @@
 //! This binary is both the parent (run by `cargo test`) and the projector
 //! processes it starts (marked by an environment variable).
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
 use diptych_core::partition::partition_name;
 use diptych_core::testkit::{Tallies, added, append_one, clean_tallies, dump_collection};
 use diptych_core::{EventStore, RunnerConfig, ViewStore, wait_for};
-use diptych_postgres::{LeaseConfig, PartitionedRunner, PgConfig, PgLeases, PgStore, PgViews, testing};
+use diptych_postgres::testing::{self, ChildGuard};
+use diptych_postgres::{LeaseConfig, PartitionedRunner, PgConfig, PgLeases, PgStore, PgViews};
 
 const ROLE: &str = "DIPTYCH_LEASES_ROLE";
 const SCHEMA: &str = "DIPTYCH_LEASES_SCHEMA";
@@ -63,14 +64,15 @@ async fn projector() {
     }
 }
 
-fn spawn_projector(schema: &str, holder: &str) -> Child {
-    Command::new(std::env::current_exe().expect("this test's path"))
+fn spawn_projector(schema: &str, holder: &str) -> ChildGuard {
+    let child = Command::new(std::env::current_exe().expect("this test's path"))
         .env(ROLE, "projector")
         .env(SCHEMA, schema)
         .env(HOLDER, holder)
         .stdout(Stdio::null())
         .spawn()
-        .expect("a projector process")
+        .expect("a projector process");
+    ChildGuard(child)
 }
 
 /// One item per stream, so each tally is written by one stream's events: the
@@ -117,8 +119,7 @@ async fn parent() {
         })
     };
     tokio::time::sleep(Duration::from_millis(300)).await;
-    doomed.kill().expect("SIGKILL the projector");
-    doomed.wait().expect("the killed projector is reaped");
+    doomed.kill();
     writer.await.expect("the writer");
 
     wait_until("the survivor taking every partition", async || {
@@ -141,8 +142,7 @@ async fn parent() {
         parked.extend(views.parked(&name).await.expect("parked events"));
     }
     assert!(parked.is_empty(), "nothing was parked: {parked:?}");
-    survivor.kill().expect("stopping the survivor");
-    let _ = survivor.wait();
+    survivor.kill();
     println!(
         "leases: {PARTITIONS} partitions over two projector processes; one killed with SIGKILL \
          while 1500 events arrived; the survivor took over and the view equals a clean build"

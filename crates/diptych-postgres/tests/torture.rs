@@ -11,12 +11,13 @@
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
 use diptych_core::{AppendRequest, EventStore, ExpectedVersion, NewEvent, Position, StreamId};
-use diptych_postgres::{PgConfig, PgStore, testing};
+use diptych_postgres::testing::{self, ChildGuard};
+use diptych_postgres::{PgConfig, PgStore};
 use serde_json::json;
 
 const ROLE: &str = "DIPTYCH_TORTURE_ROLE";
@@ -110,21 +111,21 @@ async fn subscribe() {
     }
 }
 
-fn spawn(role: &str, schema: &str, writer: usize) -> Child {
-    Command::new(std::env::current_exe().expect("this test's path"))
+fn spawn(role: &str, schema: &str, writer: usize) -> ChildGuard {
+    let child = Command::new(std::env::current_exe().expect("this test's path"))
         .env(ROLE, role)
         .env(SCHEMA, schema)
         .env(WRITER, writer.to_string())
         .stdout(Stdio::piped())
         .spawn()
-        .expect("a child process")
+        .expect("a child process");
+    ChildGuard(child)
 }
 
-fn output_lines(child: Child) -> Vec<String> {
-    let mut child = child;
-    let stdout = child.stdout.take().expect("piped stdout");
+fn output_lines(mut child: ChildGuard) -> Vec<String> {
+    let stdout = child.0.stdout.take().expect("piped stdout");
     let lines: Vec<String> = BufReader::new(stdout).lines().map(|l| l.unwrap()).collect();
-    let status = child.wait().expect("the child exits");
+    let status = child.0.wait().expect("the child exits");
     assert!(status.success(), "a child failed: {status}");
     lines
 }
@@ -132,10 +133,10 @@ fn output_lines(child: Child) -> Vec<String> {
 async fn parent() {
     let config = testing::fresh_config().await;
     let store = PgStore::connect(&config).await.expect("a store");
-    let subscribers: Vec<Child> = (0..SUBSCRIBERS)
+    let subscribers: Vec<ChildGuard> = (0..SUBSCRIBERS)
         .map(|n| spawn("subscriber", &config.schema, n))
         .collect();
-    let writers: Vec<Child> = (0..WRITERS)
+    let writers: Vec<ChildGuard> = (0..WRITERS)
         .map(|n| spawn("writer", &config.schema, n))
         .collect();
     let acknowledged: usize = writers

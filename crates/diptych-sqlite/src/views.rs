@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use diptych_core::partition::split_partition_name;
+use diptych_core::partition::{group_members, split_partition_name};
 use diptych_core::view::group_position;
 use diptych_core::view::{
     CheckpointWatches, check_redeclaration, field_value, no_parked_event, refuse_process_manager,
@@ -631,10 +631,16 @@ fn read_record(connection: &Connection, projection: &str) -> Result<ProjectionRe
     let (kind, generation, position, rebuild, rebuild_position, requested, paused, stalled, parked) =
         row;
     let collections = connection
-        .prepare_cached("SELECT spec FROM collections WHERE projection = ?1 ORDER BY name")
+        // A partition's collections are registered under whichever partition
+        // came first: look under every member of its group.
+        .prepare_cached(
+            "SELECT spec FROM collections WHERE projection IN (SELECT value FROM json_each(?1)) \
+             ORDER BY name",
+        )
         .and_then(|mut statement| {
+            let members = serde_json::to_string(&group_members(projection)).unwrap_or_default();
             statement
-                .query_map([projection], |row| row.get::<_, String>(0))?
+                .query_map([members], |row| row.get::<_, String>(0))?
                 .collect::<Result<Vec<_>, _>>()
         })
         .map_err(|error| backend("reading collections", error))?

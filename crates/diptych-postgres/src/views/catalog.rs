@@ -20,19 +20,32 @@ pub(crate) struct Stored {
     pub ids: BTreeMap<String, i64>,
 }
 
+/// A collection's row belongs to projection `p`: registered by it, or by
+/// another partition of the same projection (partitions share collections; see
+/// `diptych_core::partition`).
+macro_rules! same_group {
+    () => {
+        "(projection = p.name OR regexp_replace(projection, '\\.[0-9]+of[0-9]+$', '') \
+         = regexp_replace(p.name, '\\.[0-9]+of[0-9]+$', ''))"
+    };
+}
+
 /// Every column of a record, in the order `stored_from_row` reads them.
-const RECORD_SELECT: &str = "
-    SELECT p.name, p.kind, p.generation, c.position, p.rebuild_generation, r.position,
-           p.rebuild_requested, p.paused, p.stalled,
-           (SELECT count(*) FROM parked
-            WHERE projection = p.name AND generation = p.generation),
-           COALESCE((SELECT array_agg(spec ORDER BY name) FROM collections
-                     WHERE projection = p.name), '{}'),
-           COALESCE((SELECT array_agg(id ORDER BY name) FROM collections
-                     WHERE projection = p.name), '{}')
-    FROM projections p
-    JOIN checkpoints c ON c.projection = p.name AND c.generation = p.generation
-    LEFT JOIN checkpoints r ON r.projection = p.name AND r.generation = p.rebuild_generation";
+const RECORD_SELECT: &str = concat!(
+    "SELECT p.name, p.kind, p.generation, c.position, p.rebuild_generation, r.position,
+            p.rebuild_requested, p.paused, p.stalled,
+            (SELECT count(*) FROM parked
+             WHERE projection = p.name AND generation = p.generation),
+            COALESCE((SELECT array_agg(spec ORDER BY name) FROM collections WHERE ",
+    same_group!(),
+    "), '{}'),
+            COALESCE((SELECT array_agg(id ORDER BY name) FROM collections WHERE ",
+    same_group!(),
+    "), '{}')
+     FROM projections p
+     JOIN checkpoints c ON c.projection = p.name AND c.generation = p.generation
+     LEFT JOIN checkpoints r ON r.projection = p.name AND r.generation = p.rebuild_generation"
+);
 
 /// One projection's record; with `lock`, its row stays locked until the
 /// transaction ends, so two writers of one projection take turns.

@@ -42,8 +42,24 @@ enum Command {
         /// Serve open on a non-loopback address anyway.
         #[arg(long)]
         insecure: bool,
+        /// Keep events and views in PostgreSQL (`postgres://user@host:port/db`)
+        /// instead of the data directory.
+        #[arg(long)]
+        store: Option<String>,
+        /// The PostgreSQL schema of diptych's tables.
+        #[arg(long, requires = "store")]
+        schema: Option<String>,
+        /// What this node does, comma separated: command, query, projector,
+        /// relay (all by default). On PostgreSQL, nodes with different roles
+        /// share one database.
+        #[arg(long, value_delimiter = ',')]
+        role: Vec<String>,
+        /// Partitions of each partitionable projection, shared by the projector
+        /// nodes under leases (PostgreSQL).
+        #[arg(long, default_value_t = 1, requires = "store")]
+        partitions: u32,
     },
-    /// Serve the shop from a settings file (address, data directory, tokens).
+    /// Serve the shop from a settings file (address, storage, roles, tokens).
     Serve {
         /// The TOML settings file.
         #[arg(long)]
@@ -51,6 +67,9 @@ enum Command {
         /// Serve without tokens on a non-loopback address anyway.
         #[arg(long)]
         insecure: bool,
+        /// What this node does, comma separated (overrides the file's `roles`).
+        #[arg(long, value_delimiter = ',')]
+        role: Vec<String>,
     },
     /// Measure the store against a floor measured in the same run.
     Bench {
@@ -189,6 +208,15 @@ fn main() {
         }
         eprintln!("error: {error:#}");
         std::process::exit(1);
+    }
+}
+
+/// The roles named, or all of them when none is.
+fn roles_or_all(names: &[String]) -> Result<serve::Roles> {
+    if names.is_empty() {
+        Ok(serve::Roles::ALL)
+    } else {
+        serve::Roles::parse(names)
     }
 }
 
@@ -342,26 +370,43 @@ async fn run(cli: Cli) -> Result<()> {
             data,
             traffic,
             insecure,
+            store,
+            schema,
+            role,
+            partitions,
         } => {
             serve::run(serve::ServeConfig {
                 addr,
-                data,
+                backend: serve::Backend::choose(store, schema, data),
                 auth: diptych::http::Auth::open(),
                 insecure,
                 seed: true,
                 traffic,
+                roles: roles_or_all(&role)?,
+                partitions: partitions.max(1),
             })
             .await
         }
-        Command::Serve { config, insecure } => {
+        Command::Serve {
+            config,
+            insecure,
+            role,
+        } => {
             let (file, auth) = serve::ServeFile::load(&config)?;
+            let roles = if role.is_empty() {
+                roles_or_all(file.roles.as_deref().unwrap_or_default())?
+            } else {
+                serve::Roles::parse(&role)?
+            };
             serve::run(serve::ServeConfig {
                 addr: file.addr,
-                data: file.data,
+                backend: file.backend()?,
                 auth,
                 insecure,
                 seed: false,
                 traffic: 0,
+                roles,
+                partitions: file.partitions.unwrap_or(1).max(1),
             })
             .await
         }

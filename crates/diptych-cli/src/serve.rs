@@ -1,5 +1,6 @@
 //! `diptych demo` and `diptych serve`: the reference shop served over HTTP, on
-//! SQLite under a data directory. The demo seeds a catalogue and customers on
+//! SQLite under a data directory or on PostgreSQL, where several nodes with
+//! different roles share one database. The demo seeds a catalogue and customers on
 //! first start, can simulate customers, and runs open on a loopback address;
 //! `serve` takes a config file and bearer tokens, and refuses to run open on any
 //! other address unless told `--insecure`.
@@ -11,17 +12,119 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use diptych::http::{AppState, Auth, HttpConfig, Role, app};
+use diptych::postgres::{LeaseConfig, PartitionedRunner, PgConfig, PgLeases, PgStore, PgViews};
 use diptych::sqlite::{SqliteStore, SqliteViews};
-use diptych::{CommandContext, EventStore, RunnerConfig};
+use diptych::{CommandContext, EventStore, RunnerConfig, RunnerHandle, ViewStore};
 use diptych_shop::{Shop, ShopCommand};
 use serde_json::json;
+
+/// Where the shop keeps its events and views.
+#[derive(Clone, Debug)]
+pub enum Backend {
+    /// `events.db` and `views.db` in a directory.
+    Sqlite(PathBuf),
+    /// A PostgreSQL database (URL) and the schema of diptych's tables, shared by
+    /// every node of the shop.
+    Postgres {
+        /// `postgres://user@host:port/database`.
+        url: String,
+        /// The schema.
+        schema: String,
+    },
+}
+
+impl Backend {
+    /// PostgreSQL for a `postgres://` or `postgresql://` URL, else SQLite in
+    /// `data`.
+    pub fn choose(store: Option<String>, schema: Option<String>, data: PathBuf) -> Self {
+        match store {
+            Some(url) => Backend::Postgres {
+                url,
+                schema: schema.unwrap_or_else(|| PgConfig::DEFAULT_SCHEMA.to_owned()),
+            },
+            None => Backend::Sqlite(data),
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Backend::Sqlite(data) => format!("data in {}", data.display()),
+            Backend::Postgres { url, schema } => {
+                let host = url.rsplit_once('@').map_or(url.as_str(), |(_, host)| host);
+                format!("PostgreSQL at {host}, schema {schema}")
+            }
+        }
+    }
+}
+
+/// What one node does; a shop on PostgreSQL can run each in its own processes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Roles {
+    /// Takes commands (`POST /commands/…`).
+    pub command: bool,
+    /// Serves views, streams and the log, waiting on consistency tokens.
+    pub query: bool,
+    /// Runs the projections and the saga (under leases on PostgreSQL).
+    pub projector: bool,
+    /// Publishes the log to a broker (nothing to publish to yet).
+    pub relay: bool,
+}
+
+impl Roles {
+    /// Every role: one process does everything.
+    pub const ALL: Roles = Roles {
+        command: true,
+        query: true,
+        projector: true,
+        relay: true,
+    };
+
+    /// Parses role names (`command`, `query`, `projector`, `relay`).
+    pub fn parse(names: &[String]) -> Result<Self> {
+        anyhow::ensure!(
+            !names.is_empty(),
+            "give at least one role: command, query, projector or relay"
+        );
+        let mut roles = Roles {
+            command: false,
+            query: false,
+            projector: false,
+            relay: false,
+        };
+        for name in names {
+            match name.trim() {
+                "command" => roles.command = true,
+                "query" => roles.query = true,
+                "projector" => roles.projector = true,
+                "relay" => roles.relay = true,
+                other => anyhow::bail!(
+                    "unknown role `{other}`: the roles are command, query, projector and relay"
+                ),
+            }
+        }
+        Ok(roles)
+    }
+
+    fn describe(&self) -> String {
+        let names: Vec<&str> = [
+            (self.command, "command"),
+            (self.query, "query"),
+            (self.projector, "projector"),
+            (self.relay, "relay"),
+        ]
+        .into_iter()
+        .filter_map(|(on, name)| on.then_some(name))
+        .collect();
+        names.join(", ")
+    }
+}
 
 /// How to run the shop.
 pub struct ServeConfig {
     /// Where to listen.
     pub addr: SocketAddr,
-    /// Where `events.db` and `views.db` live.
-    pub data: PathBuf,
+    /// Where events and views live.
+    pub backend: Backend,
     /// Who may do what.
     pub auth: Auth,
     /// Serve without tokens on a non-loopback address anyway.
@@ -30,6 +133,10 @@ pub struct ServeConfig {
     pub seed: bool,
     /// How many simulated customers keep placing orders.
     pub traffic: usize,
+    /// What this node does.
+    pub roles: Roles,
+    /// Partitions of each partitionable projection, shared by projector nodes.
+    pub partitions: u32,
 }
 
 /// The settings file of `diptych serve` (TOML).
@@ -38,14 +145,46 @@ pub struct ServeConfig {
 pub struct ServeFile {
     /// Where to listen, such as `0.0.0.0:8080`.
     pub addr: SocketAddr,
-    /// The data directory.
-    pub data: PathBuf,
+    /// The data directory, for SQLite.
+    #[serde(default)]
+    pub data: Option<PathBuf>,
+    /// A PostgreSQL URL, instead of a data directory.
+    #[serde(default)]
+    pub store: Option<String>,
+    /// The PostgreSQL schema (`diptych` by default).
+    #[serde(default)]
+    pub schema: Option<String>,
+    /// The roles of this node (all by default).
+    #[serde(default)]
+    pub roles: Option<Vec<String>>,
+    /// Partitions of each partitionable projection (1 by default).
+    #[serde(default)]
+    pub partitions: Option<u32>,
     /// Bearer tokens and their roles (`reader`, `writer`, `admin`).
     #[serde(default)]
     pub tokens: std::collections::BTreeMap<String, String>,
 }
 
 impl ServeFile {
+    /// The backend the file names: `store` (PostgreSQL) or `data` (SQLite).
+    pub fn backend(&self) -> Result<Backend> {
+        match (&self.store, &self.data) {
+            (Some(_), Some(_)) => anyhow::bail!(
+                "the settings file names both `store` and `data`: keep `store` for PostgreSQL or \
+                 `data` for SQLite"
+            ),
+            (None, None) => anyhow::bail!(
+                "the settings file names no storage: add `data = \"dir\"` for SQLite or \
+                 `store = \"postgres://…\"` for PostgreSQL"
+            ),
+            (store, data) => Ok(Backend::choose(
+                store.clone(),
+                self.schema.clone(),
+                data.clone().unwrap_or_default(),
+            )),
+        }
+    }
+
     /// Reads the file; tokens in `DIPTYCH_TOKENS` (`token=role,token=role`) are
     /// added to those in the file.
     pub fn load(path: &Path) -> Result<(Self, Auth)> {
@@ -150,11 +289,17 @@ pub async fn run(config: ServeConfig) -> Result<()> {
          pass --insecure if the network in front of it is trusted",
         config.addr
     );
-    let (store, views) = open(&config.data)?;
+    let opened = open(&config.backend).await?;
+    let (store, views) = (opened.store.clone(), opened.views.clone());
     let fresh = store.head().await?.0 == 0;
     let shop = Arc::new(Shop::new(store.clone(), views.clone()));
-    let runners = shop.start(RunnerConfig::default()).await?;
-    if fresh && config.seed {
+    let handlers = if config.roles.projector {
+        Handlers::start(&shop, &opened, config.partitions).await?
+    } else {
+        Handlers::None
+    };
+    let seeded = fresh && config.seed && config.roles.command;
+    if seeded {
         seed(&shop).await?;
     }
     let listener = tokio::net::TcpListener::bind(config.addr)
@@ -166,17 +311,23 @@ pub async fn run(config: ServeConfig) -> Result<()> {
             )
         })?;
     let addr = listener.local_addr()?;
-    print_welcome(addr, &config.data, fresh && config.seed, &config.auth);
+    print_welcome(addr, &config, seeded);
     let mut traffic = Vec::new();
-    for customer in 0..config.traffic {
-        traffic.push(tokio::spawn(simulate_customer(shop.clone(), customer)));
+    if config.roles.command {
+        for customer in 0..config.traffic {
+            traffic.push(tokio::spawn(simulate_customer(shop.clone(), customer)));
+        }
     }
     let state = AppState {
         application: shop.clone(),
         store,
         views,
         auth: config.auth.clone(),
-        config: HttpConfig::default(),
+        config: HttpConfig {
+            commands: config.roles.command,
+            reads: config.roles.query,
+            ..HttpConfig::default()
+        },
     };
     axum::serve(listener, app(state))
         .with_graceful_shutdown(shutdown_signal())
@@ -185,22 +336,102 @@ pub async fn run(config: ServeConfig) -> Result<()> {
     for task in traffic {
         task.abort();
     }
-    for runner in runners {
-        runner.stop().await;
-    }
+    handlers.stop().await;
     println!("stopped cleanly; run the same command to continue where it stopped");
     Ok(())
 }
 
-fn open(data: &Path) -> Result<(Arc<dyn EventStore>, Arc<SqliteViews>)> {
-    let events = data.join("events.db");
-    let store = SqliteStore::open(&events)
-        .with_context(|| format!("opening the event store at {}", events.display()))?;
-    let views_path = data.join("views.db");
-    let views = SqliteViews::open(&views_path)
-        .with_context(|| format!("opening the views at {}", views_path.display()))?;
-    // Appends are timed for /metrics.
-    Ok((diptych::http::metered(Arc::new(store)), Arc::new(views)))
+/// The stores of one node, and the leases table on PostgreSQL.
+struct Opened {
+    store: Arc<dyn EventStore>,
+    views: Arc<dyn ViewStore>,
+    leases: Option<PgLeases>,
+}
+
+async fn open(backend: &Backend) -> Result<Opened> {
+    match backend {
+        Backend::Sqlite(data) => {
+            let events = data.join("events.db");
+            let store = SqliteStore::open(&events)
+                .with_context(|| format!("opening the event store at {}", events.display()))?;
+            let views_path = data.join("views.db");
+            let views = SqliteViews::open(&views_path)
+                .with_context(|| format!("opening the views at {}", views_path.display()))?;
+            // Appends are timed for /metrics.
+            Ok(Opened {
+                store: diptych::http::metered(Arc::new(store)),
+                views: Arc::new(views),
+                leases: None,
+            })
+        }
+        Backend::Postgres { url, schema } => {
+            let config = PgConfig::new(url.clone()).with_schema(schema.clone());
+            let store = PgStore::connect(&config)
+                .await
+                .context("opening the event store on PostgreSQL")?;
+            let views = PgViews::connect(&config)
+                .await
+                .context("opening the views on PostgreSQL")?;
+            let leases = PgLeases::connect(&config)
+                .await
+                .context("opening the leases on PostgreSQL")?;
+            Ok(Opened {
+                store: diptych::http::metered(Arc::new(store)),
+                views: Arc::new(views),
+                leases: Some(leases),
+            })
+        }
+    }
+}
+
+/// The projections and the saga this node runs.
+enum Handlers {
+    /// Not a projector.
+    None,
+    /// On SQLite: all of them, in this process.
+    Local(Vec<RunnerHandle>),
+    /// On PostgreSQL: whatever share the leases give this node.
+    Leased(Vec<PartitionedRunner>),
+}
+
+impl Handlers {
+    async fn start(shop: &Shop, opened: &Opened, partitions: u32) -> Result<Self> {
+        let Some(leases) = &opened.leases else {
+            return Ok(Handlers::Local(shop.start(RunnerConfig::default()).await?));
+        };
+        let runners = shop
+            .handlers()
+            .into_iter()
+            .map(|handler| {
+                PartitionedRunner::spawn(
+                    leases.clone(),
+                    opened.store.clone(),
+                    opened.views.clone(),
+                    handler,
+                    partitions,
+                    RunnerConfig::default(),
+                    LeaseConfig::default(),
+                )
+            })
+            .collect();
+        Ok(Handlers::Leased(runners))
+    }
+
+    async fn stop(self) {
+        match self {
+            Handlers::None => {}
+            Handlers::Local(runners) => {
+                for runner in runners {
+                    runner.stop().await;
+                }
+            }
+            Handlers::Leased(runners) => {
+                for runner in runners {
+                    runner.stop().await;
+                }
+            }
+        }
+    }
 }
 
 async fn seed(shop: &Shop) -> Result<()> {
@@ -251,23 +482,27 @@ async fn simulate_customer(shop: Arc<Shop>, customer: usize) {
     }
 }
 
-fn print_welcome(addr: SocketAddr, data: &Path, seeded: bool, auth: &Auth) {
+fn print_welcome(addr: SocketAddr, config: &ServeConfig, seeded: bool) {
     let url = format!("http://{addr}");
     println!("diptych shop listening on {url}");
     println!(
-        "data in {} ({}); {}",
-        data.display(),
+        "{} ({}); roles: {}; {}",
+        config.backend.describe(),
         if seeded {
             "new: seeded a catalogue and three customers"
         } else {
             "continuing"
         },
-        if auth.is_open() {
+        config.roles.describe(),
+        if config.auth.is_open() {
             "no authentication"
         } else {
             "bearer tokens required"
         }
     );
+    if config.roles.relay {
+        println!("relay: no broker is configured, so there is nothing to publish to");
+    }
     println!();
     println!("Try:");
     println!("  curl -s {url}/views/products?q=tea");

@@ -100,6 +100,136 @@ impl Demo {
     }
 }
 
+impl Drop for Demo {
+    /// A failing test must not leave its server running (it would hold the
+    /// test's output open).
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Polls `path` on `node` until `done` holds for the body (at most 60 s).
+fn poll(node: &Demo, path: &str, what: &str, done: impl Fn(&Value) -> bool) -> Value {
+    for _ in 0..600 {
+        let (status, body, _) = node.request("GET", path, &[], "");
+        if status == 200 && done(&body) {
+            return body;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    panic!("{what} did not happen within 60 s");
+}
+
+#[test]
+fn a_write_node_two_query_nodes_and_two_projectors_share_one_postgresql() {
+    let config = tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(diptych::postgres::testing::fresh_config());
+    let node = |roles: &str| {
+        start_with(
+            &[
+                "demo",
+                "--addr",
+                "127.0.0.1:0",
+                "--store",
+                &config.url,
+                "--schema",
+                &config.schema,
+                "--role",
+                roles,
+                "--partitions",
+                "4",
+            ],
+            &[],
+        )
+    };
+    // The write node seeds the catalogue before it says where it listens.
+    let writer = node("command");
+    let projectors = [node("projector"), node("projector")];
+    let readers = [node("query"), node("query")];
+
+    for n in 0..8 {
+        let order = format!(
+            r#"{{"order_id":"o-{n}","customer_id":"ada","lines":[{{"product_id":"tea","quantity":1}}]}}"#
+        );
+        let (status, placed, _) = writer.request("POST", "/commands/PlaceOrder", &[], &order);
+        assert_eq!(status, 200, "{placed}");
+        let position = placed["position"].as_u64().unwrap().to_string();
+        // Either query node reads its own write once the projectors have it.
+        let reader = &readers[n % 2];
+        let (status, read, _) = reader.request(
+            "GET",
+            &format!("/views/orders/o-{n}"),
+            &[("X-Diptych-Wait-For", &position)],
+            "",
+        );
+        assert_eq!(status, 200, "{read}");
+        assert_eq!(read["total_cents"], 850);
+    }
+    // The saga, run by one of the projectors, confirms every order.
+    for n in 0..8 {
+        poll(
+            &readers[0],
+            &format!("/views/orders/o-{n}"),
+            "confirmation",
+            |order| order["status"] == "confirmed",
+        );
+    }
+    // The four partitions of `orders` are split between the two projectors:
+    // each has applied the whole log.
+    let status = poll(&readers[1], "/projections", "the partitions", |status| {
+        let names: Vec<&str> = status
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|p| p["name"].as_str())
+            .collect();
+        (0..4).all(|k| names.contains(&format!("orders.{k}of4").as_str()))
+    });
+    assert!(
+        !status
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["name"] == "orders"),
+        "partitioned, `orders` runs only as its partitions: {status}"
+    );
+
+    // The two projectors share the work: `orders` ends up split between them.
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let leases = runtime
+        .block_on(diptych::postgres::PgLeases::connect(&config))
+        .expect("the leases table");
+    let mut shared = false;
+    for _ in 0..600 {
+        let holders = runtime.block_on(leases.holders("orders")).expect("leases");
+        let distinct: std::collections::BTreeSet<&String> = holders.values().collect();
+        if holders.len() == 4 && distinct.len() == 2 {
+            shared = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(
+        shared,
+        "the partitions of `orders` were not split between the projectors"
+    );
+
+    // Each node refuses what its roles do not serve, and says where to go.
+    let (status, problem, _) = readers[0].request("POST", "/commands/PlaceOrder", &[], "{}");
+    assert_eq!(
+        (status, problem["code"].as_str()),
+        (421, Some("not_a_command_node"))
+    );
+    let (status, problem, _) = writer.request("GET", "/views/orders/o-1", &[], "");
+    assert_eq!(
+        (status, problem["code"].as_str()),
+        (421, Some("not_a_query_node"))
+    );
+    drop(projectors);
+}
+
 #[test]
 fn the_demo_serves_the_shop_stops_cleanly_and_continues_on_restart() {
     let data = tempfile::tempdir().unwrap();

@@ -69,12 +69,12 @@ pub use error::{
 pub use memory::MemoryStore;
 pub use memory_views::MemoryViews;
 pub use partition::{Partition, stream_partition};
-pub use process::{ProcessManager, spawn_process_manager, state_collection};
+pub use process::{ProcessManager, as_projection, spawn_process_manager, state_collection};
 pub use projection::{Interest, Mark, Projection, ViewTx};
 pub use repository::{CommandContext, CommandOutcome, Loaded, Repository, RepositoryConfig};
 pub use runner::{
-    LIVE_WITHIN, ProjectionState, ProjectionStatus, RunnerConfig, RunnerHandle, projection_status,
-    spawn_projection,
+    Handler, LIVE_WITHIN, ProjectionState, ProjectionStatus, RunnerConfig, RunnerHandle,
+    projection_status, spawn_projection,
 };
 pub use store::{
     AppendOutcome, AppendRequest, Direction, EventStore, ExpectedVersion, Snapshot, StreamRead,

@@ -98,19 +98,25 @@ pub async fn spawn_process_manager<P: ProcessManager>(
     process_manager: Arc<P>,
     config: RunnerConfig,
 ) -> Result<RunnerHandle, ViewError> {
-    let state_collection = state_collection(process_manager.name());
-    let projection = Arc::new(AsProjection {
-        process_manager,
-        state_collection,
-    });
     spawn_projection(
         store,
         views,
-        projection,
+        as_projection(process_manager),
         HandlerKind::ProcessManager,
         config,
     )
     .await
+}
+
+/// A process manager as the runner sees it: a projection whose only view is its
+/// state. Run it with [`HandlerKind::ProcessManager`], as
+/// [`spawn_process_manager`] does.
+pub fn as_projection<P: ProcessManager>(process_manager: Arc<P>) -> Arc<dyn Projection> {
+    let state_collection = state_collection(process_manager.name());
+    Arc::new(AsProjection {
+        process_manager,
+        state_collection,
+    })
 }
 
 /// A process manager seen as a projection whose only view is its state.

@@ -62,6 +62,39 @@ impl Default for RunnerConfig {
     }
 }
 
+/// One thing a node runs on the log: a projection or a process manager, and
+/// whether it may be split by stream across processes (see
+/// [`crate::partition`]: only when each of its documents is written by one
+/// stream's events).
+#[derive(Clone)]
+pub struct Handler {
+    /// The projection (a process manager through [`crate::process::as_projection`]).
+    pub projection: Arc<dyn Projection>,
+    /// What it is.
+    pub kind: HandlerKind,
+    /// Whether it may run as several partitions.
+    pub partitionable: bool,
+}
+
+impl Handler {
+    /// Starts it in this process, whole.
+    pub async fn spawn(
+        &self,
+        store: Arc<dyn EventStore>,
+        views: Arc<dyn ViewStore>,
+        config: RunnerConfig,
+    ) -> Result<RunnerHandle, ViewError> {
+        spawn_projection(
+            store,
+            views,
+            Arc::clone(&self.projection),
+            self.kind,
+            config,
+        )
+        .await
+    }
+}
+
 /// A running projection. Dropping it stops the runner after its current batch;
 /// [`RunnerHandle::stop`] also waits for that.
 #[must_use = "dropping the handle stops the runner"]

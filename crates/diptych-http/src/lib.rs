@@ -25,6 +25,7 @@ mod openapi;
 mod problem;
 mod reads;
 mod request_id;
+mod roles;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -136,6 +137,11 @@ pub struct HttpConfig {
     pub max_wait: Duration,
     /// The wait when a client asks for one without a limit of its own.
     pub default_wait: Duration,
+    /// Whether this node takes commands (the `command` role). A node that does
+    /// not answers `POST /commands/…` with 421 and says where to send them.
+    pub commands: bool,
+    /// Whether this node serves views, streams and the log (the `query` role).
+    pub reads: bool,
 }
 
 impl Default for HttpConfig {
@@ -144,6 +150,8 @@ impl Default for HttpConfig {
             body_limit: 64 * 1024,
             max_wait: Duration::from_secs(30),
             default_wait: Duration::from_secs(5),
+            commands: true,
+            reads: true,
         }
     }
 }
@@ -167,18 +175,33 @@ pub struct AppState {
 pub fn app(state: AppState) -> Router {
     metrics::install();
     let body_limit = state.config.body_limit;
+    let commands = if state.config.commands {
+        Router::new().route("/commands/{name}", post(commands::execute))
+    } else {
+        Router::new().route("/commands/{name}", post(roles::not_a_command_node))
+    };
+    let reads = if state.config.reads {
+        Router::new()
+            .route("/views/{view}", get(reads::query_view))
+            .route("/views/{view}/{key}", get(reads::get_document))
+            .route("/streams/{stream}", get(reads::read_stream))
+            .route("/streams/{stream}/state", get(reads::stream_state))
+            .route("/events", get(reads::read_log))
+            .route("/events/live", get(live::events))
+            .route("/views/{view}/{key}/live", get(live::document))
+    } else {
+        Router::new()
+            .route("/views/{*rest}", get(roles::not_a_query_node))
+            .route("/streams/{*rest}", get(roles::not_a_query_node))
+            .route("/events", get(roles::not_a_query_node))
+            .route("/events/live", get(roles::not_a_query_node))
+    };
     Router::new()
         .route("/", get(reads::console))
         .route("/metrics", get(metrics::render))
         .route("/openapi.json", get(openapi::document))
-        .route("/commands/{name}", post(commands::execute))
-        .route("/views/{view}", get(reads::query_view))
-        .route("/views/{view}/{key}", get(reads::get_document))
-        .route("/streams/{stream}", get(reads::read_stream))
-        .route("/streams/{stream}/state", get(reads::stream_state))
-        .route("/events", get(reads::read_log))
-        .route("/events/live", get(live::events))
-        .route("/views/{view}/{key}/live", get(live::document))
+        .merge(commands)
+        .merge(reads)
         .route("/projections", get(reads::projections))
         .route("/projections/{name}/rebuild", post(reads::rebuild))
         .route("/health/live", get(reads::live))

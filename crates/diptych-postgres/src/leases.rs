@@ -5,8 +5,9 @@
 //! Each process runs a [`PartitionedRunner`] per partitioned projection. Every
 //! `ttl / 3` it renews its leases, stops the runners of any it lost, and claims
 //! free or expired partitions up to its fair share (partitions divided by live
-//! holders, rounded up), or hands one back when it holds more than its share,
-//! so a process that joins gets work. Expiry is judged by the server's clock,
+//! members, rounded up; every process running the projection renews its
+//! membership whether it holds partitions or not), or hands one back when it
+//! holds more than its share, so a process that joins gets work. Expiry is judged by the server's clock,
 //! so processes' clocks need not agree.
 //!
 //! A lease is what keeps two processes from running one partition in the normal
@@ -21,8 +22,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use diptych_core::{
-    BackendError, EventStore, HandlerKind, Partition, Projection, RunnerConfig, RunnerHandle,
-    ViewStore, spawn_projection,
+    BackendError, EventStore, Handler, HandlerKind, Partition, Projection, RunnerConfig,
+    RunnerHandle, ViewStore, spawn_projection,
 };
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -39,6 +40,13 @@ const LEASES: Migrations = Migrations {
             holder     text        NOT NULL,
             expires_at timestamptz NOT NULL,
             PRIMARY KEY (projection, partition)
+        );
+        -- Who is there to share the work, holding partitions or not.
+        CREATE TABLE lease_members (
+            projection text        NOT NULL,
+            holder     text        NOT NULL,
+            expires_at timestamptz NOT NULL,
+            PRIMARY KEY (projection, holder)
         );"],
 };
 
@@ -110,18 +118,41 @@ impl PgLeases {
         Ok(rows.iter().map(|row| row.get::<_, i32>(0) as u32).collect())
     }
 
-    /// How many processes other than this one hold a live lease on `projection`.
-    async fn other_holders(&self, projection: &str, holder: &str) -> Result<usize, BackendError> {
-        let client = self.database.connection("reading leases").await?;
-        let row = client
-            .query_one(
-                "SELECT count(DISTINCT holder) FROM leases \
-                 WHERE projection = $1 AND holder <> $2 AND expires_at > now()",
-                &[&projection, &holder],
+    /// Records this process as a member sharing `projection` (for a lease's
+    /// lifetime) and returns how many live members there are, this one included.
+    async fn members(&self, projection: &str, lease: &LeaseConfig) -> Result<usize, BackendError> {
+        let client = self
+            .database
+            .connection("joining the lease members")
+            .await?;
+        client
+            .execute(
+                "INSERT INTO lease_members (projection, holder, expires_at) \
+                 VALUES ($1, $2, now() + make_interval(secs => $3)) \
+                 ON CONFLICT (projection, holder) DO UPDATE SET expires_at = excluded.expires_at",
+                &[&projection, &lease.holder, &lease.ttl.as_secs_f64()],
             )
             .await
-            .map_err(|error| backend("reading leases", error))?;
+            .map_err(|error| backend("joining the lease members", error))?;
+        let row = client
+            .query_one(
+                "SELECT count(*) FROM lease_members WHERE projection = $1 AND expires_at > now()",
+                &[&projection],
+            )
+            .await
+            .map_err(|error| backend("counting the lease members", error))?;
         Ok(row.get::<_, i64>(0) as usize)
+    }
+
+    async fn leave(&self, projection: &str, holder: &str) {
+        if let Ok(client) = self.database.connection("leaving the lease members").await {
+            let _ = client
+                .execute(
+                    "DELETE FROM lease_members WHERE projection = $1 AND holder = $2",
+                    &[&projection, &holder],
+                )
+                .await;
+        }
     }
 
     /// Partitions nobody holds, or whose lease expired.
@@ -195,24 +226,38 @@ pub struct PartitionedRunner {
 }
 
 impl PartitionedRunner {
-    /// Starts claiming and running partitions of `projection`, split `count` ways.
+    /// Starts claiming and running partitions of `handler`, split `count` ways
+    /// (one partition for a handler that is not partitionable: one process runs
+    /// it at a time, and another takes over when it dies).
     pub fn spawn(
         leases: PgLeases,
         store: Arc<dyn EventStore>,
         views: Arc<dyn ViewStore>,
-        projection: Arc<dyn Projection>,
+        handler: Handler,
         count: u32,
         runner: RunnerConfig,
         lease: LeaseConfig,
     ) -> Self {
         let (stop, stopped) = watch::channel(false);
         let (held_sender, held) = watch::channel(Vec::new());
+        let count = if handler.partitionable {
+            count.max(1)
+        } else {
+            1
+        };
+        // A single partition is the projection itself, under its own name.
+        let partitions = if count == 1 {
+            vec![Arc::clone(&handler.projection)]
+        } else {
+            Partition::all(Arc::clone(&handler.projection), count)
+        };
         let coordinator = Coordinator {
             leases,
             store,
             views,
-            partitions: Partition::all(Arc::clone(&projection), count),
-            name: projection.name().to_owned(),
+            partitions,
+            kind: handler.kind,
+            name: handler.projection.name().to_owned(),
             count,
             runner,
             lease,
@@ -243,6 +288,7 @@ struct Coordinator {
     store: Arc<dyn EventStore>,
     views: Arc<dyn ViewStore>,
     partitions: Vec<Arc<dyn Projection>>,
+    kind: HandlerKind,
     name: String,
     count: u32,
     runner: RunnerConfig,
@@ -271,6 +317,7 @@ impl Coordinator {
                 .release(&self.name, partition, &self.lease.holder)
                 .await;
         }
+        self.leases.leave(&self.name, &self.lease.holder).await;
     }
 
     /// Renews, drops what was lost, then claims or hands back toward a fair share.
@@ -288,12 +335,8 @@ impl Coordinator {
                 runner.stop().await;
             }
         }
-        let holders = self
-            .leases
-            .other_holders(&self.name, &self.lease.holder)
-            .await?
-            + 1;
-        let share = (self.count as usize).div_ceil(holders);
+        let members = self.leases.members(&self.name, &self.lease).await?.max(1);
+        let share = (self.count as usize).div_ceil(members);
         if self.running.len() > share {
             if let Some((&partition, _)) = self.running.iter().next_back() {
                 if let Some(runner) = self.running.remove(&partition) {
@@ -322,7 +365,7 @@ impl Coordinator {
                 Arc::clone(&self.store),
                 Arc::clone(&self.views),
                 Arc::clone(&self.partitions[partition as usize]),
-                HandlerKind::Projection,
+                self.kind,
                 self.runner.clone(),
             )
             .await;

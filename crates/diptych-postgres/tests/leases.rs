@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use diptych_core::partition::partition_name;
 use diptych_core::testkit::{Tallies, added, append_one, clean_tallies, dump_collection};
-use diptych_core::{EventStore, RunnerConfig, ViewStore, wait_for};
+use diptych_core::{EventStore, Handler, HandlerKind, RunnerConfig, ViewStore, wait_for};
 use diptych_postgres::testing::{self, ChildGuard};
 use diptych_postgres::{LeaseConfig, PartitionedRunner, PgConfig, PgLeases, PgStore, PgViews};
 
@@ -47,7 +47,11 @@ async fn projector() {
         leases,
         store,
         views,
-        Arc::new(Tallies::default()),
+        Handler {
+            projection: Arc::new(Tallies::default()),
+            kind: HandlerKind::Projection,
+            partitionable: true,
+        },
         PARTITIONS,
         RunnerConfig {
             batch_size: 20,

@@ -22,8 +22,8 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use diptych::{
-    CommandContext, CommandError, CommandOutcome, EventStore, HandlerKind, Repository,
-    RunnerConfig, RunnerHandle, ViewError, ViewStore, spawn_process_manager, spawn_projection,
+    CommandContext, CommandError, CommandOutcome, EventStore, Handler, HandlerKind, Repository,
+    RunnerConfig, RunnerHandle, ViewError, ViewStore, as_projection,
 };
 
 use crate::catalog::{CatalogCommand, ChangePrice, Product, RegisterProduct, RenameProduct};
@@ -242,33 +242,44 @@ impl Shop {
         &self.views
     }
 
-    /// Starts the five projections and the order placement saga.
+    /// What the shop runs on the log: the five projections and the order
+    /// placement saga. Only `orders` may be partitioned: each order's document is
+    /// written by that order's events alone, while the other views gather
+    /// several streams into one document (a product's stock, a customer's
+    /// totals, renamed products in order lines, hourly sales).
+    pub fn handlers(&self) -> Vec<Handler> {
+        let projection = |projection: Arc<dyn diptych::Projection>, partitionable| Handler {
+            projection,
+            kind: HandlerKind::Projection,
+            partitionable,
+        };
+        vec![
+            projection(Arc::new(views::ProductsView), false),
+            projection(Arc::new(views::OrdersView), true),
+            projection(Arc::new(views::CustomerOrdersView), false),
+            projection(Arc::new(views::CustomersView), false),
+            projection(Arc::new(views::SalesByHourView), false),
+            Handler {
+                projection: as_projection(Arc::new(OrderPlacement::new(
+                    self.stock.clone(),
+                    self.orders.clone(),
+                ))),
+                kind: HandlerKind::ProcessManager,
+                partitionable: false,
+            },
+        ]
+    }
+
+    /// Starts every handler in this process.
     pub async fn start(&self, config: RunnerConfig) -> Result<Vec<RunnerHandle>, ViewError> {
         let mut runners = Vec::new();
-        let projections: Vec<Arc<dyn diptych::Projection>> = vec![
-            Arc::new(views::ProductsView),
-            Arc::new(views::OrdersView),
-            Arc::new(views::CustomerOrdersView),
-            Arc::new(views::CustomersView),
-            Arc::new(views::SalesByHourView),
-        ];
-        for projection in projections {
+        for handler in self.handlers() {
             runners.push(
-                spawn_projection(
-                    self.store.clone(),
-                    self.views.clone(),
-                    projection,
-                    HandlerKind::Projection,
-                    config.clone(),
-                )
-                .await?,
+                handler
+                    .spawn(self.store.clone(), self.views.clone(), config.clone())
+                    .await?,
             );
         }
-        let placement = Arc::new(OrderPlacement::new(self.stock.clone(), self.orders.clone()));
-        runners.push(
-            spawn_process_manager(self.store.clone(), self.views.clone(), placement, config)
-                .await?,
-        );
         Ok(runners)
     }
 

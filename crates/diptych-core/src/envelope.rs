@@ -86,8 +86,10 @@ impl TryFrom<String> for StreamId {
     }
 }
 
-/// A position in the global log. Position 0 is "before the first event"; the first
-/// event ever appended has position 1.
+/// A position in the global log. Position 0 is "before the first event". Positions
+/// increase along the log but need not be dense: SQLite's count 1, 2, 3…, while
+/// PostgreSQL's carry the appending transaction's id, so compare them, never
+/// subtract them (`EventStore::events_after` counts).
 #[derive(
     Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
 )]

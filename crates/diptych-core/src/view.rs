@@ -346,6 +346,45 @@ pub struct Page {
     pub next: Option<Cursor>,
 }
 
+impl Page {
+    /// A page of `items` (already cut to the query's limit), with a cursor after
+    /// the last one when `more` rows followed.
+    pub fn of(items: Vec<(String, Document)>, more: bool, order: &Order) -> Self {
+        let next = items.last().filter(|_| more).map(|(key, document)| {
+            let sort_value = match order {
+                Order::ByKey => None,
+                Order::ByField { field, .. } => field_value(document, field),
+            };
+            Cursor::encode(sort_value, key)
+        });
+        Page { items, next }
+    }
+}
+
+/// Replaces each `{collection}` in a projection's SQL by that collection's table;
+/// an unknown name or an unclosed brace is refused. Shared by the SQL backends.
+pub fn substitute_tables(
+    statement: &str,
+    tables: &BTreeMap<String, String>,
+) -> Result<String, ViewError> {
+    let mut result = String::with_capacity(statement.len());
+    let mut rest = statement;
+    while let Some(open) = rest.find('{') {
+        result.push_str(&rest[..open]);
+        let close = rest[open..].find('}').ok_or_else(|| {
+            ViewError::InvalidQuery("an unclosed `{` in the SQL: write `{collection}`".to_owned())
+        })?;
+        let name = &rest[open + 1..open + close];
+        let table = tables
+            .get(name)
+            .ok_or_else(|| ViewError::UnknownCollection(name.to_owned()))?;
+        result.push_str(table);
+        rest = &rest[open + close + 1..];
+    }
+    result.push_str(rest);
+    Ok(result)
+}
+
 /// A change a batch makes to a view.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Change {
@@ -777,6 +816,25 @@ pub fn verify_commit(
         });
     }
     Ok(())
+}
+
+/// [`verify_commit`] against a projection's stored record: the batch's
+/// generation must be the served one or the one being rebuilt, and start from
+/// its checkpoint.
+pub fn verify_commit_against(
+    commit: &ViewCommit,
+    record: &ProjectionRecord,
+) -> Result<(), ViewError> {
+    let rebuild = record.rebuild.map(|rebuild| rebuild.generation);
+    let checkpoint = if commit.generation == record.generation {
+        Some(record.position)
+    } else {
+        record
+            .rebuild
+            .filter(|rebuild| rebuild.generation == commit.generation)
+            .map(|rebuild| rebuild.position)
+    };
+    verify_commit(commit, record.generation, rebuild, checkpoint)
 }
 
 /// Refuses a new declaration of a collection whose text fields differ from the

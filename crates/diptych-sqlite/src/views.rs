@@ -25,12 +25,12 @@ use diptych_core::partition::{group_members, split_partition_name};
 use diptych_core::view::group_position;
 use diptych_core::view::{
     CheckpointWatches, check_redeclaration, field_value, no_parked_event, refuse_process_manager,
-    same_owner, verify_commit, words,
+    same_owner, substitute_tables, verify_commit_against, words,
 };
 use diptych_core::{
-    BackendError, Change, CollectionSpec, Comparison, Control, Cursor, Declaration, Document,
-    HandlerKind, Order, Page, ParkedEvent, Position, ProjectionRecord, Query, RebuildProgress,
-    Timestamp, ViewCommit, ViewError, ViewStore,
+    BackendError, Change, CollectionSpec, Comparison, Control, Declaration, Document, HandlerKind,
+    Order, Page, ParkedEvent, Position, ProjectionRecord, Query, RebuildProgress, Timestamp,
+    ViewCommit, ViewError, ViewStore,
 };
 use rusqlite::types::Value as SqlValue;
 use rusqlite::{Connection, OptionalExtension, Transaction, params, params_from_iter};
@@ -718,29 +718,6 @@ fn served_tables(connection: &Connection) -> Result<BTreeMap<String, String>, Vi
         .map_err(|error| backend("reading collections", error).into())
 }
 
-/// Replaces `{collection}` by its table; an unknown name is refused.
-fn substitute_tables(
-    statement: &str,
-    tables: &BTreeMap<String, String>,
-) -> Result<String, ViewError> {
-    let mut result = String::with_capacity(statement.len());
-    let mut rest = statement;
-    while let Some(open) = rest.find('{') {
-        result.push_str(&rest[..open]);
-        let close = rest[open..]
-            .find('}')
-            .ok_or_else(|| ViewError::InvalidQuery("an unclosed `{` in the SQL".to_owned()))?;
-        let name = &rest[open + 1..open + close];
-        let table = tables
-            .get(name)
-            .ok_or_else(|| ViewError::UnknownCollection(name.to_owned()))?;
-        result.push_str(table);
-        rest = &rest[open + close + 1..];
-    }
-    result.push_str(rest);
-    Ok(result)
-}
-
 fn read_document(
     connection: &Connection,
     collection: &str,
@@ -776,16 +753,7 @@ fn apply_commit(
     commit: ViewCommit,
 ) -> Result<Option<Position>, ViewError> {
     let record = read_record(transaction, &commit.projection)?;
-    let rebuild = record.rebuild.map(|rebuild| rebuild.generation);
-    let checkpoint = if commit.generation == record.generation {
-        Some(record.position)
-    } else {
-        record
-            .rebuild
-            .filter(|rebuild| rebuild.generation == commit.generation)
-            .map(|rebuild| rebuild.position)
-    };
-    verify_commit(&commit, record.generation, rebuild, checkpoint)?;
+    verify_commit_against(&commit, &record)?;
     let generation = commit.generation;
     let writers: BTreeMap<&str, CollectionWriter<'_>> = record
         .collections
@@ -1107,14 +1075,7 @@ fn run_query(
         .map(|(key, doc)| Ok((decode_document(&spec.name, &key, &doc)?, key)))
         .map(|item| item.map(|(document, key)| (key, document)))
         .collect::<Result<Vec<_>, ViewError>>()?;
-    let next = items.last().filter(|_| more).map(|(key, document)| {
-        let sort_value = match &query.order {
-            Order::ByKey => None,
-            Order::ByField { field, .. } => field_value(document, field),
-        };
-        Cursor::encode(sort_value, key)
-    });
-    Ok(Page { items, next })
+    Ok(Page::of(items, more, &query.order))
 }
 
 /// A JSON scalar as SQLite compares it with `json_extract`'s results.

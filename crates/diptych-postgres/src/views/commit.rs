@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use deadpool_postgres::GenericClient;
-use diptych_core::view::{field_value, verify_commit, words};
+use diptych_core::view::{field_value, verify_commit_against, words};
 use diptych_core::{Change, CollectionSpec, Position, ViewCommit, ViewError};
 use tokio_postgres::types::ToSql;
 
@@ -26,16 +26,7 @@ pub(crate) async fn apply(
     // the checkpoint the first one wrote and be refused.
     let stored = read_stored(transaction, &commit.projection, true).await?;
     let record = &stored.record;
-    let rebuild = record.rebuild.map(|rebuild| rebuild.generation);
-    let checkpoint = if commit.generation == record.generation {
-        Some(record.position)
-    } else {
-        record
-            .rebuild
-            .filter(|rebuild| rebuild.generation == commit.generation)
-            .map(|rebuild| rebuild.position)
-    };
-    verify_commit(commit, record.generation, rebuild, checkpoint)?;
+    verify_commit_against(commit, record)?;
     let generation = commit.generation;
     let tables: BTreeMap<&str, Table<'_>> = record
         .collections

@@ -4,7 +4,7 @@
 //! broken by key so cursors page stably.
 
 use deadpool_postgres::GenericClient;
-use diptych_core::view::{field_value, words};
+use diptych_core::view::words;
 use diptych_core::{Comparison, Cursor, Order, Page, Query, ViewError};
 use serde_json::Value;
 use tokio_postgres::types::ToSql;
@@ -82,14 +82,7 @@ pub(crate) async fn run_query(
         .take(query.limit)
         .map(|row| (row.get(0), row.get(1)))
         .collect();
-    let next = items.last().filter(|_| more).map(|(key, document)| {
-        let sort_value = match &query.order {
-            Order::ByKey => None,
-            Order::ByField { field, .. } => field_value(document, field),
-        };
-        Cursor::encode(sort_value, key)
-    });
-    Ok(Page { items, next })
+    Ok(Page::of(items, more, &query.order))
 }
 
 /// The parts of a statement being built: its conditions and their values.

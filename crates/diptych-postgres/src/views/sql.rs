@@ -1,8 +1,6 @@
 //! The escape hatch's plumbing: `{collection}` placeholders, and JSON
 //! parameters converted to the types PostgreSQL inferred for them.
 
-use std::collections::BTreeMap;
-
 use diptych_core::ViewError;
 use serde_json::Value;
 use tokio_postgres::types::{ToSql, Type};
@@ -10,28 +8,7 @@ use tokio_postgres::types::{ToSql, Type};
 /// A parameter ready to bind.
 pub(crate) type Parameter = Box<dyn ToSql + Sync + Send>;
 
-/// Replaces `{collection}` by its table; an unknown name is refused.
-pub(crate) fn substitute_tables(
-    statement: &str,
-    tables: &BTreeMap<String, String>,
-) -> Result<String, ViewError> {
-    let mut result = String::with_capacity(statement.len());
-    let mut rest = statement;
-    while let Some(open) = rest.find('{') {
-        result.push_str(&rest[..open]);
-        let close = rest[open..].find('}').ok_or_else(|| {
-            ViewError::InvalidQuery("an unclosed `{` in the SQL: write `{collection}`".to_owned())
-        })?;
-        let name = &rest[open + 1..open + close];
-        let table = tables
-            .get(name)
-            .ok_or_else(|| ViewError::UnknownCollection(name.to_owned()))?;
-        result.push_str(table);
-        rest = &rest[open + close + 1..];
-    }
-    result.push_str(rest);
-    Ok(result)
-}
+pub(crate) use diptych_core::view::substitute_tables;
 
 /// Converts the statement's JSON parameters to the types PostgreSQL inferred
 /// for its placeholders (`types`, from preparing it).
@@ -101,7 +78,8 @@ mod tests {
 
     #[test]
     fn placeholders_become_tables_and_unknown_ones_are_refused() {
-        let tables = BTreeMap::from([("orders".to_owned(), "doc_3_1".to_owned())]);
+        let tables =
+            std::collections::BTreeMap::from([("orders".to_owned(), "doc_3_1".to_owned())]);
         assert_eq!(
             substitute_tables("SELECT count(*) FROM {orders}", &tables).expect("substituted"),
             "SELECT count(*) FROM doc_3_1"

@@ -10,7 +10,9 @@
 //! A projection may be partitioned only when each of its documents is written by
 //! the events of one stream (an order's view from the order's events, say):
 //! partitions apply concurrently, so two partitions writing one document would
-//! overwrite each other. A partition is never rebuilt on its own.
+//! overwrite each other. A partition is never rebuilt on its own, and the number
+//! of partitions is fixed once chosen: partitions split another way are refused
+//! the collections (their checkpoints would start again from zero).
 
 use std::sync::Arc;
 
@@ -134,6 +136,17 @@ mod tests {
         assert_eq!(split_partition_name("orders.4of4"), None);
         assert_eq!(group_members("orders.1of2"), ["orders.0of2", "orders.1of2"]);
         assert_eq!(group_members("orders"), ["orders"]);
+    }
+
+    #[test]
+    fn only_partitions_split_the_same_way_share_collections() {
+        use crate::view::same_owner;
+        assert!(same_owner("orders", "orders"));
+        assert!(same_owner("orders.0of4", "orders.3of4"));
+        assert!(!same_owner("orders.0of2", "orders.1of4"), "another split");
+        assert!(!same_owner("orders", "orders.1of4"), "unsplit, then split");
+        assert!(!same_owner("orders.0of4", "orders"), "split, then unsplit");
+        assert!(!same_owner("orders.0of4", "customers.0of4"));
     }
 
     #[test]

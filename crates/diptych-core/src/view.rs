@@ -698,9 +698,18 @@ pub async fn group_position<V: ViewStore + ?Sized>(
 }
 
 /// Whether two projection names may share collections: the same projection, or
-/// partitions of one.
+/// partitions of one split the same number of ways. A projection split another
+/// way (or not at all) would keep checkpoints of its own and apply every event
+/// again, so it is refused.
 pub fn same_owner(owner: &str, projection: &str) -> bool {
-    crate::partition::projection_group(owner) == crate::partition::projection_group(projection)
+    use crate::partition::split_partition_name;
+    match (
+        split_partition_name(owner),
+        split_partition_name(projection),
+    ) {
+        (Some((a, _, count_a)), Some((b, _, count_b))) => a == b && count_a == count_b,
+        _ => owner == projection,
+    }
 }
 
 /// Waits until `view` (a collection or a projection) has applied `position`, so a

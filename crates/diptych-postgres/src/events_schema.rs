@@ -27,6 +27,9 @@ pub(crate) const CONFLICT: &str = "DT001";
 pub(crate) const KEY_REUSED: &str = "DT002";
 /// SQLSTATE for a transaction holding more events than a position can number.
 pub(crate) const TOO_MANY_EVENTS: &str = "DT003";
+/// SQLSTATE for an append in a transaction that had already written: its id was
+/// assigned before the stream's lock, which would break the stream's order.
+pub(crate) const NOT_FIRST_WRITE: &str = "DT004";
 
 pub(crate) const EVENTS: Migrations = Migrations {
     component: "events",
@@ -85,7 +88,12 @@ pub(crate) const EVENTS: Migrations = Migrations {
             -- assigned right after, while the lock is held. So of two appends to one
             -- stream, the later one always has the higher id, and the log's order
             -- keeps each stream's order.
-            PERFORM pg_advisory_xact_lock(hashtextextended(p_stream, 0));
+            IF pg_current_xact_id_if_assigned() IS NOT NULL THEN
+                RAISE EXCEPTION USING ERRCODE = 'DT004',
+                    MESSAGE = 'diptych_append must be the first write of its transaction';
+            END IF;
+            PERFORM pg_advisory_xact_lock(
+                hashtextextended(current_schema() || ':' || p_stream, 0));
             v_base := pg_current_xact_id()::text::bigint << 16;
 
             IF p_key IS NOT NULL THEN

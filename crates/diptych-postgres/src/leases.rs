@@ -19,7 +19,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use diptych_core::{
     BackendError, EventStore, Handler, HandlerKind, Partition, Projection, RunnerConfig,
@@ -134,6 +134,15 @@ impl PgLeases {
             )
             .await
             .map_err(|error| backend("joining the lease members", error))?;
+        // Members that stopped renewing long ago are gone for good.
+        client
+            .execute(
+                "DELETE FROM lease_members \
+                 WHERE projection = $1 AND expires_at < now() - interval '1 hour'",
+                &[&projection],
+            )
+            .await
+            .map_err(|error| backend("forgetting departed lease members", error))?;
         let row = client
             .query_one(
                 "SELECT count(*) FROM lease_members WHERE projection = $1 AND expires_at > now()",
@@ -263,6 +272,7 @@ impl PartitionedRunner {
             lease,
             running: BTreeMap::new(),
             held: held_sender,
+            renewed_at: Instant::now(),
         };
         Self {
             stop,
@@ -295,6 +305,8 @@ struct Coordinator {
     lease: LeaseConfig,
     running: BTreeMap<u32, RunnerHandle>,
     held: watch::Sender<Vec<u32>>,
+    /// When the leases were last renewed, by this process's monotonic clock.
+    renewed_at: Instant,
 }
 
 impl Coordinator {
@@ -303,6 +315,7 @@ impl Coordinator {
         loop {
             if let Err(error) = self.balance().await {
                 tracing::warn!(%error, projection = %self.name, "could not renew or claim leases");
+                self.stop_when_leases_may_have_expired().await;
             }
             self.held
                 .send_replace(self.running.keys().copied().collect());
@@ -320,9 +333,27 @@ impl Coordinator {
         self.leases.leave(&self.name, &self.lease.holder).await;
     }
 
+    /// Stops every runner once the leases have gone unrenewed for two thirds of
+    /// their lifetime: by the time they expire and another process claims them,
+    /// this one must have stopped applying.
+    async fn stop_when_leases_may_have_expired(&mut self) {
+        if self.running.is_empty() || self.renewed_at.elapsed() < self.lease.ttl * 2 / 3 {
+            return;
+        }
+        tracing::warn!(
+            projection = %self.name,
+            "leases not renewed for two thirds of their lifetime; stopping their runners"
+        );
+        for (_, runner) in std::mem::take(&mut self.running) {
+            runner.stop().await;
+        }
+    }
+
     /// Renews, drops what was lost, then claims or hands back toward a fair share.
     async fn balance(&mut self) -> Result<(), BackendError> {
+        let renew_started = Instant::now();
         let renewed = self.leases.renew(&self.name, &self.lease).await?;
+        self.renewed_at = renew_started;
         let lost: Vec<u32> = self
             .running
             .keys()

@@ -19,16 +19,22 @@ use uuid::Uuid;
 use crate::database::{Database, PgConfig};
 use crate::error::{OpenError, backend};
 use crate::events_schema::{
-    CONFLICT, EVENTS, KEY_REUSED, MAX_EVENTS_PER_TRANSACTION, READABLE_BOUND, TOO_MANY_EVENTS,
+    CONFLICT, EVENTS, KEY_REUSED, MAX_EVENTS_PER_TRANSACTION, NOT_FIRST_WRITE, READABLE_BOUND,
+    TOO_MANY_EVENTS,
 };
 
 const EVENT_COLUMNS: &str = "position, stream_id, version, event_id, event_type, \
                              schema_version, payload, metadata, recorded_at";
 
-/// How often the head is re-read while committed events are held back behind a
-/// transaction still in progress: the commit that releases them may not notify
-/// (it can be any write transaction on the server).
+/// How soon the head is re-read while committed events are held back behind a
+/// transaction still in progress (the commit that releases them may be any write
+/// transaction on the server, which does not notify), doubling up to
+/// `HELD_BACK_RECHECK_MAX` while they stay held.
 const HELD_BACK_RECHECK: Duration = Duration::from_millis(5);
+const HELD_BACK_RECHECK_MAX: Duration = Duration::from_millis(100);
+
+/// How often the head is re-read with no notification at all.
+const IDLE_RECHECK: Duration = Duration::from_secs(1);
 
 /// The event store on PostgreSQL, shared by any number of processes.
 ///
@@ -182,8 +188,16 @@ impl PgStore {
     /// Waits (at most `readable_wait`) until the head reaches `position`.
     async fn until_readable(&self, position: Position) {
         let mut head = self.head.subscribe();
-        let _ =
+        let reached =
             tokio::time::timeout(self.readable_wait, head.wait_for(|head| *head >= position)).await;
+        if reached.is_err() {
+            tracing::warn!(
+                %position,
+                waited = ?self.readable_wait,
+                "an append is durable but not yet readable: a transaction older than it is \
+                 still open on the server (see pg_stat_activity)"
+            );
+        }
     }
 
     /// The first event id of `request`, in request order, that is already stored
@@ -258,6 +272,12 @@ fn classify(request: &AppendRequest, error: tokio_postgres::Error) -> Attempt {
             }),
             Err(_) => Attempt::Failed(backend("appending", error).into()),
         };
+    }
+    if code == NOT_FIRST_WRITE {
+        return Attempt::Failed(AppendError::Backend(BackendError::msg(
+            "diptych_append was called in a transaction that had already written: call it \
+             first, once per transaction, or the stream's order in the log could break",
+        )));
     }
     if code == TOO_MANY_EVENTS {
         return Attempt::Failed(too_many_events(request.events.len()));
@@ -378,7 +398,10 @@ async fn notify_appends(database: Arc<Database>, mut appended: watch::Receiver<u
                 .map_err(|error| backend("notifying an append", error))
         };
         if let Err(error) = sent.await {
-            tracing::warn!(%error, "could not notify other processes of an append");
+            tracing::warn!(%error, "could not notify other processes of an append; retrying");
+            // Try again even if nothing else is appended: other processes'
+            // subscribers would otherwise wait for the next append.
+            appended.mark_changed();
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
@@ -394,7 +417,11 @@ async fn follow_head(
     head: watch::Sender<Position>,
 ) {
     let mut wakes = database.wakes("events");
-    let mut held_back = false;
+    // How long to wait for a wake-up before reading the head anyway: short while
+    // events are held back (backing off while they stay held), and
+    // `IDLE_RECHECK` otherwise, a safety net for a notification that was lost
+    // (a writer that died between its commit and its NOTIFY).
+    let mut patience = IDLE_RECHECK;
     loop {
         let woken = async {
             tokio::select! {
@@ -402,16 +429,18 @@ async fn follow_head(
                 changed = appended.changed() => changed.is_ok(),
             }
         };
-        if held_back {
-            let _ = tokio::time::timeout(HELD_BACK_RECHECK, woken).await;
-        } else if !woken.await {
+        if let Ok(false) = tokio::time::timeout(patience, woken).await {
             return;
         }
         wakes.borrow_and_update();
         appended.borrow_and_update();
         match read_head(&database).await {
             Ok((readable, committed)) => {
-                held_back = committed > readable;
+                patience = match (committed > readable, patience >= IDLE_RECHECK) {
+                    (true, true) => HELD_BACK_RECHECK,
+                    (true, false) => (patience * 2).min(HELD_BACK_RECHECK_MAX),
+                    (false, _) => IDLE_RECHECK,
+                };
                 head.send_if_modified(|current| {
                     let moved = readable > *current;
                     *current = (*current).max(readable);
@@ -420,8 +449,7 @@ async fn follow_head(
             }
             Err(error) => {
                 tracing::warn!(%error, "could not read the event store's head");
-                held_back = true;
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                patience = HELD_BACK_RECHECK_MAX;
             }
         }
     }

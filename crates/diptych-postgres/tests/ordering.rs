@@ -145,7 +145,10 @@ async fn a_held_transaction_holds_back_later_positions_until_it_commits() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_append_waits_until_it_is_readable_so_readers_that_follow_see_it() {
-    let config = testing::fresh_config().await;
+    // Transaction ids are server-wide: the other test's held transaction holds
+    // this one's appends back too, for as long as it is held.
+    let mut config = testing::fresh_config().await;
+    config.readable_wait = Duration::from_secs(120);
     let store = PgStore::connect(&config).await.expect("a store");
     for n in 0..20 {
         let position = append(&store, "follow-1", n).await;

@@ -104,9 +104,9 @@ async fn subscribe() {
         }
         match page.last() {
             Some(last) => after = last.position,
-            None => {
-                let _ = tokio::time::timeout(Duration::from_secs(5), head.changed()).await;
-            }
+            // Woken by the head watch alone: a lost wake-up would stall here,
+            // and the parent's deadline would fail the test.
+            None => head.changed().await.expect("the store is open"),
         }
     }
 }
@@ -122,10 +122,34 @@ fn spawn(role: &str, schema: &str, writer: usize) -> ChildGuard {
     ChildGuard(child)
 }
 
-fn output_lines(mut child: ChildGuard) -> Vec<String> {
+/// A child whose output is read from the start, on a thread of its own, so it
+/// never blocks on a full pipe (a subscriber must follow the log live, not
+/// catch up once the parent gets round to reading).
+struct Running {
+    child: ChildGuard,
+    lines: std::sync::mpsc::Receiver<Vec<String>>,
+}
+
+fn drain(mut child: ChildGuard) -> Running {
     let stdout = child.0.stdout.take().expect("piped stdout");
-    let lines: Vec<String> = BufReader::new(stdout).lines().map(|l| l.unwrap()).collect();
-    let status = child.0.wait().expect("the child exits");
+    let (sender, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let read: Vec<String> = BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+            .collect();
+        let _ = sender.send(read);
+    });
+    Running { child, lines }
+}
+
+/// Everything the child printed, once it has exited successfully (within 120 s).
+fn output_lines(mut running: Running) -> Vec<String> {
+    let lines = running
+        .lines
+        .recv_timeout(Duration::from_secs(120))
+        .expect("the child finished within 120 s");
+    let status = running.child.0.wait().expect("the child exits");
     assert!(status.success(), "a child failed: {status}");
     lines
 }
@@ -133,11 +157,11 @@ fn output_lines(mut child: ChildGuard) -> Vec<String> {
 async fn parent() {
     let config = testing::fresh_config().await;
     let store = PgStore::connect(&config).await.expect("a store");
-    let subscribers: Vec<ChildGuard> = (0..SUBSCRIBERS)
-        .map(|n| spawn("subscriber", &config.schema, n))
+    let subscribers: Vec<Running> = (0..SUBSCRIBERS)
+        .map(|n| drain(spawn("subscriber", &config.schema, n)))
         .collect();
-    let writers: Vec<ChildGuard> = (0..WRITERS)
-        .map(|n| spawn("writer", &config.schema, n))
+    let writers: Vec<Running> = (0..WRITERS)
+        .map(|n| drain(spawn("writer", &config.schema, n)))
         .collect();
     let acknowledged: usize = writers
         .into_iter()

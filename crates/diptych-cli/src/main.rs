@@ -50,9 +50,9 @@ enum Command {
         #[arg(long, requires = "store")]
         schema: Option<String>,
         /// What this node does, comma separated: command, query, projector,
-        /// relay (all by default). On PostgreSQL, nodes with different roles
-        /// share one database.
-        #[arg(long, value_delimiter = ',')]
+        /// relay (all by default). Nodes with different roles share one
+        /// PostgreSQL database, so this needs --store.
+        #[arg(long, value_delimiter = ',', requires = "store")]
         role: Vec<String>,
         /// Partitions of each partitionable projection, shared by the projector
         /// nodes under leases (PostgreSQL).
@@ -393,14 +393,22 @@ async fn run(cli: Cli) -> Result<()> {
             role,
         } => {
             let (file, auth) = serve::ServeFile::load(&config)?;
-            let roles = if role.is_empty() {
-                roles_or_all(file.roles.as_deref().unwrap_or_default())?
-            } else {
+            let roles = if !role.is_empty() {
                 serve::Roles::parse(&role)?
+            } else if let Some(names) = &file.roles {
+                serve::Roles::parse(names)?
+            } else {
+                serve::Roles::ALL
             };
+            let backend = file.backend()?;
+            anyhow::ensure!(
+                roles == serve::Roles::ALL || matches!(backend, serve::Backend::Postgres { .. }),
+                "roles split the shop across nodes that share one PostgreSQL database; on SQLite \
+                 one node does everything: drop `roles` (or --role), or set `store`"
+            );
             serve::run(serve::ServeConfig {
                 addr: file.addr,
-                backend: file.backend()?,
+                backend,
                 auth,
                 insecure,
                 seed: false,

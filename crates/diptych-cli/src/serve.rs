@@ -177,6 +177,11 @@ impl ServeFile {
                 "the settings file names no storage: add `data = \"dir\"` for SQLite or \
                  `store = \"postgres://…\"` for PostgreSQL"
             ),
+            (None, Some(_)) if self.partitions.is_some() || self.schema.is_some() => {
+                anyhow::bail!(
+                    "`partitions` and `schema` apply to a PostgreSQL store: set `store`, or drop them"
+                )
+            }
             (store, data) => Ok(Backend::choose(
                 store.clone(),
                 self.schema.clone(),

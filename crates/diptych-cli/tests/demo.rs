@@ -149,6 +149,27 @@ fn a_write_node_two_query_nodes_and_two_projectors_share_one_postgresql() {
     let projectors = [node("projector"), node("projector")];
     let readers = [node("query"), node("query")];
 
+    // The two projectors share the work: `orders` ends up split between them
+    // (before any command, so no read waits on a partition being handed over).
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let leases = runtime
+        .block_on(diptych::postgres::PgLeases::connect(&config))
+        .expect("the leases table");
+    let mut shared = false;
+    for _ in 0..600 {
+        let holders = runtime.block_on(leases.holders("orders")).expect("leases");
+        let distinct: std::collections::BTreeSet<&String> = holders.values().collect();
+        if holders.len() == 4 && distinct.len() == 2 {
+            shared = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(
+        shared,
+        "the partitions of `orders` were not split between the projectors"
+    );
+
     for n in 0..8 {
         let order = format!(
             r#"{{"order_id":"o-{n}","customer_id":"ada","lines":[{{"product_id":"tea","quantity":1}}]}}"#
@@ -194,26 +215,6 @@ fn a_write_node_two_query_nodes_and_two_projectors_share_one_postgresql() {
             .iter()
             .any(|p| p["name"] == "orders"),
         "partitioned, `orders` runs only as its partitions: {status}"
-    );
-
-    // The two projectors share the work: `orders` ends up split between them.
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    let leases = runtime
-        .block_on(diptych::postgres::PgLeases::connect(&config))
-        .expect("the leases table");
-    let mut shared = false;
-    for _ in 0..600 {
-        let holders = runtime.block_on(leases.holders("orders")).expect("leases");
-        let distinct: std::collections::BTreeSet<&String> = holders.values().collect();
-        if holders.len() == 4 && distinct.len() == 2 {
-            shared = true;
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
-    assert!(
-        shared,
-        "the partitions of `orders` were not split between the projectors"
     );
 
     // Each node refuses what its roles do not serve, and says where to go.
@@ -375,4 +376,72 @@ fn a_settings_file_with_a_mistake_is_refused_with_the_reason() {
         .output()
         .unwrap();
     assert!(String::from_utf8_lossy(&missing.stderr).contains("reading the settings file"));
+}
+
+/// Runs `diptych` with `args`, expecting it to refuse; returns what it said.
+fn refused(args: &[&str]) -> String {
+    let output = Command::new(env!("CARGO_BIN_EXE_diptych"))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(!output.status.success(), "{args:?} was accepted");
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+#[test]
+fn roles_and_storage_mistakes_are_refused_with_what_to_do() {
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, body: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, format!("addr = \"127.0.0.1:0\"\n{body}")).unwrap();
+        path.to_str().unwrap().to_owned()
+    };
+    let data = format!("data = \"{}\"\n", dir.path().join("data").display());
+    let pg = "store = \"postgres://postgres@127.0.0.1:5432/test\"\n";
+
+    let said = refused(&[
+        "serve",
+        "--config",
+        &write("unknown.toml", &format!("{pg}roles = [\"reader\"]\n")),
+    ]);
+    assert!(said.contains("unknown role `reader`"), "{said}");
+    let said = refused(&[
+        "serve",
+        "--config",
+        &write("empty.toml", &format!("{pg}roles = []\n")),
+    ]);
+    assert!(said.contains("give at least one role"), "{said}");
+    let said = refused(&[
+        "serve",
+        "--config",
+        &write("both.toml", &format!("{pg}{data}")),
+    ]);
+    assert!(said.contains("both `store` and `data`"), "{said}");
+    let said = refused(&["serve", "--config", &write("neither.toml", "")]);
+    assert!(said.contains("names no storage"), "{said}");
+    let said = refused(&[
+        "serve",
+        "--config",
+        &write("sqlite-roles.toml", &format!("{data}roles = [\"query\"]\n")),
+    ]);
+    assert!(
+        said.contains("on SQLite one node does everything"),
+        "{said}"
+    );
+    let said = refused(&[
+        "serve",
+        "--config",
+        &write("sqlite-partitions.toml", &format!("{data}partitions = 4\n")),
+    ]);
+    assert!(said.contains("apply to a PostgreSQL store"), "{said}");
+    let said = refused(&["demo", "--role", "query"]);
+    assert!(said.contains("--store"), "{said}");
+    let said = refused(&[
+        "demo",
+        "--store",
+        "postgres://postgres@127.0.0.1:5432/test",
+        "--schema",
+        "Not-Valid",
+    ]);
+    assert!(said.contains("is not a valid schema name"), "{said}");
 }

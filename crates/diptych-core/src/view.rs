@@ -697,6 +697,46 @@ pub async fn group_position<V: ViewStore + ?Sized>(
     Ok(lowest.unwrap_or(Position::START))
 }
 
+/// A watch of the position a projection's collections reflect: its checkpoint,
+/// or for a partitioned projection the lowest of its partitions' checkpoints
+/// (moved by a task that follows every partition's watch).
+pub fn group_watch(views: &dyn ViewStore, projection: &str) -> watch::Receiver<Position> {
+    let members = crate::partition::group_members(projection);
+    if members.len() == 1 {
+        return views.checkpoint_watch(projection);
+    }
+    let mut watches: Vec<watch::Receiver<Position>> = members
+        .iter()
+        .map(|member| views.checkpoint_watch(member))
+        .collect();
+    let lowest = |watches: &mut [watch::Receiver<Position>]| {
+        watches
+            .iter_mut()
+            .map(|watch| *watch.borrow_and_update())
+            .min()
+            .unwrap_or_default()
+    };
+    let (sender, receiver) = watch::channel(lowest(&mut watches));
+    tokio::spawn(async move {
+        loop {
+            let changed = {
+                let changes = watches.iter_mut().map(|watch| Box::pin(watch.changed()));
+                futures_util::future::select_all(changes).await.0.is_ok()
+            };
+            if !changed || sender.is_closed() {
+                return;
+            }
+            let position = lowest(&mut watches);
+            sender.send_if_modified(|current| {
+                let moved = position != *current;
+                *current = position;
+                moved
+            });
+        }
+    });
+    receiver
+}
+
 /// Whether two projection names may share collections: the same projection, or
 /// partitions of one split the same number of ways. A projection split another
 /// way (or not at all) would keep checkpoints of its own and apply every event

@@ -95,7 +95,8 @@ pub(crate) async fn document(
             format!("no view named `{view}`"),
         )
     })?;
-    let watch = state.views.checkpoint_watch(&owner);
+    // A partitioned view moves when any partition does.
+    let watch = diptych_core::view::group_watch(&*state.views, &owner);
     struct Follow {
         state: AppState,
         view: String,

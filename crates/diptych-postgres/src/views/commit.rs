@@ -68,17 +68,31 @@ pub(crate) async fn apply(
     }
     documents.write(transaction).await?;
     let projection = commit.projection.as_str();
-    execute(
+    // Guarded by the batch's starting checkpoint as well as by the row lock taken
+    // above, so the refusal of a stale batch does not rest on the isolation level.
+    let moved = execute(
         transaction,
         "writing a checkpoint",
-        "UPDATE checkpoints SET position = $3 WHERE projection = $1 AND generation = $2",
+        "UPDATE checkpoints SET position = $3 \
+         WHERE projection = $1 AND generation = $2 AND position = $4",
         &[
             &projection,
             &to_sql(generation),
             &to_sql(commit.checkpoint.0),
+            &to_sql(commit.from.0),
         ],
     )
     .await?;
+    if moved != 1 {
+        return Err(ViewError::CheckpointMoved {
+            projection: commit.projection.clone(),
+            generation,
+            expected: commit.from.0,
+            actual: read_stored(transaction, projection, false)
+                .await
+                .map_or(0, |stored| stored.record.position.0),
+        });
+    }
     for parked in &commit.parked {
         execute(
             transaction,

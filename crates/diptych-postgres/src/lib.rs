@@ -10,8 +10,8 @@
 //! progress. Every transaction that has not finished yet has an id at or above
 //! that bound, and every transaction that starts later gets a higher id still, so
 //! no event can ever appear below a position a reader has passed. Writers take no
-//! lock but their own stream's (an advisory lock). `docs/postgres-ordering.md` has the argument in
-//! full, and the tests that prove it.
+//! lock but their own stream's (an advisory lock). `docs/postgres-ordering.md` has
+//! the argument in full, and the tests that prove it.
 //!
 //! # Waking subscribers
 //!

@@ -48,6 +48,7 @@ pub mod memory_views;
 pub mod partition;
 pub mod process;
 pub mod projection;
+pub mod relay;
 pub mod repository;
 pub mod runner;
 pub mod store;
@@ -71,6 +72,7 @@ pub use memory_views::MemoryViews;
 pub use partition::{Partition, stream_partition};
 pub use process::{ProcessManager, as_projection, spawn_process_manager, state_collection};
 pub use projection::{Interest, Mark, Projection, ViewTx};
+pub use relay::{Publisher, RelayConfig, spawn_relay};
 pub use repository::{CommandContext, CommandOutcome, Loaded, Repository, RepositoryConfig};
 pub use runner::{
     Handler, LIVE_WITHIN, ProjectionState, ProjectionStatus, RunnerConfig, RunnerHandle,

@@ -105,6 +105,10 @@ pub struct RunnerHandle {
 }
 
 impl RunnerHandle {
+    pub(crate) fn new(name: String, stop: watch::Sender<bool>, task: JoinHandle<()>) -> Self {
+        Self { name, stop, task }
+    }
+
     /// The projection's name.
     pub fn name(&self) -> &str {
         &self.name

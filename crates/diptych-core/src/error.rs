@@ -274,6 +274,16 @@ pub enum ViewError {
         /// The name given.
         name: String,
     },
+    /// A batch names a received event that an earlier batch already applied.
+    #[error(
+        "projection `{projection}` already applied event {event_id} received from the broker: drop it from the batch (a redelivery)"
+    )]
+    AlreadyReceived {
+        /// The projection.
+        projection: String,
+        /// The event.
+        event_id: uuid::Uuid,
+    },
     /// No registered projection declares this collection.
     #[error("no view named `{0}`: check the name, or start the projection that declares it")]
     UnknownCollection(String),

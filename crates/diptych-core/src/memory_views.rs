@@ -37,6 +37,8 @@ struct Inner {
     tables: BTreeMap<(String, u64), BTreeMap<String, Document>>,
     /// By projection, generation and position.
     parked: BTreeMap<(String, u64, Position), ParkedEvent>,
+    /// Events received from a broker and applied, by projection.
+    received: std::collections::BTreeSet<(String, uuid::Uuid)>,
 }
 
 struct Record {
@@ -255,6 +257,16 @@ impl ViewStore for MemoryViews {
             let checkpoint = record.checkpoints.get(&commit.generation).copied();
             verify_commit(&commit, record.generation, record.rebuild, checkpoint)?;
             let owned: Vec<String> = record.collections.iter().map(|c| c.name.clone()).collect();
+            if let Some(&event_id) = commit
+                .received
+                .iter()
+                .find(|&&id| inner.received.contains(&(commit.projection.clone(), id)))
+            {
+                return Err(ViewError::AlreadyReceived {
+                    projection: commit.projection.clone(),
+                    event_id,
+                });
+            }
             // Everything is checked (and every document parsed) before anything
             // changes, so a refused batch leaves no trace.
             let mut writes = Vec::with_capacity(commit.changes.len());
@@ -316,6 +328,9 @@ impl ViewStore for MemoryViews {
             }
             for position in commit.resolved {
                 inner.parked.remove(&parked_key(position));
+            }
+            for event_id in commit.received {
+                inner.received.insert((commit.projection.clone(), event_id));
             }
             let record = inner.record_mut(&commit.projection)?;
             record
@@ -414,6 +429,19 @@ impl ViewStore for MemoryViews {
         let inner = self.lock();
         let served = inner.record(projection)?.generation;
         Ok(inner.parked_of(projection, served).cloned().collect())
+    }
+
+    async fn received(
+        &self,
+        projection: &str,
+        event_ids: &[uuid::Uuid],
+    ) -> Result<Vec<uuid::Uuid>, ViewError> {
+        let inner = self.lock();
+        Ok(event_ids
+            .iter()
+            .filter(|&&id| inner.received.contains(&(projection.to_owned(), id)))
+            .copied()
+            .collect())
     }
 
     fn checkpoint_watch(&self, projection: &str) -> watch::Receiver<Position> {

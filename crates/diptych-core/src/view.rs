@@ -474,6 +474,11 @@ pub struct ViewCommit {
     /// This batch completes a rebuild: its generation becomes the served one and the
     /// old one is dropped.
     pub switch: bool,
+    /// Ids of events received from a broker that this batch applies. They are
+    /// recorded in the same transaction, and a batch naming one already recorded
+    /// for this projection is refused whole (`AlreadyReceived`), so a message
+    /// redelivered after a crash between commit and acknowledgement has no effect.
+    pub received: Vec<uuid::Uuid>,
 }
 
 impl ViewCommit {
@@ -488,6 +493,7 @@ impl ViewCommit {
             parked: Vec::new(),
             resolved: Vec::new(),
             switch: false,
+            received: Vec::new(),
         }
     }
 }
@@ -634,6 +640,14 @@ pub trait ViewStore: Send + Sync + 'static {
 
     /// The parked events of a projection's served generation, oldest first.
     async fn parked(&self, projection: &str) -> Result<Vec<ParkedEvent>, ViewError>;
+
+    /// Which of `event_ids` a commit of `projection` has already recorded as
+    /// received (see [`ViewCommit::received`]).
+    async fn received(
+        &self,
+        projection: &str,
+        event_ids: &[uuid::Uuid],
+    ) -> Result<Vec<uuid::Uuid>, ViewError>;
 
     /// The served generation's checkpoint, moved after each commit that advances it.
     fn checkpoint_watch(&self, projection: &str) -> watch::Receiver<Position>;

@@ -338,6 +338,22 @@ impl ViewStore for PgViews {
         self.finish(transaction, projection, context).await
     }
 
+    async fn received(
+        &self,
+        projection: &str,
+        event_ids: &[uuid::Uuid],
+    ) -> Result<Vec<uuid::Uuid>, ViewError> {
+        let client = self.client("reading received events").await?;
+        let rows = client
+            .query(
+                "SELECT event_id FROM received WHERE projection = $1 AND event_id = ANY($2)",
+                &[&projection, &event_ids],
+            )
+            .await
+            .map_err(|error| backend("reading received events", error))?;
+        Ok(rows.iter().map(|row| row.get(0)).collect())
+    }
+
     async fn parked(&self, projection: &str) -> Result<Vec<ParkedEvent>, ViewError> {
         let client = self.client("reading parked events").await?;
         // One statement, so the served generation and its events agree.

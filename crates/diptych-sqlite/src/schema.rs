@@ -73,6 +73,12 @@ pub const VIEWS: Schema = Schema {
             retry_requested INTEGER NOT NULL DEFAULT 0,
             PRIMARY KEY (projection, generation, position)
         ) STRICT, WITHOUT ROWID;",
+        // 2: events received from a broker and applied, for deduplication.
+        "CREATE TABLE received (
+            projection TEXT NOT NULL,
+            event_id   BLOB NOT NULL,
+            PRIMARY KEY (projection, event_id)
+        ) STRICT, WITHOUT ROWID;",
     ],
 };
 

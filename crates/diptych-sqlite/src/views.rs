@@ -459,6 +459,30 @@ impl ViewStore for SqliteViews {
         .await
     }
 
+    async fn received(
+        &self,
+        projection: &str,
+        event_ids: &[uuid::Uuid],
+    ) -> Result<Vec<uuid::Uuid>, ViewError> {
+        let (projection, event_ids) = (projection.to_owned(), event_ids.to_vec());
+        self.read(move |connection| {
+            let mut statement = connection
+                .prepare_cached("SELECT 1 FROM received WHERE projection = ?1 AND event_id = ?2")
+                .map_err(|error| backend("reading received events", error))?;
+            let mut found = Vec::new();
+            for id in event_ids {
+                let seen = statement
+                    .exists(params![projection, id.as_bytes().as_slice()])
+                    .map_err(|error| backend("reading received events", error))?;
+                if seen {
+                    found.push(id);
+                }
+            }
+            Ok(found)
+        })
+        .await
+    }
+
     async fn parked(&self, projection: &str) -> Result<Vec<ParkedEvent>, ViewError> {
         let projection = projection.to_owned();
         self.read(move |connection| {
@@ -754,6 +778,7 @@ fn apply_commit(
 ) -> Result<Option<Position>, ViewError> {
     let record = read_record(transaction, &commit.projection)?;
     verify_commit_against(&commit, &record)?;
+    record_received(transaction, &commit)?;
     let generation = commit.generation;
     let writers: BTreeMap<&str, CollectionWriter<'_>> = record
         .collections
@@ -1101,4 +1126,26 @@ fn from_sql_value(value: SqlValue) -> serde_json::Value {
         SqlValue::Text(text) => text.into(),
         SqlValue::Blob(bytes) => bytes.into_iter().map(serde_json::Value::from).collect(),
     }
+}
+
+/// Records the batch's received events; one already recorded refuses the batch.
+fn record_received(transaction: &Transaction<'_>, commit: &ViewCommit) -> Result<(), ViewError> {
+    let mut insert = transaction
+        .prepare_cached("INSERT INTO received (projection, event_id) VALUES (?1, ?2)")
+        .map_err(|error| backend("recording received events", error))?;
+    for event_id in &commit.received {
+        match insert.execute(params![commit.projection, event_id.as_bytes().as_slice()]) {
+            Ok(_) => {}
+            Err(rusqlite::Error::SqliteFailure(failure, _))
+                if failure.code == rusqlite::ErrorCode::ConstraintViolation =>
+            {
+                return Err(ViewError::AlreadyReceived {
+                    projection: commit.projection.clone(),
+                    event_id: *event_id,
+                });
+            }
+            Err(error) => return Err(backend("recording received events", error).into()),
+        }
+    }
+    Ok(())
 }

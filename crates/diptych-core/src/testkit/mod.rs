@@ -118,8 +118,9 @@ pub use store_checks::{
     snapshots_round_trip_and_are_replaced, stream_id_of_max_length_works,
 };
 pub use view_checks::{
-    dump_collection, views_documents_round_trip, views_filter_on_indexes, views_full_text_search,
-    views_order_and_page_stably, views_park_retry_and_skip, views_record_operator_requests,
+    dump_collection, views_apply_a_received_event_once, views_documents_round_trip,
+    views_filter_on_indexes, views_full_text_search, views_order_and_page_stably,
+    views_park_retry_and_skip, views_record_operator_requests,
     views_refuse_a_commit_from_a_moved_checkpoint, views_refuse_bad_queries,
     views_registration_rules, views_switch_generations_atomically,
 };
@@ -242,6 +243,7 @@ macro_rules! view_store_conformance {
             views_switch_generations_atomically,
             views_park_retry_and_skip,
             views_record_operator_requests,
+            views_apply_a_received_event_once,
             projection_catches_up_then_follows_live,
             projection_resumes_from_its_checkpoint,
             wait_for_resolves_for_a_fresh_write_and_times_out_otherwise,

@@ -792,3 +792,58 @@ pub async fn views_record_operator_requests(fixture: ViewFixture) {
         Err(ViewError::UnknownProjection(_))
     ));
 }
+
+/// Events received from a broker are recorded with the batch that applies them:
+/// a later batch naming one again (a redelivery) is refused whole, with nothing
+/// of it applied, and the record is per projection.
+pub async fn views_apply_a_received_event_once(fixture: ViewFixture) {
+    let views = fixture.views();
+    let (first, second, never) = (
+        uuid::Uuid::now_v7(),
+        uuid::Uuid::now_v7(),
+        uuid::Uuid::now_v7(),
+    );
+    views
+        .register(&declaration("directory", vec![people()]))
+        .await
+        .expect("registering a projection");
+    let mut commit = ViewCommit::new("directory", 1, Position::START, Position(1));
+    commit.changes = vec![put("people", "ada", json!({"name": "Ada"}))];
+    commit.received = vec![first, second];
+    views.commit(commit).await.expect("a first batch");
+    let mut found = views
+        .received("directory", &[first, never, second])
+        .await
+        .expect("received ids");
+    found.sort();
+    let mut expected = vec![first, second];
+    expected.sort();
+    assert_eq!(found, expected, "exactly the ids committed are recorded");
+
+    let mut again = ViewCommit::new("directory", 1, Position(1), Position(2));
+    again.changes = vec![put("people", "ada", json!({"name": "Ada twice"}))];
+    again.received = vec![never, second];
+    match views.commit(again).await {
+        Err(ViewError::AlreadyReceived { event_id, .. }) => assert_eq!(event_id, second),
+        other => panic!("a redelivered event must be refused, got {other:?}"),
+    }
+    assert_eq!(
+        views.projection("directory").await.unwrap().position,
+        Position(1),
+        "the refused batch moved nothing"
+    );
+    assert_eq!(
+        views.get("people", "ada").await.unwrap(),
+        Some(json!({"name": "Ada"})),
+        "the refused batch wrote nothing"
+    );
+    assert_eq!(
+        views.received("directory", &[never]).await.unwrap(),
+        Vec::<uuid::Uuid>::new(),
+        "nor recorded its other ids"
+    );
+    assert!(
+        views.received("other", &[first]).await.unwrap().is_empty(),
+        "another projection has received nothing"
+    );
+}

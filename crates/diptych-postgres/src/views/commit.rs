@@ -27,6 +27,7 @@ pub(crate) async fn apply(
     let stored = read_stored(transaction, &commit.projection, true).await?;
     let record = &stored.record;
     verify_commit_against(commit, record)?;
+    record_received(transaction, commit).await?;
     let generation = commit.generation;
     let tables: BTreeMap<&str, Table<'_>> = record
         .collections
@@ -415,4 +416,34 @@ fn document_words(
         }
     }
     Ok(Some(found))
+}
+
+/// Records the batch's received events; one already recorded refuses the batch.
+async fn record_received(
+    transaction: &impl GenericClient,
+    commit: &ViewCommit,
+) -> Result<(), ViewError> {
+    if commit.received.is_empty() {
+        return Ok(());
+    }
+    let row = transaction
+        .query_one(
+            "WITH new AS (
+                 INSERT INTO received (projection, event_id)
+                 SELECT $1, id FROM unnest($2::uuid[]) AS id
+                 ON CONFLICT DO NOTHING RETURNING event_id)
+             SELECT array_agg(id) FROM unnest($2::uuid[]) AS id
+             WHERE id NOT IN (SELECT event_id FROM new)",
+            &[&commit.projection, &commit.received],
+        )
+        .await
+        .map_err(|error| backend("recording received events", error))?;
+    let repeated: Option<Vec<uuid::Uuid>> = row.get(0);
+    match repeated.and_then(|ids| ids.into_iter().next()) {
+        Some(event_id) => Err(ViewError::AlreadyReceived {
+            projection: commit.projection.clone(),
+            event_id,
+        }),
+        None => Ok(()),
+    }
 }

@@ -48,5 +48,13 @@ pub(crate) const VIEWS: Migrations = Migrations {
             PRIMARY KEY (projection, generation, position)
         );
         "#,
+        // 2: events received from a broker and applied, for deduplication.
+        r#"
+        CREATE TABLE received (
+            projection text COLLATE "C" NOT NULL,
+            event_id   uuid NOT NULL,
+            PRIMARY KEY (projection, event_id)
+        );
+        "#,
     ],
 };

@@ -9,9 +9,14 @@
 //! the body. A page is published pipelined, and the relay's checkpoint moves only
 //! once JetStream has acknowledged every message of it. One connection publishes
 //! in log order, so each stream's events arrive in version order.
+//!
+//! [`spawn_inbound`] applies another service's events to a local projection
+//! through a durable consumer, exactly once (see the `consumer` module).
 
+mod consumer;
 mod publisher;
 mod subjects;
 
+pub use consumer::{Inbound, InboundConfig, spawn_inbound};
 pub use publisher::{NatsConfig, NatsPublisher};
 pub use subjects::{stream_name, subject_for, subjects_of};

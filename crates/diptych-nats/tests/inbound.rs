@@ -1,0 +1,109 @@
+//! One service's events applied to another service's view through JetStream
+//! (`DIPTYCH_TEST_NATS`): the view equals a clean build of the source's log, a
+//! consistency token from the source lets a reader wait for the receiving view,
+//! and when every message is delivered again (as after a consumer that died
+//! between commit and acknowledgement) nothing changes.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream;
+use diptych_core::testkit::{Tallies, added, append_one, clean_tallies, dump_collection};
+use diptych_core::{EventStore, RelayConfig, ViewStore, spawn_relay, wait_for};
+use diptych_nats::{InboundConfig, NatsConfig, NatsPublisher, spawn_inbound, stream_name};
+use diptych_sqlite::{SqliteStore, SqliteViews};
+
+fn nats_url() -> String {
+    std::env::var("DIPTYCH_TEST_NATS").unwrap_or_else(|_| {
+        panic!("DIPTYCH_TEST_NATS is not set: point it at a NATS server with JetStream, e.g. nats://127.0.0.1:4222")
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn received_events_build_the_view_once_even_when_all_are_delivered_again() {
+    let directory = tempfile::tempdir().unwrap();
+    // The source service: its log, its own views (the relay's checkpoint) and relay.
+    let source: Arc<dyn EventStore> =
+        Arc::new(SqliteStore::open(directory.path().join("source-events.db")).unwrap());
+    let source_views: Arc<dyn ViewStore> =
+        Arc::new(SqliteViews::open(directory.path().join("source-views.db")).unwrap());
+    let service = format!("t{}x{}", std::process::id(), uuid::Uuid::now_v7().simple());
+    let publisher = NatsPublisher::connect(&NatsConfig::new(nats_url(), &service))
+        .await
+        .expect("a publisher");
+    let relay = spawn_relay(
+        source.clone(),
+        source_views,
+        Arc::new(publisher),
+        RelayConfig::default(),
+    )
+    .await
+    .unwrap();
+    // The receiving service's views.
+    let views: Arc<dyn ViewStore> =
+        Arc::new(SqliteViews::open(directory.path().join("receiver-views.db")).unwrap());
+    let inbound_config = InboundConfig {
+        url: nats_url(),
+        source: service.clone(),
+        durable: "receiver-tallies".to_owned(),
+        batch: 40,
+    };
+    let inbound = spawn_inbound(
+        views.clone(),
+        Arc::new(Tallies::default()),
+        inbound_config.clone(),
+    )
+    .await
+    .expect("the inbound consumer starts");
+
+    let mut token = diptych_core::Position::START;
+    for n in 0..300u64 {
+        let item = format!("item{}", n % 12);
+        token = append_one(&*source, &format!("tally-{item}"), added(&item, n)).await;
+    }
+    // The source's token, waited on at the receiver.
+    wait_for(&*views, Tallies::COLLECTION, token, Duration::from_secs(60))
+        .await
+        .expect("the receiving view reaches the source's token");
+    let clean = clean_tallies(source.clone()).await;
+    assert_eq!(dump_collection(&*views, Tallies::COLLECTION).await, clean);
+    inbound.stop().await;
+
+    // Every message delivered again, to a fresh durable consumer of the same
+    // projection: each is found among the received ids and changes nothing.
+    let jetstream = jetstream::new(async_nats::connect(nats_url()).await.unwrap());
+    let stream = jetstream.get_stream(stream_name(&service)).await.unwrap();
+    stream.delete_consumer("receiver-tallies").await.unwrap();
+    let again = spawn_inbound(views.clone(), Arc::new(Tallies::default()), inbound_config)
+        .await
+        .unwrap();
+    let mut drained = false;
+    for _ in 0..600 {
+        let info = stream
+            .get_consumer::<async_nats::jetstream::consumer::pull::Config>("receiver-tallies")
+            .await
+            .unwrap()
+            .cached_info()
+            .clone();
+        if info.num_ack_pending == 0
+            && info.num_pending == 0
+            && info.ack_floor.stream_sequence >= 300
+        {
+            drained = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(drained, "the redelivered messages were all acknowledged");
+    assert_eq!(
+        dump_collection(&*views, Tallies::COLLECTION).await,
+        clean,
+        "300 redelivered messages changed nothing"
+    );
+    again.stop().await;
+    relay.stop().await;
+    jetstream
+        .delete_stream(stream_name(&service))
+        .await
+        .unwrap();
+}

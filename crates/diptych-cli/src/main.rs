@@ -58,6 +58,12 @@ enum Command {
         /// nodes under leases (PostgreSQL).
         #[arg(long, default_value_t = 1, requires = "store")]
         partitions: u32,
+        /// A NATS server (`nats://host:4222`) the relay role publishes the log to.
+        #[arg(long)]
+        broker: Option<String>,
+        /// This service's name in the broker's subjects.
+        #[arg(long, default_value = "shop")]
+        service: String,
     },
     /// Serve the shop from a settings file (address, storage, roles, tokens).
     Serve {
@@ -374,6 +380,8 @@ async fn run(cli: Cli) -> Result<()> {
             schema,
             role,
             partitions,
+            broker,
+            service,
         } => {
             serve::run(serve::ServeConfig {
                 addr,
@@ -384,6 +392,8 @@ async fn run(cli: Cli) -> Result<()> {
                 traffic,
                 roles: roles_or_all(&role)?,
                 partitions: partitions.max(1),
+                broker,
+                service,
             })
             .await
         }
@@ -415,6 +425,8 @@ async fn run(cli: Cli) -> Result<()> {
                 traffic: 0,
                 roles,
                 partitions: file.partitions.unwrap_or(1).max(1),
+                broker: file.broker.clone(),
+                service: file.service.clone().unwrap_or_else(|| "shop".to_owned()),
             })
             .await
         }

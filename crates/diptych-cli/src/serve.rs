@@ -12,9 +12,12 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use diptych::http::{AppState, Auth, HttpConfig, Role, app};
+use diptych::nats::{NatsConfig, NatsPublisher};
 use diptych::postgres::{LeaseConfig, PartitionedRunner, PgConfig, PgLeases, PgStore, PgViews};
 use diptych::sqlite::{SqliteStore, SqliteViews};
-use diptych::{CommandContext, EventStore, RunnerConfig, RunnerHandle, ViewStore};
+use diptych::{
+    CommandContext, EventStore, RelayConfig, RunnerConfig, RunnerHandle, ViewStore, spawn_relay,
+};
 use diptych_shop::{Shop, ShopCommand};
 use serde_json::json;
 
@@ -137,6 +140,10 @@ pub struct ServeConfig {
     pub roles: Roles,
     /// Partitions of each partitionable projection, shared by projector nodes.
     pub partitions: u32,
+    /// The NATS server the relay role publishes to, if any.
+    pub broker: Option<String>,
+    /// This service's name in the broker's subjects.
+    pub service: String,
 }
 
 /// The settings file of `diptych serve` (TOML).
@@ -160,6 +167,12 @@ pub struct ServeFile {
     /// Partitions of each partitionable projection (1 by default).
     #[serde(default)]
     pub partitions: Option<u32>,
+    /// A NATS server the relay role publishes the log to.
+    #[serde(default)]
+    pub broker: Option<String>,
+    /// This service's name in the broker's subjects (`shop` by default).
+    #[serde(default)]
+    pub service: Option<String>,
     /// Bearer tokens and their roles (`reader`, `writer`, `admin`).
     #[serde(default)]
     pub tokens: std::collections::BTreeMap<String, String>,
@@ -303,6 +316,24 @@ pub async fn run(config: ServeConfig) -> Result<()> {
     } else {
         Handlers::None
     };
+    let relay = match (&config.broker, config.roles.relay) {
+        (Some(broker), true) => {
+            let publisher =
+                NatsPublisher::connect(&NatsConfig::new(broker.clone(), &config.service))
+                    .await
+                    .context("starting the relay")?;
+            Some(
+                spawn_relay(
+                    store.clone(),
+                    views.clone(),
+                    Arc::new(publisher),
+                    RelayConfig::default(),
+                )
+                .await?,
+            )
+        }
+        _ => None,
+    };
     let seeded = fresh && config.seed && config.roles.command;
     if seeded {
         seed(&shop).await?;
@@ -342,6 +373,9 @@ pub async fn run(config: ServeConfig) -> Result<()> {
         task.abort();
     }
     handlers.stop().await;
+    if let Some(relay) = relay {
+        relay.stop().await;
+    }
     println!("stopped cleanly; run the same command to continue where it stopped");
     Ok(())
 }
@@ -505,8 +539,15 @@ fn print_welcome(addr: SocketAddr, config: &ServeConfig, seeded: bool) {
             "bearer tokens required"
         }
     );
-    if config.roles.relay {
-        println!("relay: no broker is configured, so there is nothing to publish to");
+    match (&config.broker, config.roles.relay) {
+        (Some(broker), true) => println!(
+            "relay: publishing the log to NATS at {broker} as service `{}`",
+            config.service
+        ),
+        (None, true) => {
+            println!("relay: no broker is configured (--broker), so there is nothing to publish to")
+        }
+        _ => {}
     }
     println!();
     println!("Try:");

@@ -445,3 +445,34 @@ fn roles_and_storage_mistakes_are_refused_with_what_to_do() {
     ]);
     assert!(said.contains("is not a valid schema name"), "{said}");
 }
+
+#[test]
+fn the_relay_role_publishes_the_log_to_nats_and_reports_its_lag() {
+    let data = tempfile::tempdir().unwrap();
+    let nats = std::env::var("DIPTYCH_TEST_NATS").expect("DIPTYCH_TEST_NATS names a NATS server");
+    let service = format!("demo{}", std::process::id());
+    let demo = start_with(
+        &[
+            "demo",
+            "--addr",
+            "127.0.0.1:0",
+            "--data",
+            data.path().to_str().unwrap(),
+            "--broker",
+            &nats,
+            "--service",
+            &service,
+        ],
+        &[],
+    );
+    let relay = format!("relay-nats-{service}");
+    // The relay's checkpoint moves only once NATS has acknowledged what it
+    // published: at the head, every seeded event is in JetStream.
+    let status = poll(&demo, "/projections", "the relay catching up", |status| {
+        status.as_array().into_iter().flatten().any(|p| {
+            p["name"] == relay.as_str() && p["position"] == p["head"] && p["lag_events"] == 0
+        })
+    });
+    let head = status[0]["head"].as_u64().unwrap();
+    assert!(head > 0, "the demo seeded events: {status}");
+}

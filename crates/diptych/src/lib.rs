@@ -8,6 +8,7 @@
 //! |----------|---------|-----------|
 //! | `sqlite` | yes     | [`sqlite::SqliteStore`], the embedded event store |
 //! | `postgres`| no     | [`postgres::PgStore`] and [`postgres::PgViews`], for many processes on one PostgreSQL |
+//! | `nats`   | no      | [`nats::NatsPublisher`] for the outbox relay, [`nats::spawn_inbound`] |
 //! | `testkit`| no      | `testkit`, the backend conformance suite |
 //!
 //! Start with [`Aggregate`] and [`Repository`]; open a store with
@@ -25,6 +26,12 @@ pub mod sqlite {
 #[cfg(feature = "postgres")]
 pub mod postgres {
     pub use diptych_postgres::*;
+}
+
+/// Between services over NATS JetStream: the relay's publisher, inbound consumers.
+#[cfg(feature = "nats")]
+pub mod nats {
+    pub use diptych_nats::*;
 }
 
 /// The HTTP layer: `diptych::http::app(state)` and the `Application` trait.

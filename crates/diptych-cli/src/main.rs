@@ -6,6 +6,7 @@ mod bench_http;
 mod bench_pg;
 mod bench_project_pg;
 mod bench_query;
+mod bench_relay;
 mod projections;
 mod serve;
 
@@ -138,6 +139,25 @@ enum BenchCommand {
         #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
         clients: Vec<usize>,
     },
+    /// The outbox relay to NATS JetStream: publish throughput against raw
+    /// publishes of the same events, and append-to-remote-view latency.
+    Relay {
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+        /// The NATS server (`nats://127.0.0.1:4222`).
+        #[arg(long)]
+        broker: String,
+        /// Events in the log.
+        #[arg(long, default_value_t = 20_000)]
+        events: u64,
+        /// Events per page (the relay's checkpoint moves once per page).
+        #[arg(long, default_value_t = 500)]
+        page: usize,
+        /// Events the end-to-end latency is measured on, one at a time.
+        #[arg(long, default_value_t = 300)]
+        samples: usize,
+    },
     /// Live lag: appends at a steady rate; the time from each append's
     /// acknowledgement to the view having applied it, against a bare subscriber.
     Lag {
@@ -228,6 +248,38 @@ fn roles_or_all(names: &[String]) -> Result<serve::Roles> {
 
 async fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::Bench {
+            bench:
+                BenchCommand::Relay {
+                    json,
+                    broker,
+                    events,
+                    page,
+                    samples,
+                },
+        } => {
+            anyhow::ensure!(
+                events > 0 && page > 0 && samples > 0,
+                "--events, --page and --samples take positive counts"
+            );
+            let result = bench_relay::run(&broker, events, page, samples).await?;
+            if json {
+                println!("{}", serde_json::to_string(&result)?);
+            } else {
+                println!(
+                    "relay-nats: {} events, pages of {}: {:.0} events/s; floor {:.0} events/s; ratio {:.2}; append to remote view p50 {} us, p99 {} us ({} samples)",
+                    result.events,
+                    result.page,
+                    result.events_per_sec,
+                    result.floor_events_per_sec,
+                    result.ratio,
+                    result.e2e_p50_us,
+                    result.e2e_p99_us,
+                    result.e2e_samples
+                );
+            }
+            Ok(())
+        }
         Command::Bench {
             bench:
                 BenchCommand::Append {

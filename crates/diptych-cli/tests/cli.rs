@@ -170,6 +170,82 @@ fn bench_project_on_postgres_reports_the_catch_up_against_its_floor() {
 }
 
 #[test]
+fn bench_append_on_postgres_reports_each_writer_count_against_its_floor() {
+    let url = diptych::postgres::testing::test_url();
+    let output = diptych(&[
+        "bench",
+        "append",
+        "--json",
+        "--store",
+        &url,
+        "--writers",
+        "1,2",
+        "--events",
+        "1",
+        "--seconds",
+        "0.5",
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let lines: Vec<Value> = String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    let writers: Vec<u64> = lines.iter().filter_map(|l| l["writers"].as_u64()).collect();
+    assert_eq!(writers, [1, 2]);
+    for line in &lines {
+        assert_eq!(line["bench"], "append-postgres");
+        let (events, floor) = (
+            line["events_per_sec"].as_f64().unwrap(),
+            line["floor_events_per_sec"].as_f64().unwrap(),
+        );
+        assert!(events > 0.0 && floor > 0.0, "{line}");
+        assert!(
+            (line["ratio"].as_f64().unwrap() - events / floor).abs() < 1e-6,
+            "{line}"
+        );
+    }
+}
+
+#[test]
+fn bench_relay_reports_throughput_against_its_floor_and_end_to_end_latency() {
+    let nats = std::env::var("DIPTYCH_TEST_NATS").expect("DIPTYCH_TEST_NATS names a NATS server");
+    let output = diptych(&[
+        "bench",
+        "relay",
+        "--json",
+        "--broker",
+        &nats,
+        "--events",
+        "400",
+        "--page",
+        "50",
+        "--samples",
+        "5",
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let result: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(result["bench"], "relay-nats");
+    assert_eq!(
+        (result["events"].as_u64(), result["page"].as_u64()),
+        (Some(400), Some(50))
+    );
+    assert_eq!(result["e2e_samples"], 5);
+    let (events, floor) = (
+        result["events_per_sec"].as_f64().unwrap(),
+        result["floor_events_per_sec"].as_f64().unwrap(),
+    );
+    assert!(events > 0.0 && floor > 0.0, "{result}");
+    assert!(
+        (result["ratio"].as_f64().unwrap() - events / floor).abs() < 1e-6,
+        "{result}"
+    );
+    assert!(
+        result["e2e_p50_us"].as_u64().unwrap() <= result["e2e_p99_us"].as_u64().unwrap(),
+        "{result}"
+    );
+}
+
+#[test]
 fn bench_project_takes_either_a_directory_or_a_store() {
     let output = diptych(&[
         "bench",

@@ -475,4 +475,9 @@ fn the_relay_role_publishes_the_log_to_nats_and_reports_its_lag() {
     });
     let head = status[0]["head"].as_u64().unwrap();
     assert!(head > 0, "the demo seeded events: {status}");
+    drop(demo);
+    tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(diptych::nats::delete_stream(&nats, &service))
+        .expect("the test's stream is deleted");
 }

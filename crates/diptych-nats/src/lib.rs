@@ -18,5 +18,5 @@ mod publisher;
 mod subjects;
 
 pub use consumer::{Inbound, InboundConfig, spawn_inbound};
-pub use publisher::{NatsConfig, NatsPublisher};
+pub use publisher::{NatsConfig, NatsPublisher, delete_stream};
 pub use subjects::{stream_name, subject_for, subjects_of};

@@ -131,3 +131,21 @@ impl Publisher for NatsPublisher {
         Ok(())
     }
 }
+
+/// Deletes a service's JetStream stream and everything in it: for benchmarks and
+/// tests that made one of their own.
+pub async fn delete_stream(url: &str, service: &str) -> Result<(), BackendError> {
+    let client = async_nats::connect(url).await.map_err(|error| {
+        BackendError::with_source(format!("connecting to NATS at {url}"), error)
+    })?;
+    jetstream::new(client)
+        .delete_stream(stream_name(service))
+        .await
+        .map_err(|error| {
+            BackendError::with_source(
+                format!("deleting the stream {}", stream_name(service)),
+                error,
+            )
+        })?;
+    Ok(())
+}

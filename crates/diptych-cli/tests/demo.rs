@@ -55,6 +55,22 @@ impl Demo {
         headers: &[(&str, &str)],
         body: &str,
     ) -> (u16, Value, String) {
+        let (status, head, body) = self.exchange(method, path, headers, body);
+        (
+            status,
+            serde_json::from_str(&body).unwrap_or(Value::Null),
+            head.to_lowercase(),
+        )
+    }
+
+    /// One HTTP/1.1 request on its own connection: the status, head and body.
+    fn exchange(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &str,
+    ) -> (u16, String, String) {
         let mut stream = TcpStream::connect(&self.addr).expect("connects");
         let mut request = format!(
             "{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n",
@@ -75,11 +91,7 @@ impl Demo {
             .nth(1)
             .and_then(|code| code.parse().ok())
             .expect("a status");
-        (
-            status,
-            serde_json::from_str(body).unwrap_or(Value::Null),
-            head.to_lowercase(),
-        )
+        (status, head.to_owned(), body.to_owned())
     }
 
     /// SIGINT, as Ctrl-C sends; the demo must exit cleanly and say so.
@@ -475,6 +487,9 @@ fn the_relay_role_publishes_the_log_to_nats_and_reports_its_lag() {
     });
     let head = status[0]["head"].as_u64().unwrap();
     assert!(head > 0, "the demo seeded events: {status}");
+    let (_, _, metrics) = demo.exchange("GET", "/metrics", &[], "");
+    let published = format!("diptych_relay_published_total{{relay=\"{relay}\"}} {head}");
+    assert!(metrics.contains(&published), "{published} in {metrics}");
     drop(demo);
     tokio::runtime::Runtime::new()
         .unwrap()

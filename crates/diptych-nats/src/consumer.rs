@@ -186,6 +186,12 @@ impl Applier {
             .received(&self.declaration.name, &ids)
             .await
             .map_err(view)?;
+        let name = self.declaration.name.clone();
+        metrics::counter!("diptych_inbound_received_total", "projection" => name.clone())
+            .increment(ids.len() as u64);
+        // Messages applied before (a crash between commit and ack, a lost ack).
+        metrics::counter!("diptych_inbound_redeliveries_total", "projection" => name)
+            .increment(seen.len() as u64);
         let mut tx = ViewTx::new(
             Arc::clone(&self.views),
             self.generation,

@@ -127,7 +127,13 @@ impl Publisher for NatsPublisher {
                 .map_err(|error| failed(&error))?;
             acks.push(ack.into_future());
         }
-        try_join_all(acks).await.map_err(|error| failed(&error))?;
+        let acks = try_join_all(acks).await.map_err(|error| failed(&error))?;
+        let republished = acks.iter().filter(|ack| ack.duplicate).count() as u64;
+        metrics::counter!("diptych_relay_published_total", "relay" => self.name.clone())
+            .increment(events.len() as u64);
+        // Events the broker already had: a relay restarted before its checkpoint.
+        metrics::counter!("diptych_relay_republished_total", "relay" => self.name.clone())
+            .increment(republished);
         Ok(())
     }
 }

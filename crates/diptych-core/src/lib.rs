@@ -43,6 +43,7 @@ pub mod aggregate;
 pub mod codec;
 pub mod envelope;
 pub mod error;
+pub mod inbound;
 pub mod memory;
 pub mod memory_views;
 pub mod partition;
@@ -67,6 +68,7 @@ pub use error::{
     AppendError, BackendError, CommandError, DecodeError, Error, HandlerError, InvalidEvent,
     InvalidStreamId, LoadError, ReadError, SnapshotError, ViewError, WaitError,
 };
+pub use inbound::{InboundProjection, Received};
 pub use memory::MemoryStore;
 pub use memory_views::MemoryViews;
 pub use partition::{Partition, stream_partition};

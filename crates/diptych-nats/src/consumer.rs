@@ -1,25 +1,14 @@
-//! Inbound: another service's events, received from JetStream, applied to a
-//! local projection exactly once.
-//!
-//! A durable pull consumer with explicit acknowledgement delivers the source
-//! service's messages. Each batch is applied through a [`ViewTx`] and committed
-//! with the ids of the events it applied (`ViewCommit::received`), so the view
-//! store records them in the same transaction as the view change; messages are
-//! acknowledged only after that commit. A message redelivered (the consumer died
-//! between commit and acknowledgement, or the acknowledgement was lost) is found
-//! among the received ids and acknowledged without being applied again.
-//!
-//! The projection's checkpoint is the source's log position of the newest event
-//! applied, so a consistency token from the source service's command works here
-//! too: `wait_for(views, view, token)` waits until this service has it.
+//! Inbound over JetStream: a durable pull consumer with explicit
+//! acknowledgement feeds another service's events to a local projection through
+//! core's [`InboundProjection`], which applies each event once and records its
+//! id with the view change; messages are acknowledged only after that commit.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer};
 use diptych_core::{
-    BackendError, Declaration, HandlerKind, Position, Projection, RecordedEvent, ViewCommit,
-    ViewError, ViewStore, ViewTx,
+    BackendError, InboundProjection, Projection, Received, RecordedEvent, ViewStore,
 };
 use futures_util::StreamExt;
 use tokio::sync::watch;
@@ -60,13 +49,7 @@ pub async fn spawn_inbound(
     projection: Arc<dyn Projection>,
     config: InboundConfig,
 ) -> Result<Inbound, BackendError> {
-    let declaration = Declaration {
-        name: projection.name().to_owned(),
-        kind: HandlerKind::Projection,
-        collections: projection.collections(),
-    };
-    let record = views
-        .register(&declaration)
+    let inbound = InboundProjection::register(views, projection)
         .await
         .map_err(|error| BackendError::with_source("registering an inbound projection", error))?;
     let client = async_nats::connect(&config.url).await.map_err(|error| {
@@ -97,151 +80,81 @@ pub async fn spawn_inbound(
         .await
         .map_err(|error| BackendError::with_source("creating the durable consumer", error))?;
     let (stop, stopped) = watch::channel(false);
-    let applier = Applier {
-        views,
-        projection,
-        declaration,
-        generation: record.generation,
-        position: record.position,
-        batch: config.batch.max(1),
-    };
     Ok(Inbound {
         stop,
-        task: tokio::spawn(applier.run(consumer, stopped)),
+        task: tokio::spawn(run(inbound, consumer, config.batch.max(1), stopped)),
     })
 }
 
-struct Applier {
-    views: Arc<dyn ViewStore>,
-    projection: Arc<dyn Projection>,
-    declaration: Declaration,
-    generation: u64,
-    position: Position,
-    batch: usize,
-}
-
-impl Applier {
-    async fn run(
-        mut self,
-        consumer: consumer::Consumer<consumer::pull::Config>,
-        stopped: watch::Receiver<bool>,
-    ) {
-        let mut backoff = Duration::from_millis(50);
-        while !*stopped.borrow() {
-            let fetched = consumer
-                .fetch()
-                .max_messages(self.batch)
-                .expires(Duration::from_millis(500))
-                .messages()
-                .await;
-            let mut messages = match fetched {
-                Ok(messages) => messages,
-                Err(error) => {
-                    tracing::warn!(%error, "fetching from JetStream failed; retrying");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
-                    continue;
-                }
-            };
-            let mut batch = Vec::new();
-            while let Some(Ok(message)) = messages.next().await {
-                batch.push(message);
-            }
-            if batch.is_empty() {
+async fn run(
+    mut inbound: InboundProjection,
+    consumer: consumer::Consumer<consumer::pull::Config>,
+    batch_size: usize,
+    stopped: watch::Receiver<bool>,
+) {
+    let mut backoff = Duration::from_millis(50);
+    while !*stopped.borrow() {
+        let fetched = consumer
+            .fetch()
+            .max_messages(batch_size)
+            .expires(Duration::from_millis(500))
+            .messages()
+            .await;
+        let mut messages = match fetched {
+            Ok(messages) => messages,
+            Err(error) => {
+                tracing::warn!(%error, "fetching from JetStream failed; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
                 continue;
             }
-            match self.apply(&batch).await {
-                Ok(()) => {
-                    backoff = Duration::from_millis(50);
-                    for message in &batch {
-                        if let Err(error) = message.ack().await {
-                            // Redelivered later, and then skipped as received.
-                            tracing::warn!(%error, "acknowledging a message failed");
-                        }
+        };
+        let mut batch = Vec::new();
+        while let Some(Ok(message)) = messages.next().await {
+            batch.push(message);
+        }
+        if batch.is_empty() {
+            continue;
+        }
+        match apply(&mut inbound, &batch).await {
+            Ok(received) => {
+                backoff = Duration::from_millis(50);
+                count(inbound.name(), received);
+                for message in &batch {
+                    if let Err(error) = message.ack().await {
+                        // Redelivered later, and then skipped as received.
+                        tracing::warn!(%error, "acknowledging a message failed");
                     }
                 }
-                Err(error) => {
-                    // Not acknowledged: JetStream redelivers the batch.
-                    tracing::warn!(%error, projection = %self.declaration.name, "applying received events failed; retrying");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
-                }
             }
-        }
-    }
-
-    /// Applies the batch's events not yet received and commits them with their
-    /// ids and the newest source position.
-    async fn apply(&mut self, batch: &[jetstream::Message]) -> Result<(), BackendError> {
-        let events = batch
-            .iter()
-            .map(|message| serde_json::from_slice::<RecordedEvent>(&message.payload))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|error| {
-                BackendError::with_source("a message is not a diptych envelope", error)
-            })?;
-        let ids: Vec<_> = events.iter().map(|event| event.event_id).collect();
-        let seen = self
-            .views
-            .received(&self.declaration.name, &ids)
-            .await
-            .map_err(view)?;
-        let name = self.declaration.name.clone();
-        metrics::counter!("diptych_inbound_received_total", "projection" => name.clone())
-            .increment(ids.len() as u64);
-        // Messages applied before (a crash between commit and ack, a lost ack).
-        metrics::counter!("diptych_inbound_redeliveries_total", "projection" => name)
-            .increment(seen.len() as u64);
-        let mut tx = ViewTx::new(
-            Arc::clone(&self.views),
-            self.generation,
-            &self.declaration.collections,
-        );
-        let interest = self.projection.interest();
-        let mut received = Vec::new();
-        let mut checkpoint = self.position;
-        for event in events
-            .iter()
-            .filter(|event| !seen.contains(&event.event_id))
-        {
-            if interest.wants(event) {
-                self.projection
-                    .apply(event, &mut tx)
-                    .await
-                    .map_err(|error| {
-                        BackendError::with_source("applying a received event", error)
-                    })?;
+            Err(error) => {
+                // Not acknowledged: JetStream redelivers the batch.
+                tracing::warn!(%error, projection = %inbound.name(), "applying received events failed; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
             }
-            received.push(event.event_id);
-            checkpoint = checkpoint.max(event.position);
-        }
-        if received.is_empty() {
-            return Ok(());
-        }
-        let mut commit = ViewCommit::new(
-            &self.declaration.name,
-            self.generation,
-            self.position,
-            checkpoint,
-        );
-        commit.changes = tx.into_changes();
-        commit.received = received;
-        match self.views.commit(commit).await {
-            Ok(()) => {
-                self.position = checkpoint;
-                Ok(())
-            }
-            Err(ViewError::CheckpointMoved { actual, .. }) => {
-                // Another consumer of the same projection committed: carry on
-                // from there, and let the redelivery sort out what it applied.
-                self.position = Position(actual);
-                Err(BackendError::msg("another consumer moved the checkpoint"))
-            }
-            Err(error) => Err(view(error)),
         }
     }
 }
 
-fn view(error: ViewError) -> BackendError {
-    BackendError::with_source("the view store", error)
+async fn apply(
+    inbound: &mut InboundProjection,
+    batch: &[jetstream::Message],
+) -> Result<Received, BackendError> {
+    let events = batch
+        .iter()
+        .map(|message| serde_json::from_slice::<RecordedEvent>(&message.payload))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|error| BackendError::with_source("a message is not a diptych envelope", error))?;
+    inbound.apply(&events).await
+}
+
+/// Received and redelivered messages, for `/metrics`.
+fn count(projection: &str, received: Received) {
+    let projection = projection.to_owned();
+    metrics::counter!("diptych_inbound_received_total", "projection" => projection.clone())
+        .increment((received.applied + received.redelivered) as u64);
+    // Messages applied before (a crash between commit and ack, a lost ack).
+    metrics::counter!("diptych_inbound_redeliveries_total", "projection" => projection)
+        .increment(received.redelivered as u64);
 }

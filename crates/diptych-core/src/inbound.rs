@@ -1,0 +1,122 @@
+//! Applying another service's events, received from a broker, to a local
+//! projection exactly once, whatever the broker redelivers.
+//!
+//! A broker consumer hands each batch of received envelopes to
+//! [`InboundProjection::apply`] and acknowledges the messages only when it
+//! returns `Ok`. The batch's new events are applied through a [`ViewTx`] and
+//! committed with their ids (`ViewCommit::received`), which the view store
+//! records in the same transaction; events already recorded are skipped, so a
+//! redelivery (a crash between commit and acknowledgement, a lost ack) changes
+//! nothing. The projection's checkpoint is the source's log position of the
+//! newest event applied, so a consistency token from the source service can be
+//! waited on here.
+
+use std::sync::Arc;
+
+use crate::envelope::{Position, RecordedEvent};
+use crate::error::{BackendError, ViewError};
+use crate::projection::{Projection, ViewTx};
+use crate::view::{Declaration, HandlerKind, ViewCommit, ViewStore};
+
+/// What one batch did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Received {
+    /// Events applied for the first time.
+    pub applied: usize,
+    /// Events found among those already applied (redeliveries).
+    pub redelivered: usize,
+}
+
+/// A local projection fed by a broker.
+pub struct InboundProjection {
+    views: Arc<dyn ViewStore>,
+    projection: Arc<dyn Projection>,
+    declaration: Declaration,
+    generation: u64,
+    position: Position,
+}
+
+impl InboundProjection {
+    /// Registers `projection` (an error here is the caller's) and reads where it is.
+    pub async fn register(
+        views: Arc<dyn ViewStore>,
+        projection: Arc<dyn Projection>,
+    ) -> Result<Self, ViewError> {
+        let declaration = Declaration {
+            name: projection.name().to_owned(),
+            kind: HandlerKind::Projection,
+            collections: projection.collections(),
+        };
+        let record = views.register(&declaration).await?;
+        Ok(Self {
+            views,
+            projection,
+            declaration,
+            generation: record.generation,
+            position: record.position,
+        })
+    }
+
+    /// The projection's name.
+    pub fn name(&self) -> &str {
+        &self.declaration.name
+    }
+
+    /// Applies the events of a batch not applied before and commits them with
+    /// their ids. Acknowledge the batch's messages only after `Ok`; after an
+    /// error, let the broker redeliver them.
+    pub async fn apply(&mut self, events: &[RecordedEvent]) -> Result<Received, BackendError> {
+        let ids: Vec<_> = events.iter().map(|event| event.event_id).collect();
+        let seen = self.views.received(self.name(), &ids).await.map_err(view)?;
+        let mut tx = ViewTx::new(
+            Arc::clone(&self.views),
+            self.generation,
+            &self.declaration.collections,
+        );
+        let interest = self.projection.interest();
+        let mut received = Vec::new();
+        let mut checkpoint = self.position;
+        for event in events
+            .iter()
+            .filter(|event| !seen.contains(&event.event_id))
+        {
+            if interest.wants(event) {
+                self.projection
+                    .apply(event, &mut tx)
+                    .await
+                    .map_err(|error| {
+                        BackendError::with_source("applying a received event", error)
+                    })?;
+            }
+            received.push(event.event_id);
+            checkpoint = checkpoint.max(event.position);
+        }
+        let outcome = Received {
+            applied: received.len(),
+            redelivered: seen.len(),
+        };
+        if received.is_empty() {
+            return Ok(outcome);
+        }
+        let mut commit = ViewCommit::new(self.name(), self.generation, self.position, checkpoint);
+        commit.changes = tx.into_changes();
+        commit.received = received;
+        match self.views.commit(commit).await {
+            Ok(()) => {
+                self.position = checkpoint;
+                Ok(outcome)
+            }
+            Err(ViewError::CheckpointMoved { actual, .. }) => {
+                // Another consumer of the same projection committed: carry on
+                // from there; the redelivery sorts out what it applied.
+                self.position = Position(actual);
+                Err(BackendError::msg("another consumer moved the checkpoint"))
+            }
+            Err(error) => Err(view(error)),
+        }
+    }
+}
+
+fn view(error: ViewError) -> BackendError {
+    BackendError::with_source("the view store", error)
+}

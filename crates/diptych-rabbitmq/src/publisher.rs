@@ -1,0 +1,160 @@
+//! [`AmqpPublisher`]: the relay's publisher to RabbitMQ, with publisher confirms.
+
+use async_trait::async_trait;
+use diptych_core::{BackendError, Publisher, RecordedEvent, StreamId};
+use futures_util::future::try_join_all;
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
+
+/// The topic exchange every diptych service publishes to.
+pub const EXCHANGE: &str = "diptych";
+
+/// The routing key of an event of `stream` published by `service`:
+/// `<service>.<category>.<stream id>`, with `.`, `*` and `#` in the parts made
+/// `_` (the exact stream id travels in the `diptych-stream` header).
+pub fn routing_key(service: &str, stream: &StreamId) -> String {
+    let part = |text: &str| text.replace(['.', '*', '#'], "_");
+    format!(
+        "{}.{}.{}",
+        part(service),
+        part(stream.category()),
+        part(stream.as_str())
+    )
+}
+
+/// Publishes events as a service, on a channel in confirm mode.
+pub struct AmqpPublisher {
+    // Kept so the channel's connection stays open.
+    _connection: Connection,
+    channel: Channel,
+    service: String,
+    name: String,
+}
+
+impl AmqpPublisher {
+    /// Connects to `url` (`amqp://user:pass@host:5672/%2f`), declares the
+    /// exchange and puts the channel in confirm mode.
+    pub async fn connect(url: &str, service: &str) -> Result<Self, BackendError> {
+        let connection = Connection::connect(url, ConnectionProperties::default())
+            .await
+            .map_err(|error| {
+                BackendError::with_source(
+                    "connecting to RabbitMQ (is the server up, and the URL right?)",
+                    error,
+                )
+            })?;
+        let channel = connection
+            .create_channel()
+            .await
+            .map_err(|error| BackendError::with_source("opening an AMQP channel", error))?;
+        declare_exchange(&channel).await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(|error| BackendError::with_source("enabling publisher confirms", error))?;
+        Ok(Self {
+            _connection: connection,
+            channel,
+            service: service.to_owned(),
+            name: format!("relay-amqp-{service}"),
+        })
+    }
+}
+
+/// Declares the durable topic exchange (idempotent).
+pub(crate) async fn declare_exchange(channel: &Channel) -> Result<(), BackendError> {
+    channel
+        .exchange_declare(
+            EXCHANGE.into(),
+            ExchangeKind::Topic,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..ExchangeDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|error| BackendError::with_source("declaring the diptych exchange", error))
+}
+
+fn properties(event: &RecordedEvent) -> BasicProperties {
+    let mut headers = FieldTable::default();
+    let text = |value: String| AMQPValue::LongString(value.into());
+    headers.insert("diptych-stream".into(), text(event.stream_id.to_string()));
+    headers.insert("diptych-event-type".into(), text(event.event_type.clone()));
+    headers.insert(
+        "diptych-version".into(),
+        text(event.stream_version.to_string()),
+    );
+    headers.insert("diptych-position".into(), text(event.position.to_string()));
+    let metadata = &event.metadata;
+    for (name, id) in [
+        ("diptych-command-id", metadata.command_id),
+        ("diptych-correlation-id", metadata.correlation_id),
+        ("diptych-causation-id", metadata.causation_id),
+    ] {
+        if let Some(id) = id {
+            headers.insert(name.into(), text(id.to_string()));
+        }
+    }
+    BasicProperties::default()
+        // 2: persistent, written to disk by a durable queue.
+        .with_delivery_mode(2)
+        .with_message_id(ShortString::from(event.event_id.to_string()))
+        .with_content_type(ShortString::from("application/json"))
+        .with_headers(headers)
+}
+
+#[async_trait]
+impl Publisher for AmqpPublisher {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    async fn publish(&self, events: &[RecordedEvent]) -> Result<(), BackendError> {
+        let failed =
+            |error: lapin::Error| BackendError::with_source("publishing to RabbitMQ", error);
+        // Published in order on one channel; the confirms awaited together.
+        let mut confirms = Vec::with_capacity(events.len());
+        for event in events {
+            let body = serde_json::to_vec(event)
+                .map_err(|error| BackendError::with_source("encoding an event", error))?;
+            let confirm = self
+                .channel
+                .basic_publish(
+                    EXCHANGE.into(),
+                    routing_key(&self.service, &event.stream_id).into(),
+                    BasicPublishOptions::default(),
+                    &body,
+                    properties(event),
+                )
+                .await
+                .map_err(failed)?;
+            confirms.push(confirm);
+        }
+        let confirmations = try_join_all(confirms).await.map_err(failed)?;
+        if confirmations
+            .iter()
+            .any(|confirmation| confirmation.is_nack())
+        {
+            return Err(BackendError::msg(
+                "RabbitMQ refused (nacked) a message: the page is published again",
+            ));
+        }
+        metrics::counter!("diptych_relay_published_total", "relay" => self.name.clone())
+            .increment(events.len() as u64);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routing_keys_name_service_category_and_stream_and_escape_what_amqp_would_read() {
+        let stream = StreamId::new("order-42.a*b#c").unwrap();
+        assert_eq!(routing_key("shop", &stream), "shop.order.order-42_a_b_c");
+    }
+}

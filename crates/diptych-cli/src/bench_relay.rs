@@ -1,4 +1,5 @@
-//! `diptych bench relay --broker nats://…`: the outbox relay against a floor.
+//! `diptych bench relay --broker nats://…|amqp://…`: the outbox relay against a
+//! floor.
 //!
 //! Throughput: a log of N events (SQLite, in a temporary directory) published by
 //! the relay from its checkpoint to the end, against the floor: the same events,
@@ -13,6 +14,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
 use diptych::nats::{InboundConfig, NatsConfig, NatsPublisher, delete_stream, spawn_inbound};
+use diptych::rabbitmq::{
+    AmqpInboundConfig, AmqpPublisher, declare_queue, delete_queue, spawn_amqp_inbound,
+};
 use diptych::sqlite::{SqliteStore, SqliteViews};
 use diptych::{
     AppendRequest, CollectionSpec, EventStore, ExpectedVersion, HandlerError, NewEvent, Position,
@@ -26,7 +30,7 @@ use crate::bench::{payload_template, percentile};
 /// One result line.
 #[derive(Debug, Serialize)]
 pub struct RelayBenchResult {
-    /// Always `relay-nats`.
+    /// `relay-nats` or `relay-amqp`.
     pub bench: &'static str,
     /// Events in the log.
     pub events: u64,
@@ -46,13 +50,15 @@ pub struct RelayBenchResult {
     pub e2e_samples: usize,
 }
 
-/// Runs the throughput and latency measurements.
+/// Runs the throughput and latency measurements against `broker` (a `nats://`
+/// or `amqp://` URL).
 pub async fn run(
     broker: &str,
     events: u64,
     page: usize,
     samples: usize,
 ) -> Result<RelayBenchResult> {
+    let broker = Broker::parse(broker)?;
     let stamp = SystemTime::now().duration_since(UNIX_EPOCH)?.as_millis();
     let directory = tempfile::tempdir().context("creating a temporary directory")?;
     let store: Arc<dyn EventStore> =
@@ -61,36 +67,40 @@ pub async fn run(
     seed(&*store, events).await?;
     let head = store.head().await?;
 
-    let relay_publisher =
-        NatsPublisher::connect(&NatsConfig::new(broker, format!("bench{stamp}relay")))
+    let services = ["relay", "floor", "e2e"].map(|phase| format!("bench{stamp}{phase}"));
+    let measured = async {
+        let relay_publisher = broker
+            .publisher(&services[0])
             .await
             .context("connecting the relay's publisher")?;
-    let relay_name = relay_publisher.name().to_owned();
-    let started = Instant::now();
-    let relay = spawn_relay(
-        store.clone(),
-        views.clone(),
-        Arc::new(relay_publisher),
-        RelayConfig {
-            page,
-            ..RelayConfig::default()
-        },
-    )
-    .await?;
-    wait_for(&*views, &relay_name, head, Duration::from_secs(3600)).await?;
-    let relayed = started.elapsed();
-    relay.stop().await;
-
-    let floor = floor(broker, &*store, page, stamp).await;
-    let latencies = end_to_end(broker, samples, stamp).await;
-    for stream in ["relay", "floor", "e2e"] {
-        let _ = delete_stream(broker, &format!("bench{stamp}{stream}")).await;
+        let relay_name = relay_publisher.name().to_owned();
+        let started = Instant::now();
+        let relay = spawn_relay(
+            store.clone(),
+            views.clone(),
+            relay_publisher,
+            RelayConfig {
+                page,
+                ..RelayConfig::default()
+            },
+        )
+        .await?;
+        wait_for(&*views, &relay_name, head, Duration::from_secs(3600)).await?;
+        let relayed = started.elapsed();
+        relay.stop().await;
+        let floor = floor(&broker, &*store, page, &services[1]).await?;
+        let latencies = end_to_end(&broker, samples, &services[2]).await?;
+        anyhow::Ok((relayed, floor, latencies))
     }
-    let (floor, latencies) = (floor?, latencies?);
+    .await;
+    for service in &services {
+        broker.clean_up(service).await;
+    }
+    let (relayed, floor, latencies) = measured?;
     let events_per_sec = events as f64 / relayed.as_secs_f64().max(f64::EPSILON);
     let floor_events_per_sec = events as f64 / floor.as_secs_f64().max(f64::EPSILON);
     Ok(RelayBenchResult {
-        bench: "relay-nats",
+        bench: broker.label(),
         events,
         page,
         events_per_sec,
@@ -100,6 +110,108 @@ pub async fn run(
         e2e_p99_us: percentile(&latencies, 0.99),
         e2e_samples: latencies.len(),
     })
+}
+
+/// The broker under test.
+enum Broker {
+    Nats(String),
+    Amqp(String),
+}
+
+/// A receiving service's consumer, of either broker.
+enum Receiver {
+    Nats(diptych::nats::Inbound),
+    Amqp(diptych::rabbitmq::AmqpInbound),
+}
+
+impl Broker {
+    fn parse(url: &str) -> Result<Self> {
+        if url.starts_with("nats://") {
+            Ok(Broker::Nats(url.to_owned()))
+        } else if url.starts_with("amqp://") || url.starts_with("amqps://") {
+            Ok(Broker::Amqp(url.to_owned()))
+        } else {
+            anyhow::bail!("--broker takes a nats:// or amqp:// URL, not `{url}`")
+        }
+    }
+
+    fn label(&self) -> &'static str {
+        match self {
+            Broker::Nats(_) => "relay-nats",
+            Broker::Amqp(_) => "relay-amqp",
+        }
+    }
+
+    /// A publisher as `service`. On RabbitMQ a durable queue is bound first, so
+    /// the messages are kept (and written to disk) as a consumer's would be.
+    async fn publisher(&self, service: &str) -> Result<Arc<dyn Publisher>> {
+        Ok(match self {
+            Broker::Nats(url) => {
+                Arc::new(NatsPublisher::connect(&NatsConfig::new(url, service)).await?)
+            }
+            Broker::Amqp(url) => {
+                declare_queue(url, &queue(service), service).await?;
+                Arc::new(AmqpPublisher::connect(url, service).await?)
+            }
+        })
+    }
+
+    async fn receive(
+        &self,
+        views: Arc<dyn ViewStore>,
+        projection: Arc<dyn Projection>,
+        source: &str,
+    ) -> Result<Receiver> {
+        Ok(match self {
+            Broker::Nats(url) => Receiver::Nats(
+                spawn_inbound(
+                    views,
+                    projection,
+                    InboundConfig {
+                        url: url.clone(),
+                        source: source.to_owned(),
+                        durable: "bench".to_owned(),
+                        batch: 100,
+                    },
+                )
+                .await?,
+            ),
+            Broker::Amqp(url) => Receiver::Amqp(
+                spawn_amqp_inbound(
+                    views,
+                    projection,
+                    AmqpInboundConfig {
+                        url: url.clone(),
+                        source: source.to_owned(),
+                        queue: queue(source),
+                        prefetch: 100,
+                    },
+                )
+                .await?,
+            ),
+        })
+    }
+
+    /// Drops what the bench made on the broker.
+    async fn clean_up(&self, service: &str) {
+        let _ = match self {
+            Broker::Nats(url) => delete_stream(url, service).await,
+            Broker::Amqp(url) => delete_queue(url, &queue(service)).await,
+        };
+    }
+}
+
+impl Receiver {
+    async fn stop(self) {
+        match self {
+            Receiver::Nats(inbound) => inbound.stop().await,
+            Receiver::Amqp(inbound) => inbound.stop().await,
+        }
+    }
+}
+
+fn queue(service: &str) -> String {
+    format!("{service}-bench")
 }
 
 /// Appends `events` events of the usual size, 100 to an append, over 100 streams.
@@ -121,7 +233,12 @@ async fn seed(store: &dyn EventStore, events: u64) -> Result<()> {
 }
 
 /// The same events, already in memory, published page by page with no relay.
-async fn floor(broker: &str, store: &dyn EventStore, page: usize, stamp: u128) -> Result<Duration> {
+async fn floor(
+    broker: &Broker,
+    store: &dyn EventStore,
+    page: usize,
+    service: &str,
+) -> Result<Duration> {
     let mut log = Vec::new();
     let mut after = Position::START;
     loop {
@@ -130,7 +247,8 @@ async fn floor(broker: &str, store: &dyn EventStore, page: usize, stamp: u128) -
         after = last.position;
         log.extend(read);
     }
-    let publisher = NatsPublisher::connect(&NatsConfig::new(broker, format!("bench{stamp}floor")))
+    let publisher = broker
+        .publisher(service)
         .await
         .context("connecting the floor's publisher")?;
     let started = Instant::now();
@@ -140,8 +258,8 @@ async fn floor(broker: &str, store: &dyn EventStore, page: usize, stamp: u128) -
     Ok(started.elapsed())
 }
 
-/// Append → relay → JetStream → inbound consumer → view commit, one at a time.
-async fn end_to_end(broker: &str, samples: usize, stamp: u128) -> Result<Vec<u64>> {
+/// Append → relay → broker → inbound consumer → view commit, one at a time.
+async fn end_to_end(broker: &Broker, samples: usize, service: &str) -> Result<Vec<u64>> {
     let directory = tempfile::tempdir()?;
     let store: Arc<dyn EventStore> =
         Arc::new(SqliteStore::open(directory.path().join("events.db"))?);
@@ -149,28 +267,19 @@ async fn end_to_end(broker: &str, samples: usize, stamp: u128) -> Result<Vec<u64
         Arc::new(SqliteViews::open(directory.path().join("views.db"))?);
     let receiver: Arc<dyn ViewStore> =
         Arc::new(SqliteViews::open(directory.path().join("receiver.db"))?);
-    let service = format!("bench{stamp}e2e");
-    let publisher = NatsPublisher::connect(&NatsConfig::new(broker, &service)).await?;
+    let publisher = broker.publisher(service).await?;
     // One event first, so the stream exists before the consumer looks for it.
     append_one(&*store, "order-warmup").await?;
     let relay = spawn_relay(
         store.clone(),
         source_views,
-        Arc::new(publisher),
+        publisher,
         RelayConfig::default(),
     )
     .await?;
-    let inbound = spawn_inbound(
-        receiver.clone(),
-        Arc::new(Counts),
-        InboundConfig {
-            url: broker.to_owned(),
-            source: service,
-            durable: "bench".to_owned(),
-            batch: 100,
-        },
-    )
-    .await?;
+    let inbound = broker
+        .receive(receiver.clone(), Arc::new(Counts), service)
+        .await?;
     let mut latencies = Vec::with_capacity(samples);
     for n in 0..samples {
         let token = append_one(&*store, &format!("order-{}", n % 10)).await?;

@@ -139,13 +139,15 @@ enum BenchCommand {
         #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
         clients: Vec<usize>,
     },
-    /// The outbox relay to NATS JetStream: publish throughput against raw
-    /// publishes of the same events, and append-to-remote-view latency.
+    /// The outbox relay to NATS JetStream or RabbitMQ: publish throughput
+    /// against raw publishes of the same events, and append-to-remote-view
+    /// latency.
     Relay {
         /// Print one JSON object.
         #[arg(long)]
         json: bool,
-        /// The NATS server (`nats://127.0.0.1:4222`).
+        /// The broker: `nats://127.0.0.1:4222` or
+        /// `amqp://guest:guest@127.0.0.1:5672/%2f`.
         #[arg(long)]
         broker: String,
         /// Events in the log.
@@ -267,7 +269,8 @@ async fn run(cli: Cli) -> Result<()> {
                 println!("{}", serde_json::to_string(&result)?);
             } else {
                 println!(
-                    "relay-nats: {} events, pages of {}: {:.0} events/s; floor {:.0} events/s; ratio {:.2}; append to remote view p50 {} us, p99 {} us ({} samples)",
+                    "{}: {} events, pages of {}: {:.0} events/s; floor {:.0} events/s; ratio {:.2}; append to remote view p50 {} us, p99 {} us ({} samples)",
+                    result.bench,
                     result.events,
                     result.page,
                     result.events_per_sec,

@@ -246,6 +246,35 @@ fn bench_relay_reports_throughput_against_its_floor_and_end_to_end_latency() {
 }
 
 #[test]
+fn bench_relay_runs_over_rabbitmq_too_and_refuses_other_urls() {
+    let amqp = std::env::var("DIPTYCH_TEST_AMQP").expect("DIPTYCH_TEST_AMQP names RabbitMQ");
+    let output = diptych(&[
+        "bench",
+        "relay",
+        "--json",
+        "--broker",
+        &amqp,
+        "--events",
+        "200",
+        "--page",
+        "50",
+        "--samples",
+        "3",
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let result: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(result["bench"], "relay-amqp");
+    assert_eq!(result["e2e_samples"], 3);
+    let output = diptych(&["bench", "relay", "--broker", "kafka://somewhere"]);
+    assert!(!output.status.success());
+    assert!(
+        stderr(&output).contains("nats:// or amqp://"),
+        "{}",
+        stderr(&output)
+    );
+}
+
+#[test]
 fn bench_project_takes_either_a_directory_or_a_store() {
     let output = diptych(&[
         "bench",

@@ -64,27 +64,7 @@ pub async fn spawn_amqp_inbound(
         .await
         .map_err(failed("opening an AMQP channel"))?;
     declare_exchange(&channel).await?;
-    channel
-        .queue_declare(
-            config.queue.as_str().into(),
-            QueueDeclareOptions {
-                durable: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .map_err(failed("declaring the inbound queue"))?;
-    channel
-        .queue_bind(
-            config.queue.as_str().into(),
-            EXCHANGE.into(),
-            format!("{}.#", config.source.replace(['.', '*', '#'], "_")).into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .map_err(failed("binding the inbound queue"))?;
+    declare_bound_queue(&channel, &config.queue, &config.source).await?;
     channel
         .basic_qos(config.prefetch.max(1), BasicQosOptions::default())
         .await
@@ -141,4 +121,65 @@ pub async fn spawn_amqp_inbound(
         }
     });
     Ok(AmqpInbound { stop, task })
+}
+
+/// Declares a durable queue bound to `source`'s routing keys (idempotent).
+async fn declare_bound_queue(
+    channel: &lapin::Channel,
+    queue: &str,
+    source: &str,
+) -> Result<(), BackendError> {
+    let failed = |what: &'static str| move |error| BackendError::with_source(what, error);
+    channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map_err(failed("declaring a queue"))?;
+    channel
+        .queue_bind(
+            queue.into(),
+            EXCHANGE.into(),
+            format!("{}.#", source.replace(['.', '*', '#'], "_")).into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(failed("binding a queue"))?;
+    Ok(())
+}
+
+/// Declares a durable queue bound to `source`'s events, so they are kept until
+/// consumed (for benches and tests that publish before consuming).
+pub async fn declare_queue(url: &str, queue: &str, source: &str) -> Result<(), BackendError> {
+    let connection = Connection::connect(url, ConnectionProperties::default())
+        .await
+        .map_err(|error| BackendError::with_source("connecting to RabbitMQ", error))?;
+    let channel = connection
+        .create_channel()
+        .await
+        .map_err(|error| BackendError::with_source("opening an AMQP channel", error))?;
+    declare_exchange(&channel).await?;
+    declare_bound_queue(&channel, queue, source).await
+}
+
+/// Deletes a queue and what it holds (for benches and tests).
+pub async fn delete_queue(url: &str, queue: &str) -> Result<(), BackendError> {
+    let connection = Connection::connect(url, ConnectionProperties::default())
+        .await
+        .map_err(|error| BackendError::with_source("connecting to RabbitMQ", error))?;
+    let channel = connection
+        .create_channel()
+        .await
+        .map_err(|error| BackendError::with_source("opening an AMQP channel", error))?;
+    channel
+        .queue_delete(queue.into(), lapin::options::QueueDeleteOptions::default())
+        .await
+        .map_err(|error| BackendError::with_source(format!("deleting the queue {queue}"), error))?;
+    Ok(())
 }

@@ -13,5 +13,7 @@
 mod consumer;
 mod publisher;
 
-pub use consumer::{AmqpInbound, AmqpInboundConfig, spawn_amqp_inbound};
+pub use consumer::{
+    AmqpInbound, AmqpInboundConfig, declare_queue, delete_queue, spawn_amqp_inbound,
+};
 pub use publisher::{AmqpPublisher, EXCHANGE, routing_key};

@@ -9,6 +9,7 @@
 //! | `sqlite` | yes     | [`sqlite::SqliteStore`], the embedded event store |
 //! | `postgres`| no     | [`postgres::PgStore`] and [`postgres::PgViews`], for many processes on one PostgreSQL |
 //! | `nats`   | no      | [`nats::NatsPublisher`] for the outbox relay, [`nats::spawn_inbound`] |
+//! | `rabbitmq`| no     | [`rabbitmq::AmqpPublisher`], [`rabbitmq::spawn_amqp_inbound`] |
 //! | `testkit`| no      | `testkit`, the backend conformance suite |
 //!
 //! Start with [`Aggregate`] and [`Repository`]; open a store with
@@ -32,6 +33,12 @@ pub mod postgres {
 #[cfg(feature = "nats")]
 pub mod nats {
     pub use diptych_nats::*;
+}
+
+/// Between services over RabbitMQ: the relay's publisher, inbound consumers.
+#[cfg(feature = "rabbitmq")]
+pub mod rabbitmq {
+    pub use diptych_rabbitmq::*;
 }
 
 /// The HTTP layer: `diptych::http::app(state)` and the `Application` trait.

@@ -20,8 +20,8 @@ use diptych::rabbitmq::{
 use diptych::sqlite::{SqliteStore, SqliteViews};
 use diptych::{
     AppendRequest, CollectionSpec, EventStore, ExpectedVersion, HandlerError, NewEvent, Position,
-    Projection, Publisher, RecordedEvent, RelayConfig, StreamId, ViewStore, ViewTx, spawn_relay,
-    wait_for,
+    Projection, Publisher, RecordedEvent, RelayConfig, RunnerHandle, StreamId, ViewStore, ViewTx,
+    spawn_relay, wait_for,
 };
 use serde::Serialize;
 
@@ -118,12 +118,6 @@ enum Broker {
     Amqp(String),
 }
 
-/// A receiving service's consumer, of either broker.
-enum Receiver {
-    Nats(diptych::nats::Inbound),
-    Amqp(diptych::rabbitmq::AmqpInbound),
-}
-
 impl Broker {
     fn parse(url: &str) -> Result<Self> {
         if url.starts_with("nats://") {
@@ -161,9 +155,9 @@ impl Broker {
         views: Arc<dyn ViewStore>,
         projection: Arc<dyn Projection>,
         source: &str,
-    ) -> Result<Receiver> {
+    ) -> Result<RunnerHandle> {
         Ok(match self {
-            Broker::Nats(url) => Receiver::Nats(
+            Broker::Nats(url) => {
                 spawn_inbound(
                     views,
                     projection,
@@ -174,9 +168,9 @@ impl Broker {
                         batch: 100,
                     },
                 )
-                .await?,
-            ),
-            Broker::Amqp(url) => Receiver::Amqp(
+                .await?
+            }
+            Broker::Amqp(url) => {
                 spawn_amqp_inbound(
                     views,
                     projection,
@@ -187,8 +181,8 @@ impl Broker {
                         prefetch: 100,
                     },
                 )
-                .await?,
-            ),
+                .await?
+            }
         })
     }
 
@@ -198,15 +192,6 @@ impl Broker {
             Broker::Nats(url) => delete_stream(url, service).await,
             Broker::Amqp(url) => delete_queue(url, &queue(service)).await,
         };
-    }
-}
-
-impl Receiver {
-    async fn stop(self) {
-        match self {
-            Receiver::Nats(inbound) => inbound.stop().await,
-            Receiver::Amqp(inbound) => inbound.stop().await,
-        }
     }
 }
 

@@ -105,7 +105,10 @@ pub struct RunnerHandle {
 }
 
 impl RunnerHandle {
-    pub(crate) fn new(name: String, stop: watch::Sender<bool>, task: JoinHandle<()>) -> Self {
+    /// The handle of a task that applies events under `name` (a projection
+    /// runner, a relay, a broker consumer): the task stops after its current
+    /// batch once `stop` says `true`, or when the sender is dropped.
+    pub fn new(name: String, stop: watch::Sender<bool>, task: JoinHandle<()>) -> Self {
         Self { name, stop, task }
     }
 

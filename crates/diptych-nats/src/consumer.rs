@@ -8,11 +8,10 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer};
 use diptych_core::{
-    BackendError, InboundProjection, Projection, Received, RecordedEvent, ViewStore,
+    BackendError, InboundProjection, Projection, Received, RecordedEvent, RunnerHandle, ViewStore,
 };
 use futures_util::StreamExt;
 use tokio::sync::watch;
-use tokio::task::JoinHandle;
 
 use crate::subjects::{stream_name, subjects_of};
 
@@ -29,26 +28,12 @@ pub struct InboundConfig {
     pub batch: usize,
 }
 
-/// A running inbound consumer; [`Inbound::stop`] stops it after its batch.
-pub struct Inbound {
-    stop: watch::Sender<bool>,
-    task: JoinHandle<()>,
-}
-
-impl Inbound {
-    /// Stops after the current batch and waits.
-    pub async fn stop(self) {
-        let _ = self.stop.send(true);
-        let _ = self.task.await;
-    }
-}
-
 /// Registers `projection` and starts applying `config.source`'s events to it.
 pub async fn spawn_inbound(
     views: Arc<dyn ViewStore>,
     projection: Arc<dyn Projection>,
     config: InboundConfig,
-) -> Result<Inbound, BackendError> {
+) -> Result<RunnerHandle, BackendError> {
     let inbound = InboundProjection::register(views, projection)
         .await
         .map_err(|error| BackendError::with_source("registering an inbound projection", error))?;
@@ -80,10 +65,9 @@ pub async fn spawn_inbound(
         .await
         .map_err(|error| BackendError::with_source("creating the durable consumer", error))?;
     let (stop, stopped) = watch::channel(false);
-    Ok(Inbound {
-        stop,
-        task: tokio::spawn(run(inbound, consumer, config.batch.max(1), stopped)),
-    })
+    let name = inbound.name().to_owned();
+    let task = tokio::spawn(run(inbound, consumer, config.batch.max(1), stopped));
+    Ok(RunnerHandle::new(name, stop, task))
 }
 
 async fn run(

@@ -17,6 +17,7 @@ mod consumer;
 mod publisher;
 mod subjects;
 
-pub use consumer::{Inbound, InboundConfig, spawn_inbound};
+pub use consumer::{InboundConfig, spawn_inbound};
 pub use publisher::{NatsConfig, NatsPublisher, delete_stream};
 pub use subjects::{stream_name, subject_for, subjects_of};
+pub mod testing;

@@ -8,16 +8,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream;
+use diptych_core::testkit::unique_name;
 use diptych_core::testkit::{Tallies, added, append_one, clean_tallies, dump_collection};
 use diptych_core::{EventStore, RelayConfig, ViewStore, spawn_relay, wait_for};
+use diptych_nats::testing::test_url;
 use diptych_nats::{InboundConfig, NatsConfig, NatsPublisher, spawn_inbound, stream_name};
 use diptych_sqlite::{SqliteStore, SqliteViews};
-
-fn nats_url() -> String {
-    std::env::var("DIPTYCH_TEST_NATS").unwrap_or_else(|_| {
-        panic!("DIPTYCH_TEST_NATS is not set: point it at a NATS server with JetStream, e.g. nats://127.0.0.1:4222")
-    })
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn received_events_build_the_view_once_even_when_all_are_delivered_again() {
@@ -27,8 +23,8 @@ async fn received_events_build_the_view_once_even_when_all_are_delivered_again()
         Arc::new(SqliteStore::open(directory.path().join("source-events.db")).unwrap());
     let source_views: Arc<dyn ViewStore> =
         Arc::new(SqliteViews::open(directory.path().join("source-views.db")).unwrap());
-    let service = format!("t{}x{}", std::process::id(), uuid::Uuid::now_v7().simple());
-    let publisher = NatsPublisher::connect(&NatsConfig::new(nats_url(), &service))
+    let service = unique_name();
+    let publisher = NatsPublisher::connect(&NatsConfig::new(test_url(), &service))
         .await
         .expect("a publisher");
     let relay = spawn_relay(
@@ -43,7 +39,7 @@ async fn received_events_build_the_view_once_even_when_all_are_delivered_again()
     let views: Arc<dyn ViewStore> =
         Arc::new(SqliteViews::open(directory.path().join("receiver-views.db")).unwrap());
     let inbound_config = InboundConfig {
-        url: nats_url(),
+        url: test_url(),
         source: service.clone(),
         durable: "receiver-tallies".to_owned(),
         batch: 40,
@@ -71,7 +67,7 @@ async fn received_events_build_the_view_once_even_when_all_are_delivered_again()
 
     // Every message delivered again, to a fresh durable consumer of the same
     // projection: each is found among the received ids and changes nothing.
-    let jetstream = jetstream::new(async_nats::connect(nats_url()).await.unwrap());
+    let jetstream = jetstream::new(async_nats::connect(test_url()).await.unwrap());
     let stream = jetstream.get_stream(stream_name(&service)).await.unwrap();
     stream.delete_consumer("receiver-tallies").await.unwrap();
     let again = spawn_inbound(views.clone(), Arc::new(Tallies::default()), inbound_config)

@@ -8,25 +8,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer};
+use diptych_core::testkit::unique_name;
 use diptych_core::{
     AppendRequest, EventStore, ExpectedVersion, NewEvent, RecordedEvent, RelayConfig, StreamId,
     ViewStore, spawn_relay, wait_for,
 };
+use diptych_nats::testing::test_url;
 use diptych_nats::{NatsConfig, NatsPublisher, stream_name, subjects_of};
 use diptych_sqlite::{SqliteStore, SqliteViews};
 use futures_util::StreamExt;
 use serde_json::json;
-
-fn nats_url() -> String {
-    std::env::var("DIPTYCH_TEST_NATS").unwrap_or_else(|_| {
-        panic!("DIPTYCH_TEST_NATS is not set: point it at a NATS server with JetStream, e.g. nats://127.0.0.1:4222")
-    })
-}
-
-/// A service name no other test run uses, so each test has its own stream.
-fn fresh_service() -> String {
-    format!("t{}x{}", std::process::id(), uuid::Uuid::now_v7().simple())
-}
 
 async fn append_many(store: &dyn EventStore, count: usize) -> usize {
     let mut written = 0;
@@ -87,8 +78,8 @@ async fn every_event_is_published_once_in_stream_order_and_a_rerun_adds_nothing(
         Arc::new(SqliteStore::open(directory.path().join("events.db")).unwrap());
     let views: Arc<dyn ViewStore> =
         Arc::new(SqliteViews::open(directory.path().join("views.db")).unwrap());
-    let service = fresh_service();
-    let config = NatsConfig::new(nats_url(), &service);
+    let service = unique_name();
+    let config = NatsConfig::new(test_url(), &service);
     let publisher = Arc::new(NatsPublisher::connect(&config).await.expect("a publisher"));
     let relay_name = diptych_core::Publisher::name(&*publisher).to_owned();
     let relay_config = RelayConfig {
@@ -107,7 +98,7 @@ async fn every_event_is_published_once_in_stream_order_and_a_rerun_adds_nothing(
     .expect("the relay starts");
     written += append_many(&*store, 150).await;
 
-    let jetstream = jetstream::new(async_nats::connect(nats_url()).await.unwrap());
+    let jetstream = jetstream::new(async_nats::connect(test_url()).await.unwrap());
     let received = consume(&jetstream, &service, written).await;
     let ids: HashSet<_> = received.iter().map(|event| event.event_id).collect();
     assert_eq!(ids.len(), written, "every event once");

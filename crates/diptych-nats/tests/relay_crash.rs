@@ -11,19 +11,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream;
+use diptych_core::testkit::unique_name;
 use diptych_core::testkit::{Tallies, added, append_one, clean_tallies, dump_collection};
 use diptych_core::{EventStore, Publisher, RelayConfig, ViewStore, spawn_relay, wait_for};
+use diptych_nats::testing::test_url;
 use diptych_nats::{InboundConfig, NatsConfig, NatsPublisher, spawn_inbound, stream_name};
 use diptych_sqlite::{SqliteStore, SqliteViews};
 
 const CHILD_DIRECTORY: &str = "DIPTYCH_RELAY_CRASH_DIRECTORY";
 const CHILD_SERVICE: &str = "DIPTYCH_RELAY_CRASH_SERVICE";
-
-fn nats_url() -> String {
-    std::env::var("DIPTYCH_TEST_NATS").unwrap_or_else(|_| {
-        panic!("DIPTYCH_TEST_NATS is not set: point it at a NATS server with JetStream")
-    })
-}
 
 fn main() {
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -43,7 +39,7 @@ async fn relay_until_killed(directory: String) {
     let directory = std::path::Path::new(&directory);
     let store = Arc::new(SqliteStore::open(directory.join("events.db")).expect("the log"));
     let views = Arc::new(SqliteViews::open(directory.join("relay.db")).expect("the checkpoint"));
-    let publisher = NatsPublisher::connect(&NatsConfig::new(nats_url(), service))
+    let publisher = NatsPublisher::connect(&NatsConfig::new(test_url(), service))
         .await
         .expect("a publisher");
     let _relay = spawn_relay(
@@ -88,14 +84,14 @@ async fn parent() {
     let directory = tempfile::tempdir().unwrap();
     let store: Arc<dyn EventStore> =
         Arc::new(SqliteStore::open(directory.path().join("events.db")).unwrap());
-    let service = format!("t{}x{}", std::process::id(), uuid::Uuid::now_v7().simple());
+    let service = unique_name();
     // The stream exists before the first relay, so the consumer can be made.
     drop(
-        NatsPublisher::connect(&NatsConfig::new(nats_url(), &service))
+        NatsPublisher::connect(&NatsConfig::new(test_url(), &service))
             .await
             .unwrap(),
     );
-    let relay_name = NatsPublisher::connect(&NatsConfig::new(nats_url(), &service))
+    let relay_name = NatsPublisher::connect(&NatsConfig::new(test_url(), &service))
         .await
         .unwrap()
         .name()
@@ -137,7 +133,7 @@ async fn parent() {
         .expect("the last relay publishes everything");
     drop(relay);
 
-    let jetstream = jetstream::new(async_nats::connect(nats_url()).await.unwrap());
+    let jetstream = jetstream::new(async_nats::connect(test_url()).await.unwrap());
     let mut stream = jetstream.get_stream(stream_name(&service)).await.unwrap();
     let stored = stream.info().await.unwrap().state.messages;
     assert_eq!(
@@ -152,7 +148,7 @@ async fn parent() {
         views.clone(),
         Arc::new(Tallies::default()),
         InboundConfig {
-            url: nats_url(),
+            url: test_url(),
             source: service.clone(),
             durable: "receiver".to_owned(),
             batch: 64,

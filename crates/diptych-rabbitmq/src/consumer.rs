@@ -4,18 +4,18 @@
 
 use std::sync::Arc;
 
-use diptych_core::{BackendError, InboundProjection, Projection, RecordedEvent, ViewStore};
+use diptych_core::{
+    BackendError, InboundProjection, Projection, RecordedEvent, RunnerHandle, ViewStore,
+};
 use futures_util::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions, QueueBindOptions,
     QueueDeclareOptions,
 };
 use lapin::types::FieldTable;
-use lapin::{Connection, ConnectionProperties};
 use tokio::sync::watch;
-use tokio::task::JoinHandle;
 
-use crate::publisher::{EXCHANGE, declare_exchange};
+use crate::publisher::{EXCHANGE, open_channel};
 
 /// Where the events come from.
 #[derive(Clone, Debug)]
@@ -30,40 +30,17 @@ pub struct AmqpInboundConfig {
     pub prefetch: u16,
 }
 
-/// A running inbound consumer; [`AmqpInbound::stop`] stops it.
-pub struct AmqpInbound {
-    stop: watch::Sender<bool>,
-    task: JoinHandle<()>,
-}
-
-impl AmqpInbound {
-    /// Stops after the message in hand and waits.
-    pub async fn stop(self) {
-        let _ = self.stop.send(true);
-        let _ = self.task.await;
-    }
-}
-
 /// Registers `projection`, declares and binds its queue, and starts applying.
 pub async fn spawn_amqp_inbound(
     views: Arc<dyn ViewStore>,
     projection: Arc<dyn Projection>,
     config: AmqpInboundConfig,
-) -> Result<AmqpInbound, BackendError> {
+) -> Result<RunnerHandle, BackendError> {
     let mut inbound = InboundProjection::register(views, projection)
         .await
         .map_err(|error| BackendError::with_source("registering an inbound projection", error))?;
     let failed = |what: &'static str| move |error| BackendError::with_source(what, error);
-    let connection = Connection::connect(&config.url, ConnectionProperties::default())
-        .await
-        .map_err(failed(
-            "connecting to RabbitMQ (is the server up, and the URL right?)",
-        ))?;
-    let channel = connection
-        .create_channel()
-        .await
-        .map_err(failed("opening an AMQP channel"))?;
-    declare_exchange(&channel).await?;
+    let (connection, channel) = open_channel(&config.url).await?;
     declare_bound_queue(&channel, &config.queue, &config.source).await?;
     channel
         .basic_qos(config.prefetch.max(1), BasicQosOptions::default())
@@ -79,6 +56,7 @@ pub async fn spawn_amqp_inbound(
         .await
         .map_err(failed("consuming the inbound queue"))?;
     let (stop, mut stopped) = watch::channel(false);
+    let name = inbound.name().to_owned();
     let task = tokio::spawn(async move {
         let _connection = connection;
         loop {
@@ -120,7 +98,7 @@ pub async fn spawn_amqp_inbound(
             }
         }
     });
-    Ok(AmqpInbound { stop, task })
+    Ok(RunnerHandle::new(name, stop, task))
 }
 
 /// Declares a durable queue bound to `source`'s routing keys (idempotent).
@@ -157,26 +135,13 @@ async fn declare_bound_queue(
 /// Declares a durable queue bound to `source`'s events, so they are kept until
 /// consumed (for benches and tests that publish before consuming).
 pub async fn declare_queue(url: &str, queue: &str, source: &str) -> Result<(), BackendError> {
-    let connection = Connection::connect(url, ConnectionProperties::default())
-        .await
-        .map_err(|error| BackendError::with_source("connecting to RabbitMQ", error))?;
-    let channel = connection
-        .create_channel()
-        .await
-        .map_err(|error| BackendError::with_source("opening an AMQP channel", error))?;
-    declare_exchange(&channel).await?;
+    let (_connection, channel) = open_channel(url).await?;
     declare_bound_queue(&channel, queue, source).await
 }
 
 /// Deletes a queue and what it holds (for benches and tests).
 pub async fn delete_queue(url: &str, queue: &str) -> Result<(), BackendError> {
-    let connection = Connection::connect(url, ConnectionProperties::default())
-        .await
-        .map_err(|error| BackendError::with_source("connecting to RabbitMQ", error))?;
-    let channel = connection
-        .create_channel()
-        .await
-        .map_err(|error| BackendError::with_source("opening an AMQP channel", error))?;
+    let (_connection, channel) = open_channel(url).await?;
     channel
         .queue_delete(queue.into(), lapin::options::QueueDeleteOptions::default())
         .await

@@ -13,7 +13,6 @@
 mod consumer;
 mod publisher;
 
-pub use consumer::{
-    AmqpInbound, AmqpInboundConfig, declare_queue, delete_queue, spawn_amqp_inbound,
-};
+pub use consumer::{AmqpInboundConfig, declare_queue, delete_queue, spawn_amqp_inbound};
 pub use publisher::{AmqpPublisher, EXCHANGE, routing_key};
+pub mod testing;

@@ -36,19 +36,7 @@ impl AmqpPublisher {
     /// Connects to `url` (`amqp://user:pass@host:5672/%2f`), declares the
     /// exchange and puts the channel in confirm mode.
     pub async fn connect(url: &str, service: &str) -> Result<Self, BackendError> {
-        let connection = Connection::connect(url, ConnectionProperties::default())
-            .await
-            .map_err(|error| {
-                BackendError::with_source(
-                    "connecting to RabbitMQ (is the server up, and the URL right?)",
-                    error,
-                )
-            })?;
-        let channel = connection
-            .create_channel()
-            .await
-            .map_err(|error| BackendError::with_source("opening an AMQP channel", error))?;
-        declare_exchange(&channel).await?;
+        let (connection, channel) = open_channel(url).await?;
         channel
             .confirm_select(ConfirmSelectOptions::default())
             .await
@@ -62,8 +50,27 @@ impl AmqpPublisher {
     }
 }
 
+/// Connects to `url`, opens a channel and declares the exchange on it. The
+/// connection must be kept as long as the channel is used.
+pub(crate) async fn open_channel(url: &str) -> Result<(Connection, Channel), BackendError> {
+    let connection = Connection::connect(url, ConnectionProperties::default())
+        .await
+        .map_err(|error| {
+            BackendError::with_source(
+                "connecting to RabbitMQ (is the server up, and the URL right?)",
+                error,
+            )
+        })?;
+    let channel = connection
+        .create_channel()
+        .await
+        .map_err(|error| BackendError::with_source("opening an AMQP channel", error))?;
+    declare_exchange(&channel).await?;
+    Ok((connection, channel))
+}
+
 /// Declares the durable topic exchange (idempotent).
-pub(crate) async fn declare_exchange(channel: &Channel) -> Result<(), BackendError> {
+async fn declare_exchange(channel: &Channel) -> Result<(), BackendError> {
     channel
         .exchange_declare(
             EXCHANGE.into(),

@@ -9,19 +9,15 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use diptych_core::testkit::dump_collection;
+use diptych_core::testkit::unique_name;
 use diptych_core::{
     AppendRequest, CollectionSpec, EventStore, ExpectedVersion, HandlerError, NewEvent, Position,
     Projection, RecordedEvent, RelayConfig, StreamId, ViewStore, ViewTx, spawn_relay, wait_for,
 };
+use diptych_rabbitmq::testing::test_url;
 use diptych_rabbitmq::{AmqpInboundConfig, AmqpPublisher, spawn_amqp_inbound};
 use diptych_sqlite::{SqliteStore, SqliteViews};
 use serde_json::json;
-
-fn amqp_url() -> String {
-    std::env::var("DIPTYCH_TEST_AMQP").unwrap_or_else(|_| {
-        panic!("DIPTYCH_TEST_AMQP is not set: point it at RabbitMQ, e.g. amqp://guest:guest@127.0.0.1:5672/%2f")
-    })
-}
 
 /// Per stream: how many events, and the last version. An event out of order or
 /// applied twice fails (and would keep failing), so the view only reaches the
@@ -84,7 +80,7 @@ async fn every_event_reaches_the_receiver_once_in_order_even_when_all_are_publis
     let directory = tempfile::tempdir().unwrap();
     let store: Arc<dyn EventStore> =
         Arc::new(SqliteStore::open(directory.path().join("events.db")).unwrap());
-    let service = format!("t{}x{}", std::process::id(), uuid::Uuid::now_v7().simple());
+    let service = unique_name();
     let views: Arc<dyn ViewStore> =
         Arc::new(SqliteViews::open(directory.path().join("receiver.db")).unwrap());
     let queue = format!("{service}-receiver");
@@ -92,7 +88,7 @@ async fn every_event_reaches_the_receiver_once_in_order_even_when_all_are_publis
         views.clone(),
         Arc::new(StreamsSeen),
         AmqpInboundConfig {
-            url: amqp_url(),
+            url: test_url(),
             source: service.clone(),
             queue: queue.clone(),
             prefetch: 64,
@@ -102,7 +98,7 @@ async fn every_event_reaches_the_receiver_once_in_order_even_when_all_are_publis
     .expect("the consumer starts");
     let relay_views: Arc<dyn ViewStore> =
         Arc::new(SqliteViews::open(directory.path().join("relay.db")).unwrap());
-    let publisher = AmqpPublisher::connect(&amqp_url(), &service)
+    let publisher = AmqpPublisher::connect(&test_url(), &service)
         .await
         .expect("a publisher");
     let relay = spawn_relay(
@@ -133,7 +129,7 @@ async fn every_event_reaches_the_receiver_once_in_order_even_when_all_are_publis
     // a redelivery to the receiver and changes nothing.
     let amnesiac: Arc<dyn ViewStore> =
         Arc::new(SqliteViews::open(directory.path().join("forgotten.db")).unwrap());
-    let publisher = AmqpPublisher::connect(&amqp_url(), &service).await.unwrap();
+    let publisher = AmqpPublisher::connect(&test_url(), &service).await.unwrap();
     let relay_name = diptych_core::Publisher::name(&publisher).to_owned();
     let rerun = spawn_relay(
         store.clone(),
@@ -150,7 +146,7 @@ async fn every_event_reaches_the_receiver_once_in_order_even_when_all_are_publis
     // A marker after the republished log: once the receiver has it, it has
     // seen every republished message before it on the same queue.
     let (marker, _) = append_many(&*store, 1).await;
-    let publisher = AmqpPublisher::connect(&amqp_url(), &service).await.unwrap();
+    let publisher = AmqpPublisher::connect(&test_url(), &service).await.unwrap();
     let finisher = spawn_relay(
         store.clone(),
         amnesiac,
@@ -175,7 +171,7 @@ async fn every_event_reaches_the_receiver_once_in_order_even_when_all_are_publis
     );
     inbound.stop().await;
     let connection =
-        lapin::Connection::connect(&amqp_url(), lapin::ConnectionProperties::default())
+        lapin::Connection::connect(&test_url(), lapin::ConnectionProperties::default())
             .await
             .unwrap();
     let channel = connection.create_channel().await.unwrap();

@@ -126,6 +126,12 @@ pub use view_checks::{
 };
 pub use view_model::check_views_against_model;
 
+/// A name no other test run uses (`t<pid>x<uuid>`): for what tests make on a
+/// shared server, such as a broker's streams and queues.
+pub fn unique_name() -> String {
+    format!("t{}x{}", std::process::id(), uuid::Uuid::now_v7().simple())
+}
+
 /// Opens the same storage again, for the durability check.
 type Reopen =
     Box<dyn Fn() -> Pin<Box<dyn Future<Output = Arc<dyn EventStore>> + Send>> + Send + Sync>;

@@ -179,7 +179,12 @@ impl Listener {
                 .map(|channel| (channel, watch::Sender::new(0)))
                 .collect(),
         );
-        let task = tokio::spawn(listen(config, Arc::clone(&wakes)));
+        // A store with nothing to listen for (the leases) keeps no connection.
+        let task = if wakes.is_empty() {
+            tokio::spawn(async {})
+        } else {
+            tokio::spawn(listen(config, Arc::clone(&wakes)))
+        };
         Self { wakes, task }
     }
 

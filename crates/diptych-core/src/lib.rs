@@ -41,6 +41,7 @@
 
 pub mod aggregate;
 pub mod codec;
+pub mod copies;
 pub mod envelope;
 pub mod error;
 pub mod inbound;
@@ -61,6 +62,7 @@ pub mod view;
 
 pub use aggregate::{Aggregate, SnapshotPolicy};
 pub use codec::{DomainEvent, EventCodec, Upcasters};
+pub use copies::{COPIED_FROM, StreamCopies, is_copy};
 pub use envelope::{
     MAX_STREAM_ID_BYTES, Metadata, NewEvent, Position, RecordedEvent, StreamId, Timestamp,
 };

@@ -19,6 +19,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::sync::watch;
 
+use crate::copies::is_copy;
 use crate::envelope::{Position, RecordedEvent};
 use crate::error::{BackendError, ViewError};
 use crate::runner::RunnerHandle;
@@ -139,7 +140,19 @@ impl Relay {
         let Some(last) = page.last().map(|event| event.position) else {
             return Ok(false);
         };
-        self.publisher.publish(&page).await?;
+        // Copies of other services' streams are theirs to publish.
+        if page.iter().any(is_copy) {
+            let own: Vec<RecordedEvent> = page
+                .iter()
+                .filter(|event| !is_copy(event))
+                .cloned()
+                .collect();
+            if !own.is_empty() {
+                self.publisher.publish(&own).await?;
+            }
+        } else {
+            self.publisher.publish(&page).await?;
+        }
         self.views
             .commit(ViewCommit::new(
                 self.publisher.name(),

@@ -29,6 +29,9 @@ pub struct InboundConfig {
 }
 
 /// Registers `projection` and starts applying `config.source`'s events to it.
+///
+/// The source's stream may not exist yet (its relay has not run): the consumer
+/// waits for it in the background, so services can start in any order.
 pub async fn spawn_inbound(
     views: Arc<dyn ViewStore>,
     projection: Arc<dyn Projection>,
@@ -40,43 +43,112 @@ pub async fn spawn_inbound(
     let client = async_nats::connect(&config.url).await.map_err(|error| {
         BackendError::with_source(format!("connecting to NATS at {}", config.url), error)
     })?;
-    let stream = jetstream::new(client)
+    let (stop, stopped) = watch::channel(false);
+    let name = inbound.name().to_owned();
+    let task = tokio::spawn(async move {
+        let jetstream = jetstream::new(client);
+        let Some(consumer) = durable_consumer(&jetstream, &config, stopped.clone()).await else {
+            return;
+        };
+        run(inbound, consumer, config.batch.max(1), stopped).await;
+    });
+    Ok(RunnerHandle::new(name, stop, task))
+}
+
+/// The durable consumer, once the source's stream exists; `None` when stopped
+/// first.
+async fn durable_consumer(
+    jetstream: &jetstream::Context,
+    config: &InboundConfig,
+    mut stopped: watch::Receiver<bool>,
+) -> Option<consumer::Consumer<consumer::pull::Config>> {
+    let mut backoff = FIRST_BACKOFF;
+    loop {
+        match ordered_durable(jetstream, config).await {
+            Ok(consumer) => return Some(consumer),
+            Err(error) => tracing::warn!(
+                %error,
+                source = %config.source,
+                "waiting for the source's JetStream stream (has its relay run yet?)"
+            ),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = stopped.changed() => return None,
+        }
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+/// Creates or opens the durable consumer so that it delivers in log order.
+///
+/// Messages delivered but not acknowledged before a restart would be
+/// redelivered only after the ack wait, behind newer ones, and a stream's
+/// events would then apply out of order. So a consumer found with
+/// unacknowledged messages is made again from its acknowledged floor: what
+/// follows the floor is delivered again, in order, and what was applied
+/// already is skipped as received.
+async fn ordered_durable(
+    jetstream: &jetstream::Context,
+    config: &InboundConfig,
+) -> Result<consumer::Consumer<consumer::pull::Config>, BackendError> {
+    let stream = jetstream
         .get_stream(stream_name(&config.source))
         .await
         .map_err(|error| {
             BackendError::with_source(
-                format!(
-                    "finding the JetStream stream of `{}` (has its relay run yet?)",
-                    config.source
-                ),
+                format!("finding the JetStream stream of `{}`", config.source),
                 error,
             )
         })?;
-    let consumer = stream
+    let settings = |deliver_policy| consumer::pull::Config {
+        durable_name: Some(config.durable.clone()),
+        filter_subject: subjects_of(&config.source),
+        ack_policy: consumer::AckPolicy::Explicit,
+        deliver_policy,
+        ..Default::default()
+    };
+    let consumer_error = |error| BackendError::with_source("creating the durable consumer", error);
+    let mut consumer = stream
+        .get_or_create_consumer(&config.durable, settings(consumer::DeliverPolicy::All))
+        .await
+        .map_err(consumer_error)?;
+    let info = consumer
+        .info()
+        .await
+        .map_err(|error| BackendError::with_source("reading the durable consumer", error))?;
+    if info.num_ack_pending == 0 {
+        return Ok(consumer);
+    }
+    let start_sequence = info.ack_floor.stream_sequence + 1;
+    tracing::info!(
+        durable = %config.durable,
+        start_sequence,
+        "delivering again from the acknowledged floor, in order"
+    );
+    stream
+        .delete_consumer(&config.durable)
+        .await
+        .map_err(consumer_error)?;
+    stream
         .get_or_create_consumer(
             &config.durable,
-            consumer::pull::Config {
-                durable_name: Some(config.durable.clone()),
-                filter_subject: subjects_of(&config.source),
-                ack_policy: consumer::AckPolicy::Explicit,
-                ..Default::default()
-            },
+            settings(consumer::DeliverPolicy::ByStartSequence { start_sequence }),
         )
         .await
-        .map_err(|error| BackendError::with_source("creating the durable consumer", error))?;
-    let (stop, stopped) = watch::channel(false);
-    let name = inbound.name().to_owned();
-    let task = tokio::spawn(run(inbound, consumer, config.batch.max(1), stopped));
-    Ok(RunnerHandle::new(name, stop, task))
+        .map_err(consumer_error)
 }
+
+const FIRST_BACKOFF: Duration = Duration::from_millis(50);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 async fn run(
     mut inbound: InboundProjection,
     consumer: consumer::Consumer<consumer::pull::Config>,
     batch_size: usize,
-    stopped: watch::Receiver<bool>,
+    mut stopped: watch::Receiver<bool>,
 ) {
-    let mut backoff = Duration::from_millis(50);
+    let mut backoff = FIRST_BACKOFF;
     while !*stopped.borrow() {
         let fetched = consumer
             .fetch()
@@ -89,10 +161,11 @@ async fn run(
             Err(error) => {
                 tracing::warn!(%error, "fetching from JetStream failed; retrying");
                 tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+                backoff = (backoff * 2).min(MAX_BACKOFF);
                 continue;
             }
         };
+        backoff = FIRST_BACKOFF;
         let mut batch = Vec::new();
         while let Some(Ok(message)) = messages.next().await {
             batch.push(message);
@@ -100,22 +173,32 @@ async fn run(
         if batch.is_empty() {
             continue;
         }
-        match apply(&mut inbound, &batch).await {
-            Ok(received) => {
-                backoff = Duration::from_millis(50);
-                count(inbound.name(), received);
-                for message in &batch {
-                    if let Err(error) = message.ack().await {
-                        // Redelivered later, and then skipped as received.
-                        tracing::warn!(%error, "acknowledging a message failed");
+        // A batch that fails is tried again as it is, before anything newer, so
+        // a stream's events apply in order; the broker is told it is still in
+        // hand so that it does not deliver it again meanwhile.
+        let mut retry = FIRST_BACKOFF;
+        let received = loop {
+            match apply(&mut inbound, &batch).await {
+                Ok(received) => break received,
+                Err(error) => {
+                    tracing::warn!(%error, projection = %inbound.name(), "applying received events failed; retrying");
+                    for message in &batch {
+                        let _ = message.ack_with(jetstream::AckKind::Progress).await;
                     }
+                    tokio::select! {
+                        _ = tokio::time::sleep(retry) => {}
+                        // Not acknowledged: delivered again after a restart.
+                        _ = stopped.changed() => return,
+                    }
+                    retry = (retry * 2).min(MAX_BACKOFF);
                 }
             }
-            Err(error) => {
-                // Not acknowledged: JetStream redelivers the batch.
-                tracing::warn!(%error, projection = %inbound.name(), "applying received events failed; retrying");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+        };
+        count(inbound.name(), received);
+        for message in &batch {
+            if let Err(error) = message.ack().await {
+                // Delivered again later, and then skipped as received.
+                tracing::warn!(%error, "acknowledging a message failed");
             }
         }
     }

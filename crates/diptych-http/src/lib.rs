@@ -27,6 +27,7 @@ mod reads;
 mod request_id;
 mod roles;
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -142,6 +143,11 @@ pub struct HttpConfig {
     pub commands: bool,
     /// Whether this node serves views, streams and the log (the `query` role).
     pub reads: bool,
+    /// Other services whose consistency tokens a read may wait for
+    /// (`X-Diptych-Wait-For: catalog:1234`), each with the local projection
+    /// whose checkpoint is a position in that service's log (its
+    /// [`diptych_core::StreamCopies`] consumer).
+    pub sources: BTreeMap<String, String>,
 }
 
 impl Default for HttpConfig {
@@ -152,6 +158,7 @@ impl Default for HttpConfig {
             default_wait: Duration::from_secs(5),
             commands: true,
             reads: true,
+            sources: BTreeMap::new(),
         }
     }
 }

@@ -35,7 +35,7 @@ pub(crate) struct Endpoint {
 const WAIT: (&str, In, &str) = (
     "X-Diptych-Wait-For",
     In::Header,
-    "A consistency token (log position) the view must have applied first; also `?wait_for=`",
+    "A consistency token the view must have applied first: a position in this log, or `<service>:<position>` for another service whose events are copied here; also `?wait_for=`",
 );
 
 /// Every endpoint, as served by [`crate::app`].

@@ -1,6 +1,8 @@
 //! The read side of the API: views (with consistency tokens), streams, the log,
 //! projections and health.
 
+use std::time::Duration;
+
 use axum::Json;
 use axum::extract::{Path, Query as QueryString, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
@@ -151,14 +153,17 @@ async fn wait_if_asked(
                 .map(|(_, value)| value.clone())
         });
     if let Some(asked) = asked {
-        let position: u64 = asked.trim().parse().map_err(|_| {
-            invalid(
-                "wait_for",
-                format!("a consistency token is a log position (a whole number), not `{asked}`"),
-            )
-        })?;
+        let (source, position) = read_token(state, &asked)?;
         let timeout = state.config.default_wait.min(state.config.max_wait);
-        return match wait_for(&*state.views, view, Position(position), timeout).await {
+        let started = tokio::time::Instant::now();
+        let position = match source {
+            None => Position(position),
+            Some((source, copies)) => {
+                wait_for_source(state, source, copies, Position(position), timeout).await?
+            }
+        };
+        let timeout = timeout.saturating_sub(started.elapsed());
+        return match wait_for(&*state.views, view, position, timeout).await {
             Ok(reached) => Ok(reached),
             Err(WaitError::UnknownView(view)) => Err(unknown_view(&view)),
             Err(WaitError::Timeout { reached, .. }) => Err(Problem::new(
@@ -177,6 +182,84 @@ async fn wait_if_asked(
         .served_position(view)
         .await
         .map_err(view_problem)
+}
+
+/// A consistency token: a position in this service's log (`1234`), or in
+/// another's whose events this one receives (`catalog:1234`), with the local
+/// projection that follows that service.
+fn read_token<'a>(
+    state: &'a AppState,
+    asked: &'a str,
+) -> Result<(Option<(&'a str, &'a str)>, u64), Problem> {
+    let (source, position) = match asked.trim().rsplit_once(':') {
+        Some((source, position)) => (Some(source), position),
+        None => (None, asked.trim()),
+    };
+    let position: u64 = position.parse().map_err(|_| {
+        invalid(
+            "wait_for",
+            format!(
+                "a consistency token is a log position (a whole number), or `<service>:<position>` for another service's, not `{asked}`"
+            ),
+        )
+    })?;
+    let Some(source) = source else {
+        return Ok((None, position));
+    };
+    match state.config.sources.get_key_value(source) {
+        Some((source, copies)) => Ok((Some((source.as_str(), copies.as_str())), position)),
+        None => {
+            let known: Vec<&str> = state.config.sources.keys().map(String::as_str).collect();
+            Err(invalid(
+                "wait_for",
+                if known.is_empty() {
+                    format!(
+                        "this service receives no other service's events, so it cannot wait for a token from `{source}`"
+                    )
+                } else {
+                    format!(
+                        "this service receives no events from `{source}`; it can wait for tokens from {}",
+                        known.join(", ")
+                    )
+                },
+            ))
+        }
+    }
+}
+
+/// Waits until the events of `source` up to `position` are copied here, and
+/// returns the local position below which they all are.
+async fn wait_for_source(
+    state: &AppState,
+    source: &str,
+    copies: &str,
+    position: Position,
+    timeout: Duration,
+) -> Result<Position, Problem> {
+    let not_yet = |reached: Position| {
+        Problem::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "wait_timeout",
+            format!(
+                "the events of `{source}` up to {position} did not arrive within {timeout:?} (they have up to {reached}); try again"
+            ),
+        )
+    };
+    match wait_for(&*state.views, copies, position, timeout).await {
+        Ok(_) => {}
+        // Nothing received from the source yet.
+        Err(WaitError::UnknownView(_)) => return Err(not_yet(Position::START)),
+        Err(WaitError::Timeout { reached, .. }) => return Err(not_yet(reached)),
+        Err(WaitError::View(error)) => return Err(view_problem(error)),
+        Err(other) => return Err(Problem::internal(&other)),
+    }
+    // Copies are appended before their checkpoint moves: the head now is past
+    // every one of them.
+    state
+        .store
+        .head()
+        .await
+        .map_err(|error| Problem::internal(&error))
 }
 
 fn with_position(mut response: Response, position: Position) -> Response {

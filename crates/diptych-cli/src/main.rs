@@ -9,6 +9,7 @@ mod bench_query;
 mod bench_relay;
 mod projections;
 mod serve;
+mod split;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -62,9 +63,20 @@ enum Command {
         /// A NATS server (`nats://host:4222`) the relay role publishes the log to.
         #[arg(long)]
         broker: Option<String>,
-        /// This service's name in the broker's subjects.
+        /// This service's name in the broker's subjects. `catalog`,
+        /// `inventory`, `customers` or `ordering` runs only that service of the
+        /// split shop (with --broker); any other name runs the whole shop.
         #[arg(long, default_value = "shop")]
         service: String,
+        /// The catalog service's address, for the ordering service's order
+        /// detail (`http://127.0.0.1:8081`).
+        #[arg(long)]
+        catalog: Option<String>,
+        /// Run the shop as four services, each its own process with its own
+        /// data directory and port (from --addr's port up), wired through
+        /// --broker (`nats://127.0.0.1:4222` by default).
+        #[arg(long, conflicts_with_all = ["store", "role", "catalog", "traffic"])]
+        split: bool,
     },
     /// Serve the shop from a settings file (address, storage, roles, tokens).
     Serve {
@@ -77,6 +89,10 @@ enum Command {
         /// What this node does, comma separated (overrides the file's `roles`).
         #[arg(long, value_delimiter = ',')]
         role: Vec<String>,
+        /// The split shop's service this node runs (`catalog`, `inventory`,
+        /// `customers`, `ordering`); overrides the file's `service`.
+        #[arg(long)]
+        service: Option<String>,
     },
     /// Measure the store against a floor measured in the same run.
     Bench {
@@ -437,7 +453,18 @@ async fn run(cli: Cli) -> Result<()> {
             partitions,
             broker,
             service,
+            catalog,
+            split,
         } => {
+            if split {
+                return split::run(split::SplitConfig {
+                    addr,
+                    data,
+                    broker: broker.unwrap_or_else(|| "nats://127.0.0.1:4222".to_owned()),
+                    insecure,
+                })
+                .await;
+            }
             serve::run(serve::ServeConfig {
                 addr,
                 backend: serve::Backend::choose(store, schema, data),
@@ -449,6 +476,7 @@ async fn run(cli: Cli) -> Result<()> {
                 partitions: partitions.max(1),
                 broker,
                 service,
+                catalog,
             })
             .await
         }
@@ -456,6 +484,7 @@ async fn run(cli: Cli) -> Result<()> {
             config,
             insecure,
             role,
+            service,
         } => {
             let (file, auth) = serve::ServeFile::load(&config)?;
             let roles = if !role.is_empty() {
@@ -481,7 +510,10 @@ async fn run(cli: Cli) -> Result<()> {
                 roles,
                 partitions: file.partitions.unwrap_or(1).max(1),
                 broker: file.broker.clone(),
-                service: file.service.clone().unwrap_or_else(|| "shop".to_owned()),
+                service: service
+                    .or_else(|| file.service.clone())
+                    .unwrap_or_else(|| "shop".to_owned()),
+                catalog: file.catalog.clone(),
             })
             .await
         }

@@ -178,6 +178,7 @@ fn print_status_table(out: &mut impl Write, statuses: &[ProjectionStatus]) -> Re
         let kind = match status.kind {
             diptych::HandlerKind::Projection => "projection",
             diptych::HandlerKind::ProcessManager => "process-manager",
+            diptych::HandlerKind::Inbound => "inbound",
         };
         let state = serde_json::to_value(status.state)?;
         writeln!(

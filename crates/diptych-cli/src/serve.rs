@@ -12,12 +12,15 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use diptych::http::{AppState, Auth, HttpConfig, Role, app};
-use diptych::nats::{NatsConfig, NatsPublisher};
+use diptych::nats::{InboundConfig, NatsConfig, NatsPublisher, spawn_inbound};
 use diptych::postgres::{LeaseConfig, PartitionedRunner, PgConfig, PgLeases, PgStore, PgViews};
 use diptych::sqlite::{SqliteStore, SqliteViews};
 use diptych::{
-    CommandContext, EventStore, RelayConfig, RunnerConfig, RunnerHandle, ViewStore, spawn_relay,
+    CommandContext, EventStore, RelayConfig, RunnerConfig, RunnerHandle, StreamCopies, ViewStore,
+    spawn_relay,
 };
+use diptych_shop::detail::{self, CatalogClient};
+use diptych_shop::services::Service;
 use diptych_shop::{Shop, ShopCommand};
 use serde_json::json;
 
@@ -142,8 +145,12 @@ pub struct ServeConfig {
     pub partitions: u32,
     /// The NATS server the relay role publishes to, if any.
     pub broker: Option<String>,
-    /// This service's name in the broker's subjects.
+    /// This service's name in the broker's subjects. One of the split shop's
+    /// services (`catalog`, `inventory`, `customers`, `ordering`) runs only
+    /// that service; any other name runs the whole shop.
     pub service: String,
+    /// The catalog service's address, for the order detail's live call.
+    pub catalog: Option<String>,
 }
 
 /// The settings file of `diptych serve` (TOML).
@@ -170,9 +177,14 @@ pub struct ServeFile {
     /// A NATS server the relay role publishes the log to.
     #[serde(default)]
     pub broker: Option<String>,
-    /// This service's name in the broker's subjects (`shop` by default).
+    /// This service's name in the broker's subjects (`shop` by default), or
+    /// the split shop's service this node runs.
     #[serde(default)]
     pub service: Option<String>,
+    /// The catalog service's address (`http://127.0.0.1:8081`), for the
+    /// ordering service's order detail.
+    #[serde(default)]
+    pub catalog: Option<String>,
     /// Bearer tokens and their roles (`reader`, `writer`, `admin`).
     #[serde(default)]
     pub tokens: std::collections::BTreeMap<String, String>,
@@ -237,7 +249,7 @@ impl ServeFile {
 }
 
 /// The catalogue seeded on first start: id, name, description, price, stock.
-const CATALOGUE: &[(&str, &str, &str, u64, u64)] = &[
+pub(crate) const CATALOGUE: &[(&str, &str, &str, u64, u64)] = &[
     (
         "mug",
         "Stoneware mug",
@@ -276,7 +288,7 @@ const CATALOGUE: &[(&str, &str, &str, u64, u64)] = &[
 ];
 
 /// The customers seeded on first start.
-const CUSTOMERS: &[(&str, &str, &str, &str)] = &[
+pub(crate) const CUSTOMERS: &[(&str, &str, &str, &str)] = &[
     (
         "ada",
         "Ada Lovelace",
@@ -307,10 +319,32 @@ pub async fn run(config: ServeConfig) -> Result<()> {
          pass --insecure if the network in front of it is trusted",
         config.addr
     );
+    let split = Service::parse(&config.service);
+    if let Some(service) = split {
+        anyhow::ensure!(
+            config.broker.is_some(),
+            "the {service} service gets the other services' events through a broker: pass \
+             --broker nats://127.0.0.1:4222 (or set `broker` in the settings file)"
+        );
+    }
+    anyhow::ensure!(
+        config.catalog.is_none() || split == Some(Service::Ordering),
+        "only the ordering service calls the catalog (for the order detail): drop --catalog, \
+         or run --service ordering"
+    );
     let opened = open(&config.backend).await?;
     let (store, views) = (opened.store.clone(), opened.views.clone());
     let fresh = store.head().await?.0 == 0;
-    let shop = Arc::new(Shop::new(store.clone(), views.clone()));
+    let shop = Arc::new(match split {
+        Some(service) => Shop::service(service, store.clone(), views.clone()),
+        None => Shop::new(store.clone(), views.clone()),
+    });
+    let inbound = match (split, &config.broker) {
+        (Some(service), Some(broker)) if config.roles.projector => {
+            receive_copies(service, broker, &store, &views).await?
+        }
+        _ => Vec::new(),
+    };
     let handlers = if config.roles.projector {
         Handlers::start(&shop, &opened, config.partitions).await?
     } else {
@@ -334,7 +368,7 @@ pub async fn run(config: ServeConfig) -> Result<()> {
         }
         _ => None,
     };
-    let seeded = fresh && config.seed && config.roles.command;
+    let seeded = fresh && config.seed && config.roles.command && split.is_none();
     if seeded {
         seed(&shop).await?;
     }
@@ -349,11 +383,25 @@ pub async fn run(config: ServeConfig) -> Result<()> {
     let addr = listener.local_addr()?;
     print_welcome(addr, &config, seeded);
     let mut traffic = Vec::new();
-    if config.roles.command {
+    if config.roles.command && split.is_none() {
         for customer in 0..config.traffic {
             traffic.push(tokio::spawn(simulate_customer(shop.clone(), customer)));
         }
     }
+    let sources = split
+        .map(|service| {
+            service
+                .sources()
+                .iter()
+                .map(|source| {
+                    (
+                        source.name().to_owned(),
+                        StreamCopies::name_for(source.name()),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
     let state = AppState {
         application: shop.clone(),
         store,
@@ -362,10 +410,19 @@ pub async fn run(config: ServeConfig) -> Result<()> {
         config: HttpConfig {
             commands: config.roles.command,
             reads: config.roles.query,
+            sources,
             ..HttpConfig::default()
         },
     };
-    axum::serve(listener, app(state))
+    let mut router = app(state);
+    if config.roles.query && matches!(split, None | Some(Service::Ordering)) {
+        let catalog = config
+            .catalog
+            .as_ref()
+            .map(|url| CatalogClient::new(url.clone(), CATALOG_TIMEOUT));
+        router = router.merge(detail::routes(shop.clone(), config.auth.clone(), catalog));
+    }
+    axum::serve(listener, router)
         .with_graceful_shutdown(shutdown_signal())
         .await
         .context("serving HTTP")?;
@@ -373,11 +430,43 @@ pub async fn run(config: ServeConfig) -> Result<()> {
         task.abort();
     }
     handlers.stop().await;
+    for consumer in inbound {
+        consumer.stop().await;
+    }
     if let Some(relay) = relay {
         relay.stop().await;
     }
     println!("stopped cleanly; run the same command to continue where it stopped");
     Ok(())
+}
+
+/// How long the order detail waits for the catalog before answering from the
+/// local copy.
+const CATALOG_TIMEOUT: Duration = Duration::from_millis(300);
+
+/// Starts a consumer per service whose streams `service` copies into its log.
+async fn receive_copies(
+    service: Service,
+    broker: &str,
+    store: &Arc<dyn EventStore>,
+    views: &Arc<dyn ViewStore>,
+) -> Result<Vec<RunnerHandle>> {
+    let mut consumers = Vec::new();
+    for source in service.sources() {
+        let copies = StreamCopies::new(store.clone(), source.name(), [source.category()]);
+        let config = InboundConfig {
+            url: broker.to_owned(),
+            source: source.name().to_owned(),
+            durable: format!("{service}-copies"),
+            batch: 256,
+        };
+        consumers.push(
+            spawn_inbound(views.clone(), Arc::new(copies), config)
+                .await
+                .with_context(|| format!("receiving the {source} service's events"))?,
+        );
+    }
+    Ok(consumers)
 }
 
 /// The stores of one node, and the leases table on PostgreSQL.
@@ -565,7 +654,28 @@ fn print_welcome(addr: SocketAddr, config: &ServeConfig, seeded: bool) {
     println!("Ctrl-C stops it cleanly.");
 }
 
-async fn shutdown_signal() {
+pub(crate) async fn shutdown_signal() {
+    // A service of `demo --split` also stops when its parent is gone.
+    if std::env::var_os(crate::split::STOP_WITH_PARENT).is_some() {
+        tokio::select! {
+            _ = signals() => {}
+            _ = parent_gone() => {}
+        }
+    } else {
+        signals().await;
+    }
+}
+
+/// Resolves when standard input closes: the parent that holds it has exited.
+async fn parent_gone() {
+    let _ = tokio::task::spawn_blocking(|| {
+        let mut sink = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut sink);
+    })
+    .await;
+}
+
+async fn signals() {
     let interrupt = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {

@@ -11,9 +11,10 @@
 //! newest event applied, so a consistency token from the source service can be
 //! waited on here.
 
-use std::sync::Arc;
+use std::collections::BTreeMap;
+use std::sync::{Arc, LazyLock, Mutex};
 
-use crate::envelope::{Position, RecordedEvent};
+use crate::envelope::{Position, RecordedEvent, Timestamp};
 use crate::error::{BackendError, ViewError};
 use crate::projection::{Projection, ViewTx};
 use crate::view::{Declaration, HandlerKind, ViewCommit, ViewStore};
@@ -44,7 +45,7 @@ impl InboundProjection {
     ) -> Result<Self, ViewError> {
         let declaration = Declaration {
             name: projection.name().to_owned(),
-            kind: HandlerKind::Projection,
+            kind: HandlerKind::Inbound,
             collections: projection.collections(),
         };
         let record = views.register(&declaration).await?;
@@ -60,6 +61,12 @@ impl InboundProjection {
     /// The projection's name.
     pub fn name(&self) -> &str {
         &self.declaration.name
+    }
+
+    /// Records how many messages the broker still holds for this consumer
+    /// after the last batch, for its lag in [`crate::projection_status`].
+    pub fn report_pending(&self, pending: u64) {
+        record(self.name(), |stats| stats.pending = pending);
     }
 
     /// Applies the events of a batch not applied before and commits them with
@@ -95,6 +102,13 @@ impl InboundProjection {
             applied: received.len(),
             redelivered: seen.len(),
         };
+        record(self.name(), |stats| {
+            stats.received += (outcome.applied + outcome.redelivered) as u64;
+            stats.redelivered += outcome.redelivered as u64;
+            if let Some(newest) = events.iter().map(|event| event.recorded_at).max() {
+                stats.newest_received_at = Some(newest);
+            }
+        });
         if received.is_empty() {
             return Ok(outcome);
         }
@@ -115,6 +129,53 @@ impl InboundProjection {
             Err(error) => Err(view(error)),
         }
     }
+}
+
+/// What this process's consumer of an inbound projection has seen.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct InboundStats {
+    /// Messages the broker held for it after its last batch: its lag in events.
+    pub pending: u64,
+    /// Messages received, first deliveries and redeliveries.
+    pub received: u64,
+    /// Messages received again after being applied (a crash between commit
+    /// and acknowledgement, a lost acknowledgement); each changed nothing.
+    pub redelivered: u64,
+    /// When the source recorded the newest event received.
+    #[serde(skip)]
+    pub newest_received_at: Option<Timestamp>,
+}
+
+impl InboundStats {
+    /// How far behind the source it is, in milliseconds: the age of the newest
+    /// event received while more wait at the broker, else 0.
+    pub fn lag_ms(&self) -> u64 {
+        match (self.pending, self.newest_received_at) {
+            (0, _) | (_, None) => 0,
+            (_, Some(newest)) => {
+                let age_us = Timestamp::now().as_unix_micros() - newest.as_unix_micros();
+                u64::try_from(age_us / 1000).unwrap_or(0)
+            }
+        }
+    }
+}
+
+static STATS: LazyLock<Mutex<BTreeMap<String, InboundStats>>> = LazyLock::new(Mutex::default);
+
+fn record(projection: &str, change: impl FnOnce(&mut InboundStats)) {
+    let mut stats = STATS
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    change(stats.entry(projection.to_owned()).or_default());
+}
+
+/// What this process's consumer of `projection` has seen, if one runs here.
+pub fn inbound_stats(projection: &str) -> Option<InboundStats> {
+    STATS
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .get(projection)
+        .copied()
 }
 
 fn view(error: ViewError) -> BackendError {

@@ -70,7 +70,7 @@ pub use error::{
     AppendError, BackendError, CommandError, DecodeError, Error, HandlerError, InvalidEvent,
     InvalidStreamId, LoadError, ReadError, SnapshotError, ViewError, WaitError,
 };
-pub use inbound::{InboundProjection, Received};
+pub use inbound::{InboundProjection, InboundStats, Received, inbound_stats};
 pub use memory::MemoryStore;
 pub use memory_views::MemoryViews;
 pub use partition::{Partition, stream_partition};

@@ -655,6 +655,11 @@ pub struct ProjectionStatus {
     pub rebuild: Option<RebuildProgress>,
     /// The error it keeps retrying, when stalled.
     pub stalled: Option<String>,
+    /// For an inbound projection whose consumer runs in this process: what
+    /// it received. Its position is then in the source's log, its head is
+    /// unknown here, and its lag is what the broker still holds for it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub received: Option<crate::inbound::InboundStats>,
 }
 
 /// The status of every projection in `views`, measured against `store`'s head.
@@ -665,6 +670,10 @@ pub async fn projection_status(
     let head = store.head().await?;
     let mut statuses = Vec::new();
     for record in views.projections().await? {
+        if record.kind == HandlerKind::Inbound {
+            statuses.push(inbound_status(record));
+            continue;
+        }
         let oldest_unapplied = store.read_all(record.position, 1).await?.into_iter().next();
         let lag_ms = oldest_unapplied.map_or(0, |event| {
             let age_us = Timestamp::now().as_unix_micros() - event.recorded_at.as_unix_micros();
@@ -693,7 +702,36 @@ pub async fn projection_status(
             parked: record.parked,
             rebuild: record.rebuild,
             stalled: record.stalled,
+            received: None,
         });
     }
     Ok(statuses)
+}
+
+/// An inbound projection's status, from what its consumer in this process saw.
+fn inbound_status(record: ProjectionRecord) -> ProjectionStatus {
+    let received = crate::inbound::inbound_stats(&record.name);
+    let (lag_events, lag_ms) = received.map_or((0, 0), |stats| (stats.pending, stats.lag_ms()));
+    let state = if record.paused {
+        ProjectionState::Paused
+    } else if record.stalled.is_some() {
+        ProjectionState::Stalled
+    } else if Duration::from_millis(lag_ms) >= LIVE_WITHIN {
+        ProjectionState::CatchingUp
+    } else {
+        ProjectionState::Live
+    };
+    ProjectionStatus {
+        name: record.name,
+        kind: record.kind,
+        position: record.position,
+        head: record.position,
+        lag_events,
+        lag_ms,
+        state,
+        parked: record.parked,
+        rebuild: record.rebuild,
+        stalled: record.stalled,
+        received,
+    }
 }

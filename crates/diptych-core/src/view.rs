@@ -515,6 +515,30 @@ pub enum HandlerKind {
     Projection,
     /// Issues commands; never rebuilt, as that would replay its reactions.
     ProcessManager,
+    /// Applies another service's events received from a broker; its position
+    /// is in that service's log. Rebuilt by the broker delivering again, not
+    /// from the local log.
+    Inbound,
+}
+
+impl HandlerKind {
+    /// Its name as view stores keep it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HandlerKind::Projection => "projection",
+            HandlerKind::ProcessManager => "process_manager",
+            HandlerKind::Inbound => "inbound",
+        }
+    }
+
+    /// The kind kept under `text`; a projection for anything unknown.
+    pub fn from_stored(text: &str) -> Self {
+        match text {
+            "process_manager" => HandlerKind::ProcessManager,
+            "inbound" => HandlerKind::Inbound,
+            _ => HandlerKind::Projection,
+        }
+    }
 }
 
 /// A projection as it registers itself with a view store.
@@ -939,6 +963,12 @@ pub fn refuse_process_manager(projection: &str, kind: HandlerKind) -> Result<(),
         HandlerKind::ProcessManager => Err(ViewError::NotPossible {
             projection: projection.to_owned(),
             reason: "a process manager is never rebuilt, as that would replay its commands"
+                .to_owned(),
+        }),
+        HandlerKind::Inbound => Err(ViewError::NotPossible {
+            projection: projection.to_owned(),
+            reason: "an inbound projection is fed by a broker, not by this log: to rebuild it, \
+                     stop it, drop its collections and its durable consumer, and start it again"
                 .to_owned(),
         }),
     }

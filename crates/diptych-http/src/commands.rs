@@ -170,6 +170,11 @@ fn outcome_response(outcome: &CommandOutcome) -> Response {
 /// The answer for an application's refusal.
 pub(crate) fn problem_of(error: ApplicationError) -> Problem {
     match error {
+        error @ ApplicationError::Misdirected { .. } => Problem::new(
+            StatusCode::MISDIRECTED_REQUEST,
+            "wrong_service",
+            error.to_string(),
+        ),
         ApplicationError::UnknownCommand(name) => Problem::new(
             StatusCode::NOT_FOUND,
             "unknown_command",

@@ -106,6 +106,14 @@ pub enum ApplicationError {
     /// Nothing there (a stream the application does not know).
     #[error("{0}")]
     NotFound(String),
+    /// The command belongs to another service (421): the message says which.
+    #[error("`{command}` is not taken here: {message}")]
+    Misdirected {
+        /// The command.
+        command: String,
+        /// What to do instead, for people.
+        message: String,
+    },
     /// The service failed; the cause is logged, not shown.
     #[error("internal error: {0}")]
     Internal(Box<dyn std::error::Error + Send + Sync>),

@@ -184,13 +184,16 @@ async fn wait_if_asked(
         .map_err(view_problem)
 }
 
+/// Another service, by name, and the local projection that copies its streams.
+type Source<'a> = (&'a str, &'a str);
+
 /// A consistency token: a position in this service's log (`1234`), or in
 /// another's whose events this one receives (`catalog:1234`), with the local
 /// projection that follows that service.
 fn read_token<'a>(
     state: &'a AppState,
     asked: &'a str,
-) -> Result<(Option<(&'a str, &'a str)>, u64), Problem> {
+) -> Result<(Option<Source<'a>>, u64), Problem> {
     let (source, position) = match asked.trim().rsplit_once(':') {
         Some((source, position)) => (Some(source), position),
         None => (None, asked.trim()),

@@ -171,6 +171,7 @@ async fn run(
             batch.push(message);
         }
         if batch.is_empty() {
+            inbound.report_pending(0);
             continue;
         }
         // A batch that fails is tried again as it is, before anything newer, so
@@ -195,6 +196,10 @@ async fn run(
             }
         };
         count(inbound.name(), received);
+        // What the broker still holds after the newest message: the lag.
+        if let Some(Ok(info)) = batch.last().map(|message| message.info()) {
+            inbound.report_pending(info.pending);
+        }
         for message in &batch {
             if let Err(error) = message.ack().await {
                 // Delivered again later, and then skipped as received.

@@ -195,7 +195,7 @@ impl ViewStore for SqliteViews {
                     }
                     check_redeclaration(name, &decode_spec(&stored)?, spec)?;
                 }
-                let kind = kind_text(declaration.kind);
+                let kind = declaration.kind.as_str();
                 transaction
                     .execute(
                         "INSERT INTO projections (name, kind, generation) VALUES (?1, ?2, 1)
@@ -542,13 +542,6 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-fn kind_text(kind: HandlerKind) -> &'static str {
-    match kind {
-        HandlerKind::Projection => "projection",
-        HandlerKind::ProcessManager => "process_manager",
-    }
-}
-
 /// The table holding a collection's generation.
 fn table_name(collection: &str, generation: u64) -> String {
     format!("\"doc:{collection}:{generation}\"")
@@ -673,11 +666,7 @@ fn read_record(connection: &Connection, projection: &str) -> Result<ProjectionRe
         .collect::<Result<Vec<_>, _>>()?;
     Ok(ProjectionRecord {
         name: projection.to_owned(),
-        kind: if kind == "process_manager" {
-            HandlerKind::ProcessManager
-        } else {
-            HandlerKind::Projection
-        },
+        kind: HandlerKind::from_stored(&kind),
         collections,
         generation: generation as u64,
         position: Position(position as u64),

@@ -12,10 +12,12 @@
 
 pub mod catalog;
 pub mod customers;
+pub mod detail;
 pub mod inventory;
 pub mod ordering;
 pub mod placement;
 pub mod service;
+pub mod services;
 pub mod views;
 
 use std::collections::BTreeMap;
@@ -30,7 +32,8 @@ use crate::catalog::{CatalogCommand, ChangePrice, Product, RegisterProduct, Rena
 use crate::customers::{Customer, CustomerCommand, RegisterCustomer, UpdateCustomerAddress};
 use crate::inventory::{AddStock, InventoryCommand, Stock};
 use crate::ordering::{CancelOrder, Order, OrderCommand, OrderLine, PlaceOrder};
-use crate::placement::OrderPlacement;
+use crate::placement::{OrderPlacement, Targets};
+use crate::services::Service;
 
 /// Why the shop refused a command: a business rule, with a stable code.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -208,6 +211,8 @@ pub struct Shop {
     pub customers: Repository<Customer>,
     /// Orders.
     pub orders: Repository<Order>,
+    /// The one service this process is, when the shop runs split.
+    service: Option<Service>,
 }
 
 /// The shop's view names, as clients read them.
@@ -229,7 +234,25 @@ impl Shop {
             orders: Repository::new(store.clone()),
             store,
             views,
+            service: None,
         }
+    }
+
+    /// One service of the split shop on its own stores (see [`services`]).
+    pub fn service(
+        service: Service,
+        store: Arc<dyn EventStore>,
+        views: Arc<dyn ViewStore>,
+    ) -> Self {
+        Self {
+            service: Some(service),
+            ..Self::new(store, views)
+        }
+    }
+
+    /// The service this process is, when the shop runs split.
+    pub fn split_service(&self) -> Option<Service> {
+        self.service
     }
 
     /// The event store.
@@ -253,21 +276,36 @@ impl Shop {
             kind: HandlerKind::Projection,
             partitionable,
         };
-        vec![
+        let serves = |view: &str| {
+            self.service
+                .is_none_or(|service| service.views().contains(&view))
+        };
+        let mut handlers: Vec<Handler> = [
             projection(Arc::new(views::ProductsView), false),
             projection(Arc::new(views::OrdersView), true),
             projection(Arc::new(views::CustomerOrdersView), false),
             projection(Arc::new(views::CustomersView), false),
             projection(Arc::new(views::SalesByHourView), false),
-            Handler {
-                projection: as_projection(Arc::new(OrderPlacement::new(
-                    self.stock.clone(),
-                    self.orders.clone(),
-                ))),
+        ]
+        .into_iter()
+        .filter(|handler| serves(handler.projection.name()))
+        .collect();
+        let targets = match self.service {
+            None => Some(Targets::All),
+            Some(Service::Inventory) => Some(Targets::Stock),
+            Some(Service::Ordering) => Some(Targets::Orders),
+            Some(_) => None,
+        };
+        if let Some(targets) = targets {
+            let saga =
+                OrderPlacement::new(self.stock.clone(), self.orders.clone()).sending_only(targets);
+            handlers.push(Handler {
+                projection: as_projection(Arc::new(saga)),
                 kind: HandlerKind::ProcessManager,
                 partitionable: false,
-            },
-        ]
+            });
+        }
+        handlers
     }
 
     /// Starts every handler in this process.

@@ -41,10 +41,22 @@ pub struct PlacementState {
     pub cancelled: bool,
 }
 
+/// Which of the saga's commands a process sends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Targets {
+    /// Every one: the whole shop in one process.
+    All,
+    /// Those to stock: the inventory service.
+    Stock,
+    /// Those to orders: the ordering service.
+    Orders,
+}
+
 /// The saga, dispatching to the stock and order repositories.
 pub struct OrderPlacement {
     stock: Repository<Stock>,
     orders: Repository<Order>,
+    targets: Targets,
     inventory_events: EventCodec<InventoryEvent>,
     order_events: EventCodec<OrderEvent>,
 }
@@ -55,9 +67,18 @@ impl OrderPlacement {
         Self {
             stock,
             orders,
+            targets: Targets::All,
             inventory_events: EventCodec::default(),
             order_events: EventCodec::default(),
         }
+    }
+
+    /// The saga sending only the commands for `targets`, when another service
+    /// runs it too for the others. Both make the same decisions: each sees the
+    /// order's and the stock's events, in the same order per stream.
+    pub fn sending_only(mut self, targets: Targets) -> Self {
+        self.targets = targets;
+        self
     }
 
     fn release_all(state: &PlacementState, order_id: &str) -> Vec<PlacementCommand> {
@@ -169,6 +190,8 @@ impl ProcessManager for OrderPlacement {
         context: CommandContext,
     ) -> Result<(), HandlerError> {
         match command {
+            PlacementCommand::Stock(_) if self.targets == Targets::Orders => {}
+            PlacementCommand::Order { .. } if self.targets == Targets::Stock => {}
             PlacementCommand::Stock(command) => {
                 let product_id = match &command {
                     InventoryCommand::Add(add) => add.product_id.clone(),

@@ -12,12 +12,16 @@ use diptych::{
     StreamId,
 };
 
+use crate::services::Service;
 use crate::{ParseError, Rejection, Shop, ShopCommand};
 
 #[async_trait]
 impl Application for Shop {
     fn commands(&self) -> Vec<&'static str> {
-        ShopCommand::NAMES.to_vec()
+        match self.split_service() {
+            Some(service) => service.commands().to_vec(),
+            None => ShopCommand::NAMES.to_vec(),
+        }
     }
 
     async fn execute(
@@ -26,6 +30,17 @@ impl Application for Shop {
         body: serde_json::Value,
         context: &CommandContext,
     ) -> Result<CommandOutcome, ApplicationError> {
+        if let Some(service) = self.split_service() {
+            if let Some(owner) = Service::of_command(name).filter(|owner| *owner != service) {
+                return Err(ApplicationError::Misdirected {
+                    command: name.to_owned(),
+                    message: format!(
+                        "it is the {owner} service's command; this is the {service} service, which takes {}",
+                        service.commands().join(", ")
+                    ),
+                });
+            }
+        }
         let command = ShopCommand::parse(name, body).map_err(|error| match error {
             ParseError::UnknownCommand(name) => ApplicationError::UnknownCommand(name),
             ParseError::InvalidBody { field, reason, .. } => ApplicationError::InvalidInput {

@@ -107,7 +107,7 @@ fn stored_from_row(row: &Row) -> Result<Stored, ViewError> {
     let rebuild: Option<i64> = row.get(4);
     let record = ProjectionRecord {
         name: row.get(0),
-        kind: kind_from_text(row.get(1)),
+        kind: HandlerKind::from_stored(row.get(1)),
         collections,
         generation: row.get::<_, i64>(2) as u64,
         position: Position(row.get::<_, i64>(3) as u64),
@@ -195,21 +195,6 @@ pub(crate) fn decode_spec(value: serde_json::Value) -> Result<CollectionSpec, Vi
             error,
         ))
     })
-}
-
-pub(crate) fn kind_text(kind: HandlerKind) -> &'static str {
-    match kind {
-        HandlerKind::Projection => "projection",
-        HandlerKind::ProcessManager => "process_manager",
-    }
-}
-
-fn kind_from_text(text: &str) -> HandlerKind {
-    if text == "process_manager" {
-        HandlerKind::ProcessManager
-    } else {
-        HandlerKind::Projection
-    }
 }
 
 /// Converts a position or generation to PostgreSQL's bigint, saturating.

@@ -8,7 +8,7 @@ use diptych_core::{
     BackendError, Declaration, Position, ProjectionRecord, RebuildProgress, ViewError,
 };
 
-use super::catalog::{decode_spec, kind_text, read_stored, to_sql};
+use super::catalog::{decode_spec, read_stored, to_sql};
 use super::errors::failure as backend;
 use super::tables::{create_sql, drop_sql};
 
@@ -67,7 +67,7 @@ pub(crate) async fn register(
             "INSERT INTO projections (name, kind, generation) VALUES ($1, $2, 1)
              ON CONFLICT (name) DO UPDATE SET kind = excluded.kind
              RETURNING xmax = 0",
-            &[&name, &kind_text(declaration.kind)],
+            &[&name, &declaration.kind.as_str()],
         )
         .await
         .map_err(failed)?

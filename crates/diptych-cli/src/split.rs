@@ -52,6 +52,20 @@ pub async fn run(config: SplitConfig) -> Result<()> {
         "--split gives the services consecutive ports from --addr's: name a port, such as \
          --addr 127.0.0.1:8080"
     );
+    // Fresh data means a fresh start: the broker must not hold events of an
+    // earlier run, which the new stores' copies would take for their own.
+    if !config.data.exists() {
+        for service in Service::ALL {
+            diptych::nats::clear_stream(&config.broker, service.name())
+                .await
+                .with_context(|| {
+                    format!(
+                        "clearing the {service} service's stream at {}",
+                        config.broker
+                    )
+                })?;
+        }
+    }
     let mut running = Vec::new();
     let catalog_url = format!("http://{}", with_port(config.addr, 0));
     for (n, service) in Service::ALL.into_iter().enumerate() {
@@ -101,22 +115,29 @@ pub async fn run(config: SplitConfig) -> Result<()> {
     };
     let seeded = seed(&client, &url).await.context("seeding the services")?;
     print_welcome(&config, &running, seeded);
-    let stopped_by_itself = tokio::select! {
-        _ = crate::serve::shutdown_signal() => None,
-        service = any_exits(&mut running) => Some(service),
-    };
+    // A service that stops leaves the others running, as separate services
+    // would: ordering still takes orders while the catalog is down.
+    let shutdown = crate::serve::shutdown_signal();
+    tokio::pin!(shutdown);
+    let mut reported = Vec::new();
+    while reported.len() < running.len() {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            (service, status) = next_exit(&mut running, &reported) => {
+                println!("the {service} service stopped ({status}); the others go on");
+                reported.push(service);
+            }
+        }
+    }
     for service in &mut running {
-        let _ = Command::new("kill")
-            .args(["-TERM", &service.child.id().to_string()])
-            .status();
+        if matches!(service.child.try_wait(), Ok(None)) {
+            let _ = Command::new("kill")
+                .args(["-TERM", &service.child.id().to_string()])
+                .status();
+        }
     }
     for service in &mut running {
         let _ = tokio::task::block_in_place(|| service.child.wait());
-    }
-    if let Some(service) = stopped_by_itself {
-        anyhow::bail!(
-            "the {service} service stopped by itself (its output says why); stopped the others"
-        );
     }
     println!("stopped cleanly; run the same command to continue where it stopped");
     Ok(())
@@ -150,12 +171,17 @@ async fn listening_url(child: &mut Child) -> Result<String> {
     Ok(url)
 }
 
-/// Waits until one of the services exits, and names it.
-async fn any_exits(running: &mut [Running]) -> Service {
+/// Waits until a service not yet `reported` exits: which, and how.
+async fn next_exit(running: &mut [Running], reported: &[Service]) -> (Service, String) {
     loop {
         for service in running.iter_mut() {
-            if !matches!(service.child.try_wait(), Ok(None)) {
-                return service.service;
+            if reported.contains(&service.service) {
+                continue;
+            }
+            match service.child.try_wait() {
+                Ok(None) => {}
+                Ok(Some(status)) => return (service.service, status.to_string()),
+                Err(error) => return (service.service, error.to_string()),
             }
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -278,9 +304,10 @@ fn print_welcome(config: &SplitConfig, running: &[Running], seeded: bool) {
     );
     for service in running {
         println!(
-            "  {:<10} {}   data in {}",
+            "  {:<10} {}   pid {}, data in {}",
             service.service.name(),
             service.url,
+            service.child.id(),
             config.data.join(service.service.name()).display()
         );
     }

@@ -1,11 +1,12 @@
 //! `diptych demo` against a real socket: served, used, stopped with SIGINT,
 //! restarted on the same data.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
+use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 
 use serde_json::Value;
+
+mod support;
 
 struct Demo {
     child: Child,
@@ -71,27 +72,7 @@ impl Demo {
         headers: &[(&str, &str)],
         body: &str,
     ) -> (u16, String, String) {
-        let mut stream = TcpStream::connect(&self.addr).expect("connects");
-        let mut request = format!(
-            "{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n",
-            self.addr,
-            body.len()
-        );
-        for (name, value) in headers {
-            request.push_str(&format!("{name}: {value}\r\n"));
-        }
-        request.push_str("\r\n");
-        request.push_str(body);
-        stream.write_all(request.as_bytes()).expect("sends");
-        let mut response = String::new();
-        stream.read_to_string(&mut response).expect("reads");
-        let (head, body) = response.split_once("\r\n\r\n").expect("a response");
-        let status = head
-            .split(' ')
-            .nth(1)
-            .and_then(|code| code.parse().ok())
-            .expect("a status");
-        (status, head.to_owned(), body.to_owned())
+        support::exchange(&self.addr, method, path, headers, body)
     }
 
     /// SIGINT, as Ctrl-C sends; the demo must exit cleanly and say so.
@@ -456,6 +437,39 @@ fn roles_and_storage_mistakes_are_refused_with_what_to_do() {
         "Not-Valid",
     ]);
     assert!(said.contains("is not a valid schema name"), "{said}");
+}
+
+#[test]
+fn split_service_mistakes_are_refused_with_what_to_do() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let data = data.to_str().unwrap();
+    let said = refused(&["demo", "--data", data, "--service", "catalog"]);
+    assert!(said.contains("through a broker: pass --broker"), "{said}");
+    let said = refused(&[
+        "demo",
+        "--data",
+        data,
+        "--service",
+        "inventory",
+        "--broker",
+        "nats://127.0.0.1:4222",
+        "--catalog",
+        "http://127.0.0.1:8080",
+    ]);
+    assert!(
+        said.contains("only the ordering service calls the catalog"),
+        "{said}"
+    );
+    let said = refused(&["demo", "--split", "--addr", "127.0.0.1:0", "--data", data]);
+    assert!(said.contains("name a port"), "{said}");
+    let said = refused(&[
+        "demo",
+        "--split",
+        "--store",
+        "postgres://postgres@127.0.0.1/test",
+    ]);
+    assert!(said.contains("cannot be used with"), "{said}");
 }
 
 #[test]

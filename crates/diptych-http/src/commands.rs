@@ -27,6 +27,13 @@ pub(crate) async fn execute(
 ) -> Result<Response, Problem> {
     state.auth.require(&headers, Role::Writer)?;
     if !state.application.commands().contains(&name.as_str()) {
+        if let Some(elsewhere) = state.application.taken_elsewhere(&name) {
+            return Err(Problem::new(
+                StatusCode::MISDIRECTED_REQUEST,
+                "wrong_service",
+                format!("`{name}` is not taken here: {elsewhere}"),
+            ));
+        }
         return Err(Problem::new(
             StatusCode::NOT_FOUND,
             "unknown_command",
@@ -170,11 +177,6 @@ fn outcome_response(outcome: &CommandOutcome) -> Response {
 /// The answer for an application's refusal.
 pub(crate) fn problem_of(error: ApplicationError) -> Problem {
     match error {
-        error @ ApplicationError::Misdirected { .. } => Problem::new(
-            StatusCode::MISDIRECTED_REQUEST,
-            "wrong_service",
-            error.to_string(),
-        ),
         ApplicationError::UnknownCommand(name) => Problem::new(
             StatusCode::NOT_FOUND,
             "unknown_command",

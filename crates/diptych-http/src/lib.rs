@@ -106,14 +106,6 @@ pub enum ApplicationError {
     /// Nothing there (a stream the application does not know).
     #[error("{0}")]
     NotFound(String),
-    /// The command belongs to another service (421): the message says which.
-    #[error("`{command}` is not taken here: {message}")]
-    Misdirected {
-        /// The command.
-        command: String,
-        /// What to do instead, for people.
-        message: String,
-    },
     /// The service failed; the cause is logged, not shown.
     #[error("internal error: {0}")]
     Internal(Box<dyn std::error::Error + Send + Sync>),
@@ -124,6 +116,13 @@ pub enum ApplicationError {
 pub trait Application: Send + Sync + 'static {
     /// The names of the commands it takes.
     fn commands(&self) -> Vec<&'static str>;
+
+    /// For a command it does not take but another service does: where to send
+    /// it, for people (answered with 421 `wrong_service` rather than 404).
+    fn taken_elsewhere(&self, command: &str) -> Option<String> {
+        let _ = command;
+        None
+    }
 
     /// Runs the command `name` with its JSON body.
     async fn execute(

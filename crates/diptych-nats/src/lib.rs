@@ -18,6 +18,6 @@ mod publisher;
 mod subjects;
 
 pub use consumer::{InboundConfig, spawn_inbound};
-pub use publisher::{NatsConfig, NatsPublisher, delete_stream};
+pub use publisher::{NatsConfig, NatsPublisher, clear_stream, delete_stream};
 pub use subjects::{stream_name, subject_for, subjects_of};
 pub mod testing;

@@ -155,3 +155,25 @@ pub async fn delete_stream(url: &str, service: &str) -> Result<(), BackendError>
         })?;
     Ok(())
 }
+
+/// Deletes `service`'s stream if there is one: a fresh start, with nothing of
+/// an earlier run left for consumers to receive.
+pub async fn clear_stream(url: &str, service: &str) -> Result<(), BackendError> {
+    let client = async_nats::connect(url).await.map_err(|error| {
+        BackendError::with_source(format!("connecting to NATS at {url}"), error)
+    })?;
+    let jetstream = jetstream::new(client);
+    if jetstream.get_stream(stream_name(service)).await.is_err() {
+        return Ok(());
+    }
+    jetstream
+        .delete_stream(stream_name(service))
+        .await
+        .map_err(|error| {
+            BackendError::with_source(
+                format!("deleting the stream {}", stream_name(service)),
+                error,
+            )
+        })?;
+    Ok(())
+}

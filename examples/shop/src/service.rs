@@ -24,23 +24,21 @@ impl Application for Shop {
         }
     }
 
+    fn taken_elsewhere(&self, command: &str) -> Option<String> {
+        let service = self.split_service()?;
+        let owner = Service::of_command(command).filter(|owner| *owner != service)?;
+        Some(format!(
+            "it is the {owner} service's command; this is the {service} service, which takes {}",
+            service.commands().join(", ")
+        ))
+    }
+
     async fn execute(
         &self,
         name: &str,
         body: serde_json::Value,
         context: &CommandContext,
     ) -> Result<CommandOutcome, ApplicationError> {
-        if let Some(service) = self.split_service() {
-            if let Some(owner) = Service::of_command(name).filter(|owner| *owner != service) {
-                return Err(ApplicationError::Misdirected {
-                    command: name.to_owned(),
-                    message: format!(
-                        "it is the {owner} service's command; this is the {service} service, which takes {}",
-                        service.commands().join(", ")
-                    ),
-                });
-            }
-        }
         let command = ShopCommand::parse(name, body).map_err(|error| match error {
             ParseError::UnknownCommand(name) => ApplicationError::UnknownCommand(name),
             ParseError::InvalidBody { field, reason, .. } => ApplicationError::InvalidInput {

@@ -3,14 +3,14 @@
 //! core's `InboundProjection`.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use diptych_core::{
     BackendError, InboundProjection, Projection, RecordedEvent, RunnerHandle, ViewStore,
 };
 use futures_util::StreamExt;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions, QueueBindOptions,
-    QueueDeclareOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::FieldTable;
 use tokio::sync::watch;
@@ -31,43 +31,152 @@ pub struct AmqpInboundConfig {
 }
 
 /// Registers `projection`, declares and binds its queue, and starts applying.
+///
+/// A lost connection is opened again, with backoff, for as long as the
+/// consumer runs; what was delivered and not acknowledged comes back, and what
+/// was applied already is skipped as received.
 pub async fn spawn_amqp_inbound(
     views: Arc<dyn ViewStore>,
     projection: Arc<dyn Projection>,
     config: AmqpInboundConfig,
 ) -> Result<RunnerHandle, BackendError> {
-    let mut inbound = InboundProjection::register(views, projection)
+    let inbound = InboundProjection::register(views, projection)
         .await
         .map_err(|error| BackendError::with_source("registering an inbound projection", error))?;
-    let failed = |what: &'static str| move |error| BackendError::with_source(what, error);
-    let (connection, channel) = open_channel(&config.url).await?;
-    declare_bound_queue(&channel, &config.queue, &config.source).await?;
-    channel
-        .basic_qos(config.prefetch.max(1), BasicQosOptions::default())
-        .await
-        .map_err(failed("setting the prefetch"))?;
-    let mut consumer = channel
-        .basic_consume(
-            config.queue.as_str().into(),
-            format!("diptych-{}", inbound.name()).into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .map_err(failed("consuming the inbound queue"))?;
-    let (stop, mut stopped) = watch::channel(false);
+    // The first connection is made here, so a wrong URL is the caller's error.
+    let first = Consuming::open(&config, inbound.name()).await?;
+    let (stop, stopped) = watch::channel(false);
     let name = inbound.name().to_owned();
-    let task = tokio::spawn(async move {
-        let _connection = connection;
-        loop {
-            let delivery = tokio::select! {
-                delivery = consumer.next() => delivery,
-                _ = stopped.changed() => return,
-            };
-            let Some(Ok(delivery)) = delivery else {
-                tracing::warn!("the RabbitMQ consumer ended");
-                return;
-            };
+    let task = tokio::spawn(run(inbound, config, first, stopped));
+    Ok(RunnerHandle::new(name, stop, task))
+}
+
+/// An open connection consuming the queue.
+struct Consuming {
+    // Kept so the channel stays open.
+    _connection: lapin::Connection,
+    channel: lapin::Channel,
+    consumer: lapin::Consumer,
+}
+
+impl Consuming {
+    async fn open(config: &AmqpInboundConfig, projection: &str) -> Result<Self, BackendError> {
+        let failed = |what: &'static str| move |error| BackendError::with_source(what, error);
+        let (connection, channel) = open_channel(&config.url).await?;
+        declare_bound_queue(&channel, &config.queue, &config.source).await?;
+        channel
+            .basic_qos(config.prefetch.max(1), BasicQosOptions::default())
+            .await
+            .map_err(failed("setting the prefetch"))?;
+        let consumer = channel
+            .basic_consume(
+                config.queue.as_str().into(),
+                format!("diptych-{projection}").into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(failed("consuming the inbound queue"))?;
+        Ok(Self {
+            _connection: connection,
+            channel,
+            consumer,
+        })
+    }
+
+    /// Messages still in the queue, not yet delivered: the consumer's lag.
+    async fn waiting(&self, queue: &str) -> Option<u64> {
+        let passive = QueueDeclareOptions {
+            passive: true,
+            ..QueueDeclareOptions::default()
+        };
+        let declared = self
+            .channel
+            .queue_declare(queue.into(), passive, FieldTable::default())
+            .await
+            .ok()?;
+        Some(u64::from(declared.message_count()))
+    }
+}
+
+const FIRST_BACKOFF: Duration = Duration::from_millis(50);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// How often the queue's depth is read for the lag.
+const LAG_EVERY: Duration = Duration::from_secs(1);
+
+async fn run(
+    mut inbound: InboundProjection,
+    config: AmqpInboundConfig,
+    first: Consuming,
+    mut stopped: watch::Receiver<bool>,
+) {
+    let mut open = Some(first);
+    let mut backoff = FIRST_BACKOFF;
+    loop {
+        let consuming = match open.take() {
+            Some(consuming) => consuming,
+            None => {
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = stopped.changed() => return,
+                }
+                match Consuming::open(&config, inbound.name()).await {
+                    Ok(consuming) => {
+                        tracing::info!(queue = %config.queue, "consuming from RabbitMQ again");
+                        consuming
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, queue = %config.queue, "reconnecting to RabbitMQ failed; retrying");
+                        backoff = (backoff * 2).min(MAX_BACKOFF);
+                        continue;
+                    }
+                }
+            }
+        };
+        backoff = FIRST_BACKOFF;
+        match consume(&mut inbound, &config, consuming, &mut stopped).await {
+            Ended::Stopped => return,
+            Ended::Lost(reason) => {
+                tracing::warn!(%reason, queue = %config.queue, "lost the RabbitMQ connection; reconnecting");
+            }
+        }
+    }
+}
+
+enum Ended {
+    Stopped,
+    Lost(String),
+}
+
+/// Applies deliveries one by one until stopped or the connection is lost.
+async fn consume(
+    inbound: &mut InboundProjection,
+    config: &AmqpInboundConfig,
+    mut consuming: Consuming,
+    stopped: &mut watch::Receiver<bool>,
+) -> Ended {
+    let mut lag_read = tokio::time::Instant::now();
+    loop {
+        let delivery = tokio::select! {
+            delivery = consuming.consumer.next() => delivery,
+            _ = tokio::time::sleep(LAG_EVERY) => {
+                if let Some(waiting) = consuming.waiting(&config.queue).await {
+                    inbound.report_pending(waiting);
+                }
+                lag_read = tokio::time::Instant::now();
+                continue;
+            }
+            _ = stopped.changed() => return Ended::Stopped,
+        };
+        let delivery = match delivery {
+            Some(Ok(delivery)) => delivery,
+            Some(Err(error)) => return Ended::Lost(error.to_string()),
+            None => return Ended::Lost("the consumer ended".to_owned()),
+        };
+        // A delivery that fails is tried again as it is, before the next, so
+        // a stream's events apply in order.
+        let mut retry = FIRST_BACKOFF;
+        let received = loop {
             let applied = match serde_json::from_slice::<RecordedEvent>(&delivery.data) {
                 Ok(event) => inbound.apply(std::slice::from_ref(&event)).await,
                 Err(error) => Err(BackendError::with_source(
@@ -75,30 +184,35 @@ pub async fn spawn_amqp_inbound(
                     error,
                 )),
             };
-            let acked = match applied {
-                Ok(received) => {
-                    metrics::counter!("diptych_inbound_redeliveries_total", "projection" => inbound.name().to_owned())
-                        .increment(received.redelivered as u64);
-                    delivery.ack(BasicAckOptions::default()).await
-                }
+            match applied {
+                Ok(received) => break received,
                 Err(error) => {
-                    tracing::warn!(%error, projection = %inbound.name(), "applying a received event failed; redelivering");
-                    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-                    delivery
-                        .nack(BasicNackOptions {
-                            requeue: true,
-                            ..BasicNackOptions::default()
-                        })
-                        .await
+                    tracing::warn!(%error, projection = %inbound.name(), "applying a received event failed; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(retry) => {}
+                        // Not acknowledged: delivered again to the next consumer.
+                        _ = stopped.changed() => return Ended::Stopped,
+                    }
+                    retry = (retry * 2).min(MAX_BACKOFF);
                 }
-            };
-            if let Err(error) = acked {
-                // Redelivered later, and then skipped as received.
-                tracing::warn!(%error, "acknowledging a message failed");
             }
+        };
+        let projection = inbound.name().to_owned();
+        metrics::counter!("diptych_inbound_received_total", "projection" => projection.clone())
+            .increment((received.applied + received.redelivered) as u64);
+        metrics::counter!("diptych_inbound_redeliveries_total", "projection" => projection)
+            .increment(received.redelivered as u64);
+        if let Err(error) = delivery.ack(BasicAckOptions::default()).await {
+            // Delivered again after reconnecting, and then skipped as received.
+            return Ended::Lost(format!("acknowledging a message failed: {error}"));
         }
-    });
-    Ok(RunnerHandle::new(name, stop, task))
+        if lag_read.elapsed() >= LAG_EVERY {
+            if let Some(waiting) = consuming.waiting(&config.queue).await {
+                inbound.report_pending(waiting);
+            }
+            lag_read = tokio::time::Instant::now();
+        }
+    }
 }
 
 /// Declares a durable queue bound to `source`'s routing keys (idempotent).

@@ -23,11 +23,14 @@ pub fn routing_key(service: &str, stream: &StreamId) -> String {
     )
 }
 
-/// Publishes events as a service, on a channel in confirm mode.
+/// Publishes events as a service, on a channel in confirm mode. A connection
+/// lost (the broker restarted, the network cut) is opened again at the next
+/// page; the relay publishes the page that failed again.
 pub struct AmqpPublisher {
-    // Kept so the channel's connection stays open.
-    _connection: Connection,
-    channel: Channel,
+    url: String,
+    /// The connection (kept so its channel stays open) and the channel; `None`
+    /// after a failure, until the next page opens them again.
+    open: tokio::sync::Mutex<Option<(Connection, Channel)>>,
     service: String,
     name: String,
 }
@@ -36,18 +39,60 @@ impl AmqpPublisher {
     /// Connects to `url` (`amqp://user:pass@host:5672/%2f`), declares the
     /// exchange and puts the channel in confirm mode.
     pub async fn connect(url: &str, service: &str) -> Result<Self, BackendError> {
-        let (connection, channel) = open_channel(url).await?;
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await
-            .map_err(|error| BackendError::with_source("enabling publisher confirms", error))?;
+        let open = confirming_channel(url).await?;
         Ok(Self {
-            _connection: connection,
-            channel,
+            url: url.to_owned(),
+            open: tokio::sync::Mutex::new(Some(open)),
             service: service.to_owned(),
             name: format!("relay-amqp-{service}"),
         })
     }
+
+    /// Publishes in order on the channel and awaits the confirms together.
+    async fn publish_on(
+        &self,
+        channel: &Channel,
+        events: &[RecordedEvent],
+    ) -> Result<(), BackendError> {
+        let failed =
+            |error: lapin::Error| BackendError::with_source("publishing to RabbitMQ", error);
+        let mut confirms = Vec::with_capacity(events.len());
+        for event in events {
+            let body = serde_json::to_vec(event)
+                .map_err(|error| BackendError::with_source("encoding an event", error))?;
+            let confirm = channel
+                .basic_publish(
+                    EXCHANGE.into(),
+                    routing_key(&self.service, &event.stream_id).into(),
+                    BasicPublishOptions::default(),
+                    &body,
+                    properties(event),
+                )
+                .await
+                .map_err(failed)?;
+            confirms.push(confirm);
+        }
+        let confirmations = try_join_all(confirms).await.map_err(failed)?;
+        if confirmations
+            .iter()
+            .any(|confirmation| confirmation.is_nack())
+        {
+            return Err(BackendError::msg(
+                "RabbitMQ refused (nacked) a message: the page is published again",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A channel in confirm mode, with the exchange declared.
+async fn confirming_channel(url: &str) -> Result<(Connection, Channel), BackendError> {
+    let (connection, channel) = open_channel(url).await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .map_err(|error| BackendError::with_source("enabling publisher confirms", error))?;
+    Ok((connection, channel))
 }
 
 /// Connects to `url`, opens a channel and declares the exchange on it. The
@@ -120,34 +165,18 @@ impl Publisher for AmqpPublisher {
     }
 
     async fn publish(&self, events: &[RecordedEvent]) -> Result<(), BackendError> {
-        let failed =
-            |error: lapin::Error| BackendError::with_source("publishing to RabbitMQ", error);
-        // Published in order on one channel; the confirms awaited together.
-        let mut confirms = Vec::with_capacity(events.len());
-        for event in events {
-            let body = serde_json::to_vec(event)
-                .map_err(|error| BackendError::with_source("encoding an event", error))?;
-            let confirm = self
-                .channel
-                .basic_publish(
-                    EXCHANGE.into(),
-                    routing_key(&self.service, &event.stream_id).into(),
-                    BasicPublishOptions::default(),
-                    &body,
-                    properties(event),
-                )
-                .await
-                .map_err(failed)?;
-            confirms.push(confirm);
+        // One page at a time, so the log's order is the channel's.
+        let mut open = self.open.lock().await;
+        if open.is_none() {
+            *open = Some(confirming_channel(&self.url).await?);
         }
-        let confirmations = try_join_all(confirms).await.map_err(failed)?;
-        if confirmations
-            .iter()
-            .any(|confirmation| confirmation.is_nack())
-        {
-            return Err(BackendError::msg(
-                "RabbitMQ refused (nacked) a message: the page is published again",
-            ));
+        let channel = open.as_ref().map(|(_, channel)| channel.clone());
+        if let Some(channel) = channel {
+            if let Err(error) = self.publish_on(&channel, events).await {
+                // Opened afresh for the next try.
+                *open = None;
+                return Err(error);
+            }
         }
         metrics::counter!("diptych_relay_published_total", "relay" => self.name.clone())
             .increment(events.len() as u64);

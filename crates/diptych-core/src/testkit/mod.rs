@@ -73,6 +73,7 @@ mod concurrency_checks;
 mod durability_checks;
 mod model;
 mod projection_checks;
+mod proxy;
 mod repository_checks;
 mod store_checks;
 mod view_checks;
@@ -97,6 +98,7 @@ pub use projection_checks::{
     uninteresting_events_are_skipped_but_advance_the_checkpoint,
     wait_for_resolves_for_a_fresh_write_and_times_out_otherwise, wait_until_caught_up,
 };
+pub use proxy::TcpProxy;
 pub use repository_checks::{
     repository_business_rejection_writes_nothing, repository_concurrent_commands_all_apply,
     repository_concurrent_repeats_of_a_command_write_once,

@@ -680,42 +680,34 @@ pub async fn projection_status(
             u64::try_from(age_us / 1000).unwrap_or(0)
         });
         let lag_events = store.events_after(record.position, head).await?;
-        let state = if record.paused {
-            ProjectionState::Paused
-        } else if record.stalled.is_some() {
-            ProjectionState::Stalled
-        } else if record.rebuild.is_some() || record.rebuild_requested {
-            ProjectionState::Rebuilding
-        } else if Duration::from_millis(lag_ms) >= LIVE_WITHIN {
-            ProjectionState::CatchingUp
-        } else {
-            ProjectionState::Live
-        };
-        statuses.push(ProjectionStatus {
-            name: record.name,
-            kind: record.kind,
-            position: record.position,
-            head,
-            lag_events,
-            lag_ms,
-            state,
-            parked: record.parked,
-            rebuild: record.rebuild,
-            stalled: record.stalled,
-            received: None,
-        });
+        statuses.push(status_of(record, head, lag_events, lag_ms, None));
     }
     Ok(statuses)
 }
 
-/// An inbound projection's status, from what its consumer in this process saw.
+/// An inbound projection's status, from what its consumer in this process saw:
+/// its position is in the source's log, so its head is unknown here and its
+/// lag is what the broker still holds for it.
 fn inbound_status(record: ProjectionRecord) -> ProjectionStatus {
     let received = crate::inbound::inbound_stats(&record.name);
     let (lag_events, lag_ms) = received.map_or((0, 0), |stats| (stats.pending, stats.lag_ms()));
+    let head = record.position;
+    status_of(record, head, lag_events, lag_ms, received)
+}
+
+fn status_of(
+    record: ProjectionRecord,
+    head: Position,
+    lag_events: u64,
+    lag_ms: u64,
+    received: Option<crate::inbound::InboundStats>,
+) -> ProjectionStatus {
     let state = if record.paused {
         ProjectionState::Paused
     } else if record.stalled.is_some() {
         ProjectionState::Stalled
+    } else if record.rebuild.is_some() || record.rebuild_requested {
+        ProjectionState::Rebuilding
     } else if Duration::from_millis(lag_ms) >= LIVE_WITHIN {
         ProjectionState::CatchingUp
     } else {
@@ -725,7 +717,7 @@ fn inbound_status(record: ProjectionRecord) -> ProjectionStatus {
         name: record.name,
         kind: record.kind,
         position: record.position,
-        head: record.position,
+        head,
         lag_events,
         lag_ms,
         state,

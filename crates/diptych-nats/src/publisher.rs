@@ -138,32 +138,23 @@ impl Publisher for NatsPublisher {
     }
 }
 
-/// Deletes a service's JetStream stream and everything in it: for benchmarks and
-/// tests that made one of their own.
+/// Deletes `service`'s stream and what it holds (for benches and tests).
 pub async fn delete_stream(url: &str, service: &str) -> Result<(), BackendError> {
-    let client = async_nats::connect(url).await.map_err(|error| {
-        BackendError::with_source(format!("connecting to NATS at {url}"), error)
-    })?;
-    jetstream::new(client)
-        .delete_stream(stream_name(service))
-        .await
-        .map_err(|error| {
-            BackendError::with_source(
-                format!("deleting the stream {}", stream_name(service)),
-                error,
-            )
-        })?;
-    Ok(())
+    remove_stream(url, service, true).await
 }
 
 /// Deletes `service`'s stream if there is one: a fresh start, with nothing of
 /// an earlier run left for consumers to receive.
 pub async fn clear_stream(url: &str, service: &str) -> Result<(), BackendError> {
+    remove_stream(url, service, false).await
+}
+
+async fn remove_stream(url: &str, service: &str, must_exist: bool) -> Result<(), BackendError> {
     let client = async_nats::connect(url).await.map_err(|error| {
         BackendError::with_source(format!("connecting to NATS at {url}"), error)
     })?;
     let jetstream = jetstream::new(client);
-    if jetstream.get_stream(stream_name(service)).await.is_err() {
+    if !must_exist && jetstream.get_stream(stream_name(service)).await.is_err() {
         return Ok(());
     }
     jetstream

@@ -4,28 +4,19 @@
 //! free port (the machine's shared one is never stopped), killing and
 //! restarting it on the same storage directory.
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use diptych_core::testkit::{Tallies, added, append_one, clean_tallies, dump_collection};
+use diptych_core::testkit::{KillOnDrop, Tallies, append_tallies, clean_tallies, dump_collection};
 use diptych_core::{EventStore, RelayConfig, ViewStore, spawn_relay, wait_for};
 use diptych_nats::{InboundConfig, NatsConfig, NatsPublisher, spawn_inbound};
 use diptych_sqlite::{SqliteStore, SqliteViews};
 
 const NATS_SERVER: &str = "/usr/sbin/nats-server";
 
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn start_server(port: u16, storage: &std::path::Path) -> Server {
-    Server(
+fn start_server(port: u16, storage: &std::path::Path) -> KillOnDrop {
+    KillOnDrop(
         Command::new(NATS_SERVER)
             .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
             .arg(storage)
@@ -96,21 +87,14 @@ async fn writes_go_on_while_the_broker_is_down_and_everything_arrives_after() {
     .await
     .unwrap();
 
-    let mut appended = 0u64;
-    let mut append = async |count: u64| {
-        for _ in 0..count {
-            let item = format!("item{}", appended % 7);
-            // `append_one` fails the test if any append is refused.
-            append_one(&*store, &format!("tally-{item}"), added(&item, appended)).await;
-            appended += 1;
-        }
-    };
-    append(100).await;
+    // `append_tallies` fails the test if any append is refused.
+    let mut next = 0;
+    append_tallies(&*store, &mut next, 100, 7).await;
     drop(server); // the broker goes away
-    append(200).await; // and the write side does not notice
+    append_tallies(&*store, &mut next, 200, 7).await; // and the write side does not notice
     let server = start_server(port, &storage);
     wait_until_listening(port).await;
-    append(100).await;
+    append_tallies(&*store, &mut next, 100, 7).await;
 
     let head = store.head().await.unwrap();
     wait_for(&*views, Tallies::COLLECTION, head, Duration::from_secs(120))

@@ -6,13 +6,13 @@
 //! This binary is both the parent (run by `cargo test`) and the relay process
 //! it starts and kills (marked by an environment variable).
 
-use std::process::{Child, Command};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream;
 use diptych_core::testkit::unique_name;
-use diptych_core::testkit::{Tallies, added, append_one, clean_tallies, dump_collection};
+use diptych_core::testkit::{KillOnDrop, Tallies, append_tallies, clean_tallies, dump_collection};
 use diptych_core::{EventStore, Publisher, RelayConfig, ViewStore, spawn_relay, wait_for};
 use diptych_nats::testing::test_url;
 use diptych_nats::{InboundConfig, NatsConfig, NatsPublisher, spawn_inbound, stream_name};
@@ -56,17 +56,8 @@ async fn relay_until_killed(directory: String) {
     std::future::pending::<()>().await;
 }
 
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn spawn_relay_process(directory: &std::path::Path, service: &str) -> Killed {
-    Killed(
+fn spawn_relay_process(directory: &std::path::Path, service: &str) -> KillOnDrop {
+    KillOnDrop(
         Command::new(std::env::current_exe().expect("this test's path"))
             .env(CHILD_DIRECTORY, directory)
             .env(CHILD_SERVICE, service)
@@ -101,11 +92,7 @@ async fn parent() {
     for cycle in 0..cycles {
         let relay = spawn_relay_process(directory.path(), &service);
         // Appends while the relay runs, then a kill at a moment of chance.
-        for _ in 0..150 {
-            let item = format!("item{}", appended % 9);
-            append_one(&*store, &format!("tally-{item}"), added(&item, appended)).await;
-            appended += 1;
-        }
+        append_tallies(&*store, &mut appended, 150, 9).await;
         tokio::time::sleep(Duration::from_millis(fastrand::u64(0..60))).await;
         drop(relay); // SIGKILL
         let head = store.head().await.unwrap();

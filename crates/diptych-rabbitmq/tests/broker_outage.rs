@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use diptych_core::testkit::{
-    Tallies, TcpProxy, added, append_one, clean_tallies, dump_collection, unique_name,
+    Tallies, TcpProxy, append_tallies, clean_tallies, dump_collection, unique_name,
 };
 use diptych_core::{EventStore, RelayConfig, ViewStore, inbound_stats, spawn_relay, wait_for};
 use diptych_rabbitmq::testing::test_url;
@@ -76,21 +76,14 @@ async fn writes_go_on_while_the_broker_is_unreachable_and_everything_arrives_aft
     .await
     .expect("a consumer through the proxy");
 
-    let mut appended = 0u64;
-    let mut append = async |count: u64| {
-        for _ in 0..count {
-            let item = format!("item{}", appended % 7);
-            // `append_one` fails the test if any append is refused.
-            append_one(&*store, &format!("tally-{item}"), added(&item, appended)).await;
-            appended += 1;
-        }
-    };
-    append(100).await;
+    // `append_tallies` fails the test if any append is refused.
+    let mut next = 0;
+    append_tallies(&*store, &mut next, 100, 7).await;
     proxy.cut(); // the broker goes away
-    append(200).await; // and the write side does not notice
+    append_tallies(&*store, &mut next, 200, 7).await; // and the write side does not notice
     tokio::time::sleep(Duration::from_millis(500)).await;
     proxy.restore();
-    append(100).await;
+    append_tallies(&*store, &mut next, 100, 7).await;
 
     let head = store.head().await.unwrap();
     wait_for(&*views, Tallies::COLLECTION, head, Duration::from_secs(120))

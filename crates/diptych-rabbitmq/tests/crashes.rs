@@ -9,12 +9,12 @@
 //! This binary is the parent (run by `cargo test`) and the relay and consumer
 //! processes it starts and kills (marked by an environment variable).
 
-use std::process::{Child, Command};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
 use diptych_core::testkit::{
-    Tallies, added, append_one, clean_tallies, dump_collection, unique_name,
+    KillOnDrop, Tallies, append_tallies, clean_tallies, dump_collection, unique_name,
 };
 use diptych_core::{
     EventStore, Publisher, RelayConfig, ViewStore, inbound_stats, spawn_relay, wait_for,
@@ -88,17 +88,8 @@ async fn consume_until_killed() {
     std::future::pending::<()>().await;
 }
 
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn spawn_child(role: &str, directory: &std::path::Path, service: &str) -> Killed {
-    Killed(
+fn spawn_child(role: &str, directory: &std::path::Path, service: &str) -> KillOnDrop {
+    KillOnDrop(
         Command::new(std::env::current_exe().expect("this test's path"))
             .env(CHILD_ROLE, role)
             .env(CHILD_DIRECTORY, directory)
@@ -132,17 +123,10 @@ async fn parent() {
     for cycle in 0..cycles {
         // A backlog, then a relay and a consumer at work on it, killed at a
         // moment of chance while more is appended.
-        let mut append = async |count: u64| {
-            for _ in 0..count {
-                let item = format!("item{}", appended % 9);
-                append_one(&*store, &format!("tally-{item}"), added(&item, appended)).await;
-                appended += 1;
-            }
-        };
-        append(100).await;
+        append_tallies(&*store, &mut appended, 100, 9).await;
         let relay = spawn_child("relay", directory.path(), &service);
         let consumer = spawn_child("consumer", directory.path(), &service);
-        append(50).await;
+        append_tallies(&*store, &mut appended, 50, 9).await;
         tokio::time::sleep(Duration::from_millis(fastrand::u64(0..80))).await;
         drop(relay); // SIGKILL
         tokio::time::sleep(Duration::from_millis(fastrand::u64(0..80))).await;

@@ -87,7 +87,7 @@ pub use concurrency_checks::{
 pub use durability_checks::acknowledged_writes_survive_reopening;
 pub use model::{check_against_model, check_concurrent_batches};
 pub use projection_checks::{
-    Tallies, TallyLine, added, append_one, clean_tallies,
+    Tallies, TallyLine, added, append_one, append_tallies, clean_tallies,
     paused_projection_applies_nothing_until_resumed,
     poison_event_is_parked_and_retried_after_a_fix, process_manager_effects_happen_once,
     projection_catches_up_then_follows_live, projection_resumes_from_its_checkpoint,
@@ -98,7 +98,7 @@ pub use projection_checks::{
     uninteresting_events_are_skipped_but_advance_the_checkpoint,
     wait_for_resolves_for_a_fresh_write_and_times_out_otherwise, wait_until_caught_up,
 };
-pub use proxy::TcpProxy;
+pub use proxy::{KillOnDrop, TcpProxy};
 pub use repository_checks::{
     repository_business_rejection_writes_nothing, repository_concurrent_commands_all_apply,
     repository_concurrent_repeats_of_a_command_write_once,

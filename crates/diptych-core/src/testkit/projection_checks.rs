@@ -167,6 +167,16 @@ pub async fn append_one(store: &dyn EventStore, stream: &str, event: NewEvent) -
         .last_position()
 }
 
+/// Appends `count` tallies, one event each, numbered from `*next` over
+/// `items` item streams (`tally-item0`…), failing the test if one is refused.
+pub async fn append_tallies(store: &dyn EventStore, next: &mut u64, count: u64, items: u64) {
+    for _ in 0..count {
+        let item = format!("item{}", *next % items);
+        append_one(store, &format!("tally-{item}"), added(&item, *next)).await;
+        *next += 1;
+    }
+}
+
 /// What `tallies` must hold after `events`, computed without any projection code.
 fn expected_tallies(events: &[(String, u64)]) -> Vec<(String, Document)> {
     let mut lines: BTreeMap<String, TallyLine> = BTreeMap::new();

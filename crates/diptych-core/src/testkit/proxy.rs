@@ -76,3 +76,14 @@ impl Drop for TcpProxy {
         self.cut();
     }
 }
+
+/// A child process killed with SIGKILL and reaped when dropped, so a failing
+/// test leaves nothing running.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

@@ -83,10 +83,16 @@ impl InboundProjection {
         let interest = self.projection.interest();
         let mut received = Vec::new();
         let mut checkpoint = self.position;
-        for event in events
-            .iter()
-            .filter(|event| !seen.contains(&event.event_id))
-        {
+        // A batch can hold one event twice (republished after the broker's
+        // duplicate window): the second is a redelivery too.
+        let mut in_batch = std::collections::HashSet::new();
+        for event in events {
+            if seen.contains(&event.event_id) {
+                continue;
+            }
+            if !in_batch.insert(event.event_id) {
+                continue;
+            }
             if interest.wants(event) {
                 self.projection
                     .apply(event, &mut tx)
@@ -100,7 +106,7 @@ impl InboundProjection {
         }
         let outcome = Received {
             applied: received.len(),
-            redelivered: seen.len(),
+            redelivered: events.len() - received.len(),
         };
         record(self.name(), |stats| {
             stats.received += (outcome.applied + outcome.redelivered) as u64;

@@ -878,6 +878,14 @@ pub fn verify_commit(
     rebuild: Option<u64>,
     checkpoint: Option<Position>,
 ) -> Result<(), ViewError> {
+    // One id twice in a batch would be applied twice.
+    let mut received = std::collections::HashSet::with_capacity(commit.received.len());
+    if let Some(&event_id) = commit.received.iter().find(|&&id| !received.insert(id)) {
+        return Err(ViewError::AlreadyReceived {
+            projection: commit.projection.clone(),
+            event_id,
+        });
+    }
     let live = commit.generation == served || Some(commit.generation) == rebuild;
     let Some(actual) = checkpoint.filter(|_| live) else {
         return Err(ViewError::NotPossible {

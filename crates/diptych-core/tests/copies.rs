@@ -206,3 +206,19 @@ async fn the_relay_publishes_only_the_services_own_events() {
         .collect();
     assert_eq!(published, ["OrderPlaced", "OrderConfirmed"]);
 }
+
+#[tokio::test]
+async fn an_event_twice_in_one_batch_is_applied_once() {
+    let source = log(&catalog().await).await;
+    let local = Arc::new(MemoryStore::new());
+    let views: Arc<dyn ViewStore> = Arc::new(MemoryViews::new());
+    let mut inbound = InboundProjection::register(views, copier(&local))
+        .await
+        .unwrap();
+    // Republished after the broker's duplicate window: the same event again
+    // within one batch.
+    let batch = [source[0].clone(), source[1].clone(), source[0].clone()];
+    let received = inbound.apply(&batch).await.unwrap();
+    assert_eq!((received.applied, received.redelivered), (2, 1));
+    assert_eq!(log(&*local).await.len(), 1, "product-a's first event, once");
+}

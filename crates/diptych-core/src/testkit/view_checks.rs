@@ -846,4 +846,21 @@ pub async fn views_apply_a_received_event_once(fixture: ViewFixture) {
         views.received("other", &[first]).await.unwrap().is_empty(),
         "another projection has received nothing"
     );
+
+    // One id twice in a batch is refused too: it would be applied twice.
+    let mut doubled = ViewCommit::new("directory", 1, Position(1), Position(3));
+    doubled.changes = vec![put("people", "ada", json!({"name": "Ada doubled"}))];
+    doubled.received = vec![never, never];
+    assert!(
+        matches!(
+            views.commit(doubled).await,
+            Err(ViewError::AlreadyReceived { .. })
+        ),
+        "an id twice in one batch must be refused"
+    );
+    assert_eq!(
+        views.get("people", "ada").await.unwrap(),
+        Some(json!({"name": "Ada"})),
+        "the doubled batch wrote nothing"
+    );
 }

@@ -66,7 +66,16 @@ impl InboundProjection {
     /// Records how many messages the broker still holds for this consumer
     /// after the last batch, for its lag in [`crate::projection_status`].
     pub fn report_pending(&self, pending: u64) {
-        record(self.name(), |stats| stats.pending = pending);
+        record(&*self.views, self.name(), |stats| stats.pending = pending);
+    }
+
+    /// Records that the last batch failed with `error` and is being retried,
+    /// so the projection shows as stalled until a batch succeeds.
+    pub fn report_failure(&self, error: &dyn std::fmt::Display) {
+        let error = error.to_string();
+        record(&*self.views, self.name(), |stats| {
+            stats.failing = Some(error)
+        });
     }
 
     /// Applies the events of a batch not applied before and commits them with
@@ -108,7 +117,8 @@ impl InboundProjection {
             applied: received.len(),
             redelivered: events.len() - received.len(),
         };
-        record(self.name(), |stats| {
+        record(&*self.views, self.name(), |stats| {
+            stats.failing = None;
             stats.received += (outcome.applied + outcome.redelivered) as u64;
             stats.redelivered += outcome.redelivered as u64;
             if let Some(newest) = events.iter().map(|event| event.recorded_at).max() {
@@ -138,7 +148,7 @@ impl InboundProjection {
 }
 
 /// What this process's consumer of an inbound projection has seen.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct InboundStats {
     /// Messages the broker held for it after its last batch: its lag in events.
     pub pending: u64,
@@ -150,6 +160,9 @@ pub struct InboundStats {
     /// When the source recorded the newest event received.
     #[serde(skip)]
     pub newest_received_at: Option<Timestamp>,
+    /// The error the consumer keeps retrying, if its last batch failed.
+    #[serde(skip)]
+    pub failing: Option<String>,
 }
 
 impl InboundStats {
@@ -166,22 +179,32 @@ impl InboundStats {
     }
 }
 
-static STATS: LazyLock<Mutex<BTreeMap<String, InboundStats>>> = LazyLock::new(Mutex::default);
+/// Consumers' stats, by view store (its address: each process keeps one per
+/// store, and tests run several side by side) and projection.
+type Stats = BTreeMap<(usize, String), InboundStats>;
 
-fn record(projection: &str, change: impl FnOnce(&mut InboundStats)) {
+static STATS: LazyLock<Mutex<Stats>> = LazyLock::new(Mutex::default);
+
+fn key(views: &dyn ViewStore, projection: &str) -> (usize, String) {
+    let address = std::ptr::from_ref(views).cast::<()>() as usize;
+    (address, projection.to_owned())
+}
+
+fn record(views: &dyn ViewStore, projection: &str, change: impl FnOnce(&mut InboundStats)) {
     let mut stats = STATS
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
-    change(stats.entry(projection.to_owned()).or_default());
+    change(stats.entry(key(views, projection)).or_default());
 }
 
-/// What this process's consumer of `projection` has seen, if one runs here.
-pub fn inbound_stats(projection: &str) -> Option<InboundStats> {
+/// What this process's consumer of `projection` on `views` has seen, if one
+/// runs here.
+pub fn inbound_stats(views: &dyn ViewStore, projection: &str) -> Option<InboundStats> {
     STATS
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
-        .get(projection)
-        .copied()
+        .get(&key(views, projection))
+        .cloned()
 }
 
 fn view(error: ViewError) -> BackendError {

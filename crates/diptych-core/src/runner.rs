@@ -671,7 +671,7 @@ pub async fn projection_status(
     let mut statuses = Vec::new();
     for record in views.projections().await? {
         if record.kind == HandlerKind::Inbound {
-            statuses.push(inbound_status(record));
+            statuses.push(inbound_status(views, record));
             continue;
         }
         let oldest_unapplied = store.read_all(record.position, 1).await?.into_iter().next();
@@ -688,9 +688,14 @@ pub async fn projection_status(
 /// An inbound projection's status, from what its consumer in this process saw:
 /// its position is in the source's log, so its head is unknown here and its
 /// lag is what the broker still holds for it.
-fn inbound_status(record: ProjectionRecord) -> ProjectionStatus {
-    let received = crate::inbound::inbound_stats(&record.name);
-    let (lag_events, lag_ms) = received.map_or((0, 0), |stats| (stats.pending, stats.lag_ms()));
+fn inbound_status(views: &dyn ViewStore, mut record: ProjectionRecord) -> ProjectionStatus {
+    let received = crate::inbound::inbound_stats(views, &record.name);
+    let (lag_events, lag_ms) = received
+        .as_ref()
+        .map_or((0, 0), |stats| (stats.pending, stats.lag_ms()));
+    if let Some(failing) = received.as_ref().and_then(|stats| stats.failing.clone()) {
+        record.stalled.get_or_insert(failing);
+    }
     let head = record.position;
     status_of(record, head, lag_events, lag_ms, received)
 }

@@ -222,3 +222,45 @@ async fn an_event_twice_in_one_batch_is_applied_once() {
     assert_eq!((received.applied, received.redelivered), (2, 1));
     assert_eq!(log(&*local).await.len(), 1, "product-a's first event, once");
 }
+
+#[tokio::test]
+async fn an_inbound_projection_reports_what_it_received_and_a_failure_as_stalled() {
+    let source = log(&catalog().await).await;
+    let local = Arc::new(MemoryStore::new());
+    let views: Arc<dyn ViewStore> = Arc::new(MemoryViews::new());
+    let mut inbound = InboundProjection::register(views.clone(), copier(&local))
+        .await
+        .unwrap();
+    let status = |views: Arc<dyn ViewStore>, local: Arc<MemoryStore>| async move {
+        diptych_core::projection_status(&*local, &*views)
+            .await
+            .unwrap()
+            .into_iter()
+            .find(|status| status.name == "copies-catalog")
+            .unwrap()
+    };
+
+    inbound.apply(&source[..2]).await.unwrap();
+    inbound.apply(&source[..2]).await.unwrap();
+    inbound.report_pending(3);
+    let seen = status(views.clone(), local.clone()).await;
+    assert_eq!(seen.kind, diptych_core::HandlerKind::Inbound);
+    assert_eq!(
+        seen.position, source[1].position,
+        "a position in the source's log"
+    );
+    assert_eq!(seen.lag_events, 3, "what the broker still holds");
+    let received = seen.received.expect("what the consumer saw");
+    assert_eq!((received.received, received.redelivered), (4, 2));
+
+    // A gap: retried and reported, the projection shows as stalled with why.
+    let error = inbound.apply(&source[4..]).await.unwrap_err();
+    inbound.report_failure(&error);
+    let stalled = status(views.clone(), local.clone()).await;
+    assert_eq!(stalled.state, diptych_core::ProjectionState::Stalled);
+    assert!(stalled.stalled.is_some_and(|why| why.contains("applying")));
+    // Once a batch goes through, it is not stalled any more.
+    inbound.apply(&source).await.unwrap();
+    let recovered = status(views, local).await;
+    assert_ne!(recovered.state, diptych_core::ProjectionState::Stalled);
+}

@@ -47,10 +47,7 @@ pub async fn spawn_inbound(
     let name = inbound.name().to_owned();
     let task = tokio::spawn(async move {
         let jetstream = jetstream::new(client);
-        let Some(consumer) = durable_consumer(&jetstream, &config, stopped.clone()).await else {
-            return;
-        };
-        run(inbound, consumer, config.batch.max(1), stopped).await;
+        run(inbound, &jetstream, &config, stopped).await;
     });
     Ok(RunnerHandle::new(name, stop, task))
 }
@@ -144,15 +141,18 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 async fn run(
     mut inbound: InboundProjection,
-    consumer: consumer::Consumer<consumer::pull::Config>,
-    batch_size: usize,
+    jetstream: &jetstream::Context,
+    config: &InboundConfig,
     mut stopped: watch::Receiver<bool>,
 ) {
+    let Some(mut consumer) = durable_consumer(jetstream, config, stopped.clone()).await else {
+        return;
+    };
     let mut backoff = FIRST_BACKOFF;
     while !*stopped.borrow() {
         let fetched = consumer
             .fetch()
-            .max_messages(batch_size)
+            .max_messages(config.batch.max(1))
             .expires(Duration::from_millis(500))
             .messages()
             .await;
@@ -167,46 +167,77 @@ async fn run(
         };
         backoff = FIRST_BACKOFF;
         let mut batch = Vec::new();
-        while let Some(Ok(message)) = messages.next().await {
-            batch.push(message);
-        }
-        if batch.is_empty() {
-            inbound.report_pending(0);
-            continue;
-        }
-        // A batch that fails is tried again as it is, before anything newer, so
-        // a stream's events apply in order; the broker is told it is still in
-        // hand so that it does not deliver it again meanwhile.
-        let mut retry = FIRST_BACKOFF;
-        let received = loop {
-            match apply(&mut inbound, &batch).await {
-                Ok(received) => break received,
+        let mut broken = false;
+        while let Some(message) = messages.next().await {
+            match message {
+                Ok(message) => batch.push(message),
                 Err(error) => {
-                    tracing::warn!(%error, projection = %inbound.name(), "applying received events failed; retrying");
-                    for message in &batch {
-                        let _ = message.ack_with(jetstream::AckKind::Progress).await;
-                    }
-                    tokio::select! {
-                        _ = tokio::time::sleep(retry) => {}
-                        // Not acknowledged: delivered again after a restart.
-                        _ = stopped.changed() => return,
-                    }
-                    retry = (retry * 2).min(MAX_BACKOFF);
+                    // Messages after this one may have been delivered and
+                    // lost: they would come back behind newer ones.
+                    tracing::warn!(%error, "a fetch from JetStream broke off");
+                    broken = true;
+                    break;
                 }
             }
-        };
-        count(inbound.name(), received);
-        // What the broker still holds after the newest message: the lag.
-        if let Some(Ok(info)) = batch.last().map(|message| message.info()) {
-            inbound.report_pending(info.pending);
         }
-        for message in &batch {
-            if let Err(error) = message.ack().await {
-                // Delivered again later, and then skipped as received.
-                tracing::warn!(%error, "acknowledging a message failed");
-            }
+        if !batch.is_empty() {
+            let Some(()) = apply_and_acknowledge(&mut inbound, &batch, &mut stopped).await else {
+                return;
+            };
+        } else if !broken {
+            inbound.report_pending(0);
+        }
+        if broken {
+            // Delivery starts again after what is acknowledged, in order.
+            let Some(again) = durable_consumer(jetstream, config, stopped.clone()).await else {
+                return;
+            };
+            consumer = again;
         }
     }
+}
+
+/// Applies a batch, retrying it as it is until it commits, then acknowledges
+/// it; `None` when stopped first.
+async fn apply_and_acknowledge(
+    inbound: &mut InboundProjection,
+    batch: &[jetstream::Message],
+    stopped: &mut watch::Receiver<bool>,
+) -> Option<()> {
+    // A batch that fails is tried again as it is, before anything newer, so
+    // a stream's events apply in order; the broker is told it is still in
+    // hand so that it does not deliver it again meanwhile.
+    let mut retry = FIRST_BACKOFF;
+    let received = loop {
+        match apply(inbound, batch).await {
+            Ok(received) => break received,
+            Err(error) => {
+                tracing::warn!(%error, projection = %inbound.name(), "applying received events failed; retrying");
+                inbound.report_failure(&error);
+                for message in batch {
+                    let _ = message.ack_with(jetstream::AckKind::Progress).await;
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(retry) => {}
+                    // Not acknowledged: delivered again after a restart.
+                    _ = stopped.changed() => return None,
+                }
+                retry = (retry * 2).min(MAX_BACKOFF);
+            }
+        }
+    };
+    count(inbound.name(), received);
+    // What the broker still holds after the newest message: the lag.
+    if let Some(Ok(info)) = batch.last().map(|message| message.info()) {
+        inbound.report_pending(info.pending);
+    }
+    for message in batch {
+        if let Err(error) = message.ack().await {
+            // Delivered again later, and then skipped as received.
+            tracing::warn!(%error, "acknowledging a message failed");
+        }
+    }
+    Some(())
 }
 
 async fn apply(

@@ -188,6 +188,7 @@ async fn consume(
                 Ok(received) => break received,
                 Err(error) => {
                     tracing::warn!(%error, projection = %inbound.name(), "applying a received event failed; retrying");
+                    inbound.report_failure(&error);
                     tokio::select! {
                         _ = tokio::time::sleep(retry) => {}
                         // Not acknowledged: delivered again to the next consumer.

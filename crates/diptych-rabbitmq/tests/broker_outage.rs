@@ -94,7 +94,7 @@ async fn writes_go_on_while_the_broker_is_unreachable_and_everything_arrives_aft
         clean_tallies(store.clone()).await,
         "the receiving view equals a clean build of the log"
     );
-    let received = inbound_stats(Tallies::COLLECTION).expect("the consumer's stats");
+    let received = inbound_stats(&*views, Tallies::COLLECTION).expect("the consumer's stats");
     assert!(received.received >= 400, "{received:?}");
     inbound.stop().await;
     relay.stop().await;

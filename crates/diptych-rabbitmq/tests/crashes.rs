@@ -185,7 +185,8 @@ async fn parent() {
         clean_tallies(store.clone()).await,
         "the receiving view equals a clean build of the log"
     );
-    let redelivered = inbound_stats(Tallies::COLLECTION).map_or(0, |stats| stats.redelivered);
+    let redelivered =
+        inbound_stats(&*views, Tallies::COLLECTION).map_or(0, |stats| stats.redelivered);
     consumer.stop().await;
     relay.stop().await;
     delete_queue(&test_url(), &queue_of(&service))

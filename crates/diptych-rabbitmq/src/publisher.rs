@@ -64,7 +64,12 @@ impl AmqpPublisher {
                 .basic_publish(
                     EXCHANGE.into(),
                     routing_key(&self.service, &event.stream_id).into(),
-                    BasicPublishOptions::default(),
+                    // Unroutable (no queue bound yet) comes back instead of
+                    // being dropped: the page is published again later.
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..BasicPublishOptions::default()
+                    },
                     &body,
                     properties(event),
                 )
@@ -73,13 +78,20 @@ impl AmqpPublisher {
             confirms.push(confirm);
         }
         let confirmations = try_join_all(confirms).await.map_err(failed)?;
-        if confirmations
-            .iter()
-            .any(|confirmation| confirmation.is_nack())
-        {
-            return Err(BackendError::msg(
-                "RabbitMQ refused (nacked) a message: the page is published again",
-            ));
+        for confirmation in confirmations {
+            if confirmation.is_nack() {
+                return Err(BackendError::msg(
+                    "RabbitMQ refused (nacked) a message: the page is published again",
+                ));
+            }
+            if let Some(returned) = confirmation.take_message() {
+                return Err(BackendError::msg(format!(
+                    "no queue is bound for `{}`, so RabbitMQ would drop it: the relay holds \
+                     its checkpoint until a consumer's queue exists (declare it first, as \
+                     diptych_rabbitmq::declare_queue does)",
+                    returned.delivery.routing_key
+                )));
+            }
         }
         Ok(())
     }

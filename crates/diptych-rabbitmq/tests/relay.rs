@@ -183,3 +183,57 @@ async fn every_event_reaches_the_receiver_once_in_order_even_when_all_are_publis
         .await
         .expect("the test's queue is deleted");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_nobody_is_bound_to_receive_is_refused_not_dropped() {
+    let directory = tempfile::tempdir().unwrap();
+    let store: Arc<dyn EventStore> =
+        Arc::new(SqliteStore::open(directory.path().join("events.db")).unwrap());
+    let (token, appended) = append_many(&*store, 5).await;
+    let page = store.read_all(Position::START, 100).await.unwrap();
+    let service = unique_name();
+    let publisher = AmqpPublisher::connect(&test_url(), &service).await.unwrap();
+    let refused = diptych_core::Publisher::publish(&publisher, &page)
+        .await
+        .expect_err("with no queue bound, the page is refused");
+    assert!(
+        format!("{refused:?}").contains("no queue is bound"),
+        "the error says why: {refused:?}"
+    );
+
+    // Once a consumer's queue exists, the same page goes through, whole.
+    let queue = format!("{service}-late");
+    diptych_rabbitmq::declare_queue(&test_url(), &queue, &service)
+        .await
+        .unwrap();
+    diptych_core::Publisher::publish(&publisher, &page)
+        .await
+        .expect("published once a queue is bound");
+    let views: Arc<dyn ViewStore> =
+        Arc::new(SqliteViews::open(directory.path().join("receiver.db")).unwrap());
+    let inbound = spawn_amqp_inbound(
+        views.clone(),
+        Arc::new(StreamsSeen),
+        AmqpInboundConfig {
+            url: test_url(),
+            source: service.clone(),
+            queue: queue.clone(),
+            prefetch: 8,
+        },
+    )
+    .await
+    .unwrap();
+    wait_for(&*views, "streams-seen", token, Duration::from_secs(60))
+        .await
+        .expect("the late consumer gets the page");
+    let total: u64 = dump_collection(&*views, "streams-seen")
+        .await
+        .iter()
+        .map(|(_, seen)| seen["count"].as_u64().unwrap())
+        .sum();
+    assert_eq!(total, appended);
+    inbound.stop().await;
+    diptych_rabbitmq::delete_queue(&test_url(), &queue)
+        .await
+        .unwrap();
+}

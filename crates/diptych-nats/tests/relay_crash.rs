@@ -12,13 +12,21 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 use diptych_core::testkit::unique_name;
-use diptych_core::testkit::{KillOnDrop, Tallies, append_tallies, clean_tallies, dump_collection};
-use diptych_core::{EventStore, Publisher, RelayConfig, ViewStore, spawn_relay, wait_for};
+use diptych_core::testkit::{
+    ExitAfterReceivedCommits, KillOnDrop, Tallies, append_tallies, clean_tallies, dump_collection,
+    expect_exit_after_commit,
+};
+use diptych_core::{
+    EventStore, Publisher, RelayConfig, ViewStore, inbound_stats, spawn_relay, wait_for,
+};
 use diptych_nats::testing::test_url;
 use diptych_nats::{InboundConfig, NatsConfig, NatsPublisher, spawn_inbound, stream_name};
 use diptych_sqlite::{SqliteStore, SqliteViews};
 
 const CHILD_DIRECTORY: &str = "DIPTYCH_RELAY_CRASH_DIRECTORY";
+/// Set for a consumer child: how many batches it commits before it exits
+/// without acknowledging the last.
+const CHILD_EXIT_AFTER: &str = "DIPTYCH_RELAY_CRASH_EXIT_AFTER";
 const CHILD_SERVICE: &str = "DIPTYCH_RELAY_CRASH_SERVICE";
 
 fn main() {
@@ -27,9 +35,13 @@ fn main() {
         .enable_all()
         .build()
         .expect("a runtime");
-    match std::env::var(CHILD_DIRECTORY) {
-        Ok(directory) => runtime.block_on(relay_until_killed(directory)),
-        Err(_) => runtime.block_on(parent()),
+    match (
+        std::env::var(CHILD_DIRECTORY),
+        std::env::var(CHILD_EXIT_AFTER),
+    ) {
+        (Ok(directory), Ok(batches)) => runtime.block_on(consume_then_exit(directory, batches)),
+        (Ok(directory), Err(_)) => runtime.block_on(relay_until_killed(directory)),
+        _ => runtime.block_on(parent()),
     }
 }
 
@@ -54,6 +66,33 @@ async fn relay_until_killed(directory: String) {
     .await
     .expect("the relay starts");
     std::future::pending::<()>().await;
+}
+
+/// The child that consumes `batches` batches and dies after committing the
+/// last, before acknowledging it.
+async fn consume_then_exit(directory: String, batches: String) {
+    let service = std::env::var(CHILD_SERVICE).expect("the parent names the service");
+    let views = Arc::new(
+        SqliteViews::open(std::path::Path::new(&directory).join("receiver.db")).expect("the views"),
+    );
+    let batches = batches.parse().expect("a number of batches");
+    let _inbound = spawn_inbound(
+        Arc::new(ExitAfterReceivedCommits::new(views, batches)),
+        Arc::new(Tallies::default()),
+        receiver(&service),
+    )
+    .await
+    .expect("the consumer starts");
+    std::future::pending::<()>().await;
+}
+
+fn receiver(service: &str) -> InboundConfig {
+    InboundConfig {
+        url: test_url(),
+        source: service.to_owned(),
+        durable: "receiver".to_owned(),
+        batch: 16,
+    }
 }
 
 fn spawn_relay_process(directory: &std::path::Path, service: &str) -> KillOnDrop {
@@ -128,18 +167,24 @@ async fn parent() {
         "every event once in JetStream, none missing, none twice"
     );
 
-    // A receiving service builds its view from the stream.
+    // A receiving service builds its view from the stream; its first consumers
+    // each die right after a commit, before acknowledging the batch.
+    let deaths = 4;
+    for death in 0..deaths {
+        let child = Command::new(std::env::current_exe().expect("this test's path"))
+            .env(CHILD_DIRECTORY, directory.path())
+            .env(CHILD_SERVICE, &service)
+            .env(CHILD_EXIT_AFTER, (1 + death % 3).to_string())
+            .spawn()
+            .expect("a consumer process");
+        expect_exit_after_commit(child, Duration::from_secs(60));
+    }
     let views: Arc<dyn ViewStore> =
         Arc::new(SqliteViews::open(directory.path().join("receiver.db")).unwrap());
     let inbound = spawn_inbound(
         views.clone(),
         Arc::new(Tallies::default()),
-        InboundConfig {
-            url: test_url(),
-            source: service.clone(),
-            durable: "receiver".to_owned(),
-            batch: 64,
-        },
+        receiver(&service),
     )
     .await
     .unwrap();
@@ -151,6 +196,12 @@ async fn parent() {
         clean_tallies(store.clone()).await,
         "the receiving view equals a clean build of the log"
     );
+    let redelivered =
+        inbound_stats(&*views, Tallies::COLLECTION).map_or(0, |stats| stats.redelivered);
+    assert!(
+        redelivered > 0,
+        "the batch committed by the last consumer to die came back, and was skipped"
+    );
     inbound.stop().await;
     jetstream
         .delete_stream(stream_name(&service))
@@ -158,6 +209,8 @@ async fn parent() {
         .unwrap();
     println!(
         "relay_crash: {cycles} relays killed with SIGKILL ({killed_mid_work} with work left); \
-         {appended} events, each once in JetStream; the receiving view equals a clean build"
+         {appended} events, each once in JetStream; {deaths} consumers died between commit and \
+         ack, the last consumer skipped {redelivered} redelivered events; the receiving view \
+         equals a clean build"
     );
 }

@@ -14,7 +14,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use diptych_core::testkit::{
-    KillOnDrop, Tallies, append_tallies, clean_tallies, dump_collection, unique_name,
+    ExitAfterReceivedCommits, KillOnDrop, Tallies, append_tallies, clean_tallies, dump_collection,
+    expect_exit_after_commit, unique_name,
 };
 use diptych_core::{
     EventStore, Publisher, RelayConfig, ViewStore, inbound_stats, spawn_relay, wait_for,
@@ -28,6 +29,8 @@ use diptych_sqlite::{SqliteStore, SqliteViews};
 const CHILD_ROLE: &str = "DIPTYCH_CRASHES_ROLE";
 const CHILD_DIRECTORY: &str = "DIPTYCH_CRASHES_DIRECTORY";
 const CHILD_SERVICE: &str = "DIPTYCH_CRASHES_SERVICE";
+/// For a consumer that exits after this many commits, before acknowledging.
+const CHILD_EXIT_AFTER: &str = "DIPTYCH_CRASHES_EXIT_AFTER";
 
 fn main() {
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -38,6 +41,7 @@ fn main() {
     match std::env::var(CHILD_ROLE).as_deref() {
         Ok("relay") => runtime.block_on(relay_until_killed()),
         Ok("consumer") => runtime.block_on(consume_until_killed()),
+        Ok("consume-then-exit") => runtime.block_on(consume_then_exit()),
         _ => runtime.block_on(parent()),
     }
 }
@@ -81,6 +85,20 @@ async fn relay_until_killed() {
 async fn consume_until_killed() {
     let directory = std::path::PathBuf::from(child_setting(CHILD_DIRECTORY));
     let views = Arc::new(SqliteViews::open(directory.join("receiver.db")).expect("the views"));
+    let config = consumer_config(&child_setting(CHILD_SERVICE));
+    let _consumer = spawn_amqp_inbound(views, Arc::new(Tallies::default()), config)
+        .await
+        .expect("the consumer starts");
+    std::future::pending::<()>().await;
+}
+
+/// A child: applies the queue, and exits right after its `CHILD_EXIT_AFTER`-th
+/// commit, before acknowledging that delivery.
+async fn consume_then_exit() {
+    let directory = std::path::PathBuf::from(child_setting(CHILD_DIRECTORY));
+    let views = Arc::new(SqliteViews::open(directory.join("receiver.db")).expect("the views"));
+    let commits = child_setting(CHILD_EXIT_AFTER).parse().expect("a number");
+    let views = Arc::new(ExitAfterReceivedCommits::new(views, commits));
     let config = consumer_config(&child_setting(CHILD_SERVICE));
     let _consumer = spawn_amqp_inbound(views, Arc::new(Tallies::default()), config)
         .await
@@ -155,6 +173,19 @@ async fn parent() {
         "no relay was killed with work left to do"
     );
 
+    // Consumers that each die right after a commit, before acknowledging.
+    let deaths = 4;
+    for death in 0..deaths {
+        let child = Command::new(std::env::current_exe().expect("this test's path"))
+            .env(CHILD_ROLE, "consume-then-exit")
+            .env(CHILD_DIRECTORY, directory.path())
+            .env(CHILD_SERVICE, &service)
+            .env(CHILD_EXIT_AFTER, (1 + death * 5).to_string())
+            .spawn()
+            .expect("a consumer process");
+        expect_exit_after_commit(child, Duration::from_secs(60));
+    }
+
     // A last relay and consumer run to the end.
     let relay_views: Arc<dyn ViewStore> =
         Arc::new(SqliteViews::open(directory.path().join("relay.db")).unwrap());
@@ -187,6 +218,10 @@ async fn parent() {
     );
     let redelivered =
         inbound_stats(&*views, Tallies::COLLECTION).map_or(0, |stats| stats.redelivered);
+    assert!(
+        redelivered > 0,
+        "the delivery committed by the last consumer to die came back, and was skipped"
+    );
     consumer.stop().await;
     relay.stop().await;
     delete_queue(&test_url(), &queue_of(&service))
@@ -194,7 +229,8 @@ async fn parent() {
         .unwrap();
     println!(
         "crashes: {cycles} relays and {cycles} consumers killed with SIGKILL ({relay_killed_mid_work} \
-         relays and {consumer_killed_mid_work} consumers with work left); {appended} events; the \
-         last consumer skipped {redelivered} repeats; the receiving view equals a clean build"
+         relays and {consumer_killed_mid_work} consumers with work left), {deaths} consumers ended \
+         between commit and ack; {appended} events; the last consumer skipped {redelivered} \
+         repeats; the receiving view equals a clean build"
     );
 }

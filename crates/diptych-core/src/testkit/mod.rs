@@ -71,6 +71,7 @@ use crate::store::{AppendOutcome, AppendRequest, EventStore, StreamRead};
 
 mod concurrency_checks;
 mod durability_checks;
+mod failpoints;
 mod model;
 mod projection_checks;
 mod proxy;
@@ -85,6 +86,7 @@ pub use concurrency_checks::{
     subscription_catches_up_then_follows_live, subscription_with_page_size_one_sees_everything,
 };
 pub use durability_checks::acknowledged_writes_survive_reopening;
+pub use failpoints::{EXITED_AFTER_COMMIT, ExitAfterReceivedCommits, expect_exit_after_commit};
 pub use model::{check_against_model, check_concurrent_batches};
 pub use projection_checks::{
     Tallies, TallyLine, added, append_one, append_tallies, clean_tallies,

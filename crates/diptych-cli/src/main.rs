@@ -477,6 +477,7 @@ async fn run(cli: Cli) -> Result<()> {
                 broker,
                 service,
                 catalog,
+                catalog_token: None,
             })
             .await
         }
@@ -514,6 +515,7 @@ async fn run(cli: Cli) -> Result<()> {
                     .or_else(|| file.service.clone())
                     .unwrap_or_else(|| "shop".to_owned()),
                 catalog: file.catalog.clone(),
+                catalog_token: file.catalog_token.clone(),
             })
             .await
         }

@@ -151,6 +151,8 @@ pub struct ServeConfig {
     pub service: String,
     /// The catalog service's address, for the order detail's live call.
     pub catalog: Option<String>,
+    /// A reader's token for that catalog, when it wants one.
+    pub catalog_token: Option<String>,
 }
 
 /// The settings file of `diptych serve` (TOML).
@@ -185,6 +187,9 @@ pub struct ServeFile {
     /// ordering service's order detail.
     #[serde(default)]
     pub catalog: Option<String>,
+    /// A reader's token for that catalog, when it has tokens.
+    #[serde(default)]
+    pub catalog_token: Option<String>,
     /// Bearer tokens and their roles (`reader`, `writer`, `admin`).
     #[serde(default)]
     pub tokens: std::collections::BTreeMap<String, String>,
@@ -416,10 +421,13 @@ pub async fn run(config: ServeConfig) -> Result<()> {
     };
     let mut router = app(state);
     if config.roles.query && matches!(split, None | Some(Service::Ordering)) {
-        let catalog = config
-            .catalog
-            .as_ref()
-            .map(|url| CatalogClient::new(url.clone(), CATALOG_TIMEOUT));
+        let catalog = config.catalog.as_ref().map(|url| {
+            let client = CatalogClient::new(url.clone(), CATALOG_TIMEOUT);
+            match &config.catalog_token {
+                Some(token) => client.with_token(token.clone()),
+                None => client,
+            }
+        });
         router = router.merge(detail::routes(shop.clone(), config.auth.clone(), catalog));
     }
     axum::serve(listener, router)

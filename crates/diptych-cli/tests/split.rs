@@ -284,6 +284,22 @@ fn the_split_shop_propagates_renames_and_takes_orders_without_the_catalog() {
     assert_eq!(mug["current_name"], "Blue mug");
     assert_eq!(mug["description"], "A blue glazed stoneware mug, 350 ml");
 
+    // A cancellation crosses to inventory, which releases o-1's two mugs.
+    let (status, body, _) = request(
+        &ordering,
+        "POST",
+        "/commands/CancelOrder",
+        &[],
+        r#"{"order_id":"o-1"}"#,
+    );
+    assert_eq!(status, 200, "{body}");
+    poll(
+        &inventory,
+        "/views/products/mug",
+        "o-1's mugs are released",
+        |mug| mug["stock_available"] == 499,
+    );
+
     // What ordering received, in GET /projections.
     let (_, projections, _) = request(&ordering, "GET", "/projections", &[], "");
     let copies = projections

@@ -46,13 +46,13 @@ impl Application for Nothing {
 
 struct Service {
     state: AppState,
+    store: Arc<MemoryStore>,
     views: Arc<MemoryViews>,
 }
 
 /// A service with two local events, a `tallies` view at 0 and the copies of
 /// `catalog` at catalog position 0.
-async fn service_receiving(sources: &[(&str, &str)]) -> Service {
-    let store = Arc::new(MemoryStore::new());
+async fn append_two(store: &MemoryStore) {
     for n in 0..2 {
         store
             .append(AppendRequest {
@@ -64,6 +64,11 @@ async fn service_receiving(sources: &[(&str, &str)]) -> Service {
             .await
             .unwrap();
     }
+}
+
+async fn service_receiving(sources: &[(&str, &str)]) -> Service {
+    let store = Arc::new(MemoryStore::new());
+    append_two(&store).await;
     let views = Arc::new(MemoryViews::new());
     for (name, collections) in [
         ("tallies", vec![CollectionSpec::new("tallies")]),
@@ -80,7 +85,7 @@ async fn service_receiving(sources: &[(&str, &str)]) -> Service {
     }
     let state = AppState {
         application: Arc::new(Nothing),
-        store,
+        store: store.clone(),
         views: views.clone(),
         auth: Auth::open(),
         config: HttpConfig {
@@ -92,7 +97,11 @@ async fn service_receiving(sources: &[(&str, &str)]) -> Service {
             ..HttpConfig::default()
         },
     };
-    Service { state, views }
+    Service {
+        state,
+        store,
+        views,
+    }
 }
 
 async fn commit(views: &MemoryViews, projection: &str, to: u64) {
@@ -127,21 +136,25 @@ async fn read(state: &AppState, token: &str) -> (StatusCode, Option<String>, Val
 #[tokio::test]
 async fn a_read_waits_for_the_copies_then_for_the_view() {
     let service = service_receiving(&[("catalog", "copies-catalog")]).await;
-    let views = service.views.clone();
-    // The copies arrive, then the view applies them.
+    let (store, views) = (service.store.clone(), service.views.clone());
+    // The copies arrive (two local events, 3 and 4), then the view applies
+    // what came before them, then them.
     let mover = tokio::spawn(async move {
         tokio::time::sleep(Duration::from_millis(100)).await;
+        append_two(&store).await;
         commit(&views, "copies-catalog", 900).await;
         tokio::time::sleep(Duration::from_millis(100)).await;
         commit(&views, "tallies", 2).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        commit(&views, "tallies", 4).await;
     });
     let (status, position, body) = read(&service.state, "catalog:750").await;
     mover.await.unwrap();
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(
         position.as_deref(),
-        Some("2"),
-        "the view reached the local head"
+        Some("4"),
+        "the view applied the copies, not only what was here before them"
     );
 }
 

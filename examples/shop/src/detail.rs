@@ -28,6 +28,7 @@ use crate::views::OrderDocument;
 pub struct CatalogClient {
     base: String,
     timeout: Duration,
+    token: Option<String>,
     http: reqwest::Client,
 }
 
@@ -45,25 +46,44 @@ impl CatalogClient {
         Self {
             base: base.into().trim_end_matches('/').to_owned(),
             timeout,
+            token: None,
             http: reqwest::Client::new(),
         }
     }
 
+    /// Sends this bearer token (a `reader`'s) to a catalog that wants one.
+    pub fn with_token(mut self, token: impl Into<String>) -> Self {
+        self.token = Some(token.into());
+        self
+    }
+
+    /// Every product asked at once, all within the one timeout: a slow
+    /// catalog costs a detail at most that long, whatever its lines.
+    async fn products(&self, ids: &[&str]) -> Result<Vec<CatalogProduct>, String> {
+        let asked = futures_util::future::try_join_all(ids.iter().map(|id| self.product(id)));
+        tokio::time::timeout(self.timeout, asked)
+            .await
+            .unwrap_or_else(|_| {
+                Err(format!(
+                    "the catalog did not answer within {:?}",
+                    self.timeout
+                ))
+            })
+    }
+
     async fn product(&self, product_id: &str) -> Result<CatalogProduct, String> {
         let url = format!("{}/views/products/{product_id}", self.base);
-        let response = self
-            .http
-            .get(&url)
-            .timeout(self.timeout)
-            .send()
-            .await
-            .map_err(|error| {
-                if error.is_timeout() {
-                    format!("the catalog did not answer within {:?}", self.timeout)
-                } else {
-                    format!("the catalog is unreachable: {error}")
-                }
-            })?;
+        let mut request = self.http.get(&url).timeout(self.timeout);
+        if let Some(token) = &self.token {
+            request = request.bearer_auth(token);
+        }
+        let response = request.send().await.map_err(|error| {
+            if error.is_timeout() {
+                format!("the catalog did not answer within {:?}", self.timeout)
+            } else {
+                format!("the catalog is unreachable: {error}")
+            }
+        })?;
         if !response.status().is_success() {
             return Err(format!("the catalog answered {}", response.status()));
         }
@@ -124,24 +144,21 @@ async fn order_detail(
         })?;
     let order: OrderDocument =
         serde_json::from_value(document.clone()).map_err(|error| Problem::internal(&error))?;
-    let mut lines = Vec::with_capacity(order.lines.len());
-    let mut unavailable = None;
-    for (line, raw) in order
+    let ids: Vec<&str> = order
         .lines
         .iter()
-        .zip(document["lines"].as_array().into_iter().flatten())
-    {
-        let live = match &detail.catalog {
-            Some(catalog) if unavailable.is_none() => match catalog.product(&line.product_id).await
-            {
-                Ok(product) => Some(product),
-                Err(reason) => {
-                    unavailable = Some(reason);
-                    None
-                }
-            },
-            _ => None,
-        };
+        .map(|line| line.product_id.as_str())
+        .collect();
+    let (live, unavailable): (Vec<Option<CatalogProduct>>, _) = match &detail.catalog {
+        Some(catalog) => match catalog.products(&ids).await {
+            Ok(products) => (products.into_iter().map(Some).collect(), None),
+            Err(reason) => (vec![None; ids.len()], Some(reason)),
+        },
+        None => (vec![None; ids.len()], None),
+    };
+    let mut lines = Vec::with_capacity(order.lines.len());
+    let raw_lines = document["lines"].as_array().into_iter().flatten();
+    for ((line, raw), live) in order.lines.iter().zip(raw_lines).zip(live) {
         let (product, from) = match live {
             Some(product) => (product, "catalog"),
             None => {

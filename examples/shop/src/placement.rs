@@ -74,8 +74,13 @@ impl OrderPlacement {
     }
 
     /// The saga sending only the commands for `targets`, when another service
-    /// runs it too for the others. Both make the same decisions: each sees the
-    /// order's and the stock's events, in the same order per stream.
+    /// runs it too for the others. Each sees the order's and the stock's
+    /// events in order per stream, but the two streams interleave differently
+    /// in each service, so their states can differ for a while: inventory may
+    /// release a reservation twice (after a failure, then after the
+    /// cancellation). That is safe because every command the saga sends is
+    /// idempotent on its aggregate: a second release, or a confirm or reject
+    /// of an order that moved on, changes nothing.
     pub fn sending_only(mut self, targets: Targets) -> Self {
         self.targets = targets;
         self

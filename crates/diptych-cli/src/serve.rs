@@ -16,8 +16,8 @@ use diptych::nats::{InboundConfig, NatsConfig, NatsPublisher, spawn_inbound};
 use diptych::postgres::{LeaseConfig, PartitionedRunner, PgConfig, PgLeases, PgStore, PgViews};
 use diptych::sqlite::{SqliteStore, SqliteViews};
 use diptych::{
-    CommandContext, EventStore, RelayConfig, RunnerConfig, RunnerHandle, StreamCopies, ViewStore,
-    spawn_relay,
+    BackendError, CommandContext, EventStore, RelayConfig, RunnerConfig, RunnerHandle,
+    StreamCopies, ViewStore, spawn_relay,
 };
 use diptych_shop::detail::{self, CatalogClient};
 use diptych_shop::services::Service;
@@ -346,9 +346,9 @@ pub async fn run(config: ServeConfig) -> Result<()> {
     });
     let inbound = match (split, &config.broker) {
         (Some(service), Some(broker)) if config.roles.projector => {
-            receive_copies(service, broker, &store, &views).await?
+            receive_copies(service, broker, &opened).await?
         }
-        _ => Vec::new(),
+        _ => Handlers::None,
     };
     let handlers = if config.roles.projector {
         Handlers::start(&shop, &opened, config.partitions).await?
@@ -357,21 +357,11 @@ pub async fn run(config: ServeConfig) -> Result<()> {
     };
     let relay = match (&config.broker, config.roles.relay) {
         (Some(broker), true) => {
-            let publisher =
-                NatsPublisher::connect(&NatsConfig::new(broker.clone(), &config.service))
-                    .await
-                    .context("starting the relay")?;
-            Some(
-                spawn_relay(
-                    store.clone(),
-                    views.clone(),
-                    Arc::new(publisher),
-                    RelayConfig::default(),
-                )
-                .await?,
-            )
+            start_relay(&opened, NatsConfig::new(broker.clone(), &config.service))
+                .await
+                .context("starting the relay")?
         }
-        _ => None,
+        _ => Handlers::None,
     };
     let seeded = fresh && config.seed && config.roles.command && split.is_none();
     if seeded {
@@ -438,12 +428,8 @@ pub async fn run(config: ServeConfig) -> Result<()> {
         task.abort();
     }
     handlers.stop().await;
-    for consumer in inbound {
-        consumer.stop().await;
-    }
-    if let Some(relay) = relay {
-        relay.stop().await;
-    }
+    inbound.stop().await;
+    relay.stop().await;
     println!("stopped cleanly; run the same command to continue where it stopped");
     Ok(())
 }
@@ -452,29 +438,67 @@ pub async fn run(config: ServeConfig) -> Result<()> {
 /// local copy.
 const CATALOG_TIMEOUT: Duration = Duration::from_millis(300);
 
-/// Starts a consumer per service whose streams `service` copies into its log.
-async fn receive_copies(
-    service: Service,
-    broker: &str,
-    store: &Arc<dyn EventStore>,
-    views: &Arc<dyn ViewStore>,
-) -> Result<Vec<RunnerHandle>> {
-    let mut consumers = Vec::new();
+/// Starts the relay: in this process on SQLite; on PostgreSQL under a lease,
+/// so one node at a time publishes and another takes over when it dies.
+async fn start_relay(opened: &Opened, nats: NatsConfig) -> Result<Handlers> {
+    let (store, views) = (opened.store.clone(), opened.views.clone());
+    let name = nats.relay_name();
+    let start = move || {
+        let (store, views, nats) = (store.clone(), views.clone(), nats.clone());
+        async move {
+            let publisher = NatsPublisher::connect(&nats).await?;
+            spawn_relay(store, views, Arc::new(publisher), RelayConfig::default())
+                .await
+                .map_err(|error| BackendError::with_source("starting the relay", error))
+        }
+    };
+    Ok(match &opened.leases {
+        None => Handlers::Local(vec![start().await?]),
+        Some(leases) => Handlers::Leased(vec![PartitionedRunner::singleton(
+            leases.clone(),
+            &name,
+            LeaseConfig::default(),
+            start,
+        )]),
+    })
+}
+
+/// Starts a consumer per service whose streams `service` copies into its log;
+/// on PostgreSQL each under a lease, so one node at a time applies a source.
+async fn receive_copies(service: Service, broker: &str, opened: &Opened) -> Result<Handlers> {
+    let mut local = Vec::new();
+    let mut leased = Vec::new();
     for source in service.sources() {
-        let copies = StreamCopies::new(store.clone(), source.name(), [source.category()]);
+        let (store, views) = (opened.store.clone(), opened.views.clone());
         let config = InboundConfig {
             url: broker.to_owned(),
             source: source.name().to_owned(),
             durable: format!("{service}-copies"),
             batch: 256,
         };
-        consumers.push(
-            spawn_inbound(views.clone(), Arc::new(copies), config)
-                .await
-                .with_context(|| format!("receiving the {source} service's events"))?,
-        );
+        let start = move || {
+            let copies = StreamCopies::new(store.clone(), source.name(), [source.category()]);
+            spawn_inbound(views.clone(), Arc::new(copies), config.clone())
+        };
+        match &opened.leases {
+            None => local.push(
+                start()
+                    .await
+                    .with_context(|| format!("receiving the {source} service's events"))?,
+            ),
+            Some(leases) => leased.push(PartitionedRunner::singleton(
+                leases.clone(),
+                &StreamCopies::name_for(source.name()),
+                LeaseConfig::default(),
+                start,
+            )),
+        }
     }
-    Ok(consumers)
+    Ok(if leased.is_empty() {
+        Handlers::Local(local)
+    } else {
+        Handlers::Leased(leased)
+    })
 }
 
 /// The stores of one node, and the leases table on PostgreSQL.

@@ -31,6 +31,12 @@ impl NatsConfig {
             duplicate_window: Duration::from_secs(120),
         }
     }
+
+    /// The relay's name, under which its checkpoint (and on PostgreSQL its
+    /// lease) is kept: `relay-nats-<service>`.
+    pub fn relay_name(&self) -> String {
+        format!("relay-nats-{}", self.service)
+    }
 }
 
 /// Publishes events to the service's JetStream stream, created if missing.
@@ -73,7 +79,7 @@ impl NatsPublisher {
         Ok(Self {
             jetstream,
             service: config.service.clone(),
-            name: format!("relay-nats-{}", config.service),
+            name: config.relay_name(),
         })
     }
 }

@@ -18,12 +18,14 @@
 //! batch twice.
 
 use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use diptych_core::{
-    BackendError, EventStore, Handler, HandlerKind, Partition, Projection, RunnerConfig,
-    RunnerHandle, ViewStore, spawn_projection,
+    BackendError, EventStore, Handler, Partition, RunnerConfig, RunnerHandle, ViewStore,
+    spawn_projection,
 };
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -247,8 +249,6 @@ impl PartitionedRunner {
         runner: RunnerConfig,
         lease: LeaseConfig,
     ) -> Self {
-        let (stop, stopped) = watch::channel(false);
-        let (held_sender, held) = watch::channel(Vec::new());
         let count = if handler.partitionable {
             count.max(1)
         } else {
@@ -260,15 +260,46 @@ impl PartitionedRunner {
         } else {
             Partition::all(Arc::clone(&handler.projection), count)
         };
+        let kind = handler.kind;
+        let start: Starter = Arc::new(move |partition| {
+            let (store, views, runner) = (Arc::clone(&store), Arc::clone(&views), runner.clone());
+            let projection = Arc::clone(&partitions[partition as usize]);
+            Box::pin(async move {
+                spawn_projection(store, views, projection, kind, runner)
+                    .await
+                    .map_err(|error| BackendError::with_source("starting a runner", error))
+            })
+        });
+        Self::coordinate(leases, handler.projection.name(), count, lease, start)
+    }
+
+    /// Runs what `start` starts (a relay, a broker consumer) in one process at
+    /// a time, under the lease `name`: another process takes over when this
+    /// one dies or stops renewing, as for a projection that is not
+    /// partitioned. `start` is called again after a failure or a lost lease.
+    pub fn singleton<F, Fut>(leases: PgLeases, name: &str, lease: LeaseConfig, start: F) -> Self
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<RunnerHandle, BackendError>> + Send + 'static,
+    {
+        let start: Starter = Arc::new(move |_| Box::pin(start()));
+        Self::coordinate(leases, name, 1, lease, start)
+    }
+
+    fn coordinate(
+        leases: PgLeases,
+        name: &str,
+        count: u32,
+        lease: LeaseConfig,
+        start: Starter,
+    ) -> Self {
+        let (stop, stopped) = watch::channel(false);
+        let (held_sender, held) = watch::channel(Vec::new());
         let coordinator = Coordinator {
             leases,
-            store,
-            views,
-            partitions,
-            kind: handler.kind,
-            name: handler.projection.name().to_owned(),
+            start,
+            name: name.to_owned(),
             count,
-            runner,
             lease,
             running: BTreeMap::new(),
             held: held_sender,
@@ -293,15 +324,18 @@ impl PartitionedRunner {
     }
 }
 
+/// Starts the runner of a partition.
+type Starter = Arc<
+    dyn Fn(u32) -> Pin<Box<dyn Future<Output = Result<RunnerHandle, BackendError>> + Send>>
+        + Send
+        + Sync,
+>;
+
 struct Coordinator {
     leases: PgLeases,
-    store: Arc<dyn EventStore>,
-    views: Arc<dyn ViewStore>,
-    partitions: Vec<Arc<dyn Projection>>,
-    kind: HandlerKind,
+    start: Starter,
     name: String,
     count: u32,
-    runner: RunnerConfig,
     lease: LeaseConfig,
     running: BTreeMap<u32, RunnerHandle>,
     held: watch::Sender<Vec<u32>>,
@@ -392,14 +426,7 @@ impl Coordinator {
             {
                 continue;
             }
-            let runner = spawn_projection(
-                Arc::clone(&self.store),
-                Arc::clone(&self.views),
-                Arc::clone(&self.partitions[partition as usize]),
-                self.kind,
-                self.runner.clone(),
-            )
-            .await;
+            let runner = (self.start)(partition).await;
             match runner {
                 Ok(runner) => {
                     self.running.insert(partition, runner);

@@ -510,3 +510,85 @@ fn the_relay_role_publishes_the_log_to_nats_and_reports_its_lag() {
         .block_on(diptych::nats::delete_stream(&nats, &service))
         .expect("the test's stream is deleted");
 }
+
+#[test]
+fn two_relay_nodes_on_postgresql_publish_one_at_a_time_and_take_over() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let config = runtime.block_on(diptych::postgres::testing::fresh_config());
+    let nats = std::env::var("DIPTYCH_TEST_NATS").expect("DIPTYCH_TEST_NATS names a NATS server");
+    let service = format!("pgrelay{}", std::process::id());
+    let node = |roles: &str| {
+        start_with(
+            &[
+                "demo",
+                "--addr",
+                "127.0.0.1:0",
+                "--store",
+                &config.url,
+                "--schema",
+                &config.schema,
+                "--role",
+                roles,
+                "--broker",
+                &nats,
+                "--service",
+                &service,
+            ],
+            &[],
+        )
+    };
+    let writer = node("command");
+    let mut relays = vec![node("relay"), node("relay")];
+    let relay = format!("relay-nats-{service}");
+    let leases = runtime
+        .block_on(diptych::postgres::PgLeases::connect(&config))
+        .expect("the leases table");
+    let caught_up = |node: &Demo, what: &str| {
+        poll(node, "/projections", what, |status| {
+            status.as_array().into_iter().flatten().any(|p| {
+                p["name"] == relay.as_str() && p["lag_events"] == 0 && p["head"].as_u64() > Some(0)
+            })
+        })
+    };
+    caught_up(&relays[0], "the relay publishing the seeded log");
+
+    // One node holds the relay's lease; the other waits.
+    let holders = runtime.block_on(leases.holders(&relay)).expect("leases");
+    assert_eq!(holders.len(), 1, "one relay at a time: {holders:?}");
+    let holder = holders.values().next().unwrap().clone();
+    let holding = relays
+        .iter()
+        .position(|node| holder.starts_with(&format!("pid-{}-", node.child.id())))
+        .unwrap_or_else(|| panic!("the holder {holder} is one of the relay nodes"));
+
+    // The holder dies; orders keep coming; the other node takes over.
+    drop(relays.remove(holding));
+    for n in 0..3 {
+        let order = format!(
+            r#"{{"order_id":"r-{n}","customer_id":"ada","lines":[{{"product_id":"tea","quantity":1}}]}}"#
+        );
+        let (status, placed, _) = writer.request("POST", "/commands/PlaceOrder", &[], &order);
+        assert_eq!(status, 200, "{placed}");
+    }
+    let survivor = &relays[0];
+    let mut taken_over = false;
+    for _ in 0..300 {
+        let holders = runtime.block_on(leases.holders(&relay)).expect("leases");
+        if holders.len() == 1
+            && holders
+                .values()
+                .all(|h| h.starts_with(&format!("pid-{}-", survivor.child.id())))
+        {
+            taken_over = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(taken_over, "the surviving node took the relay's lease");
+    caught_up(survivor, "the survivor publishing the rest");
+    drop(relays);
+    drop(writer);
+    runtime
+        .block_on(diptych::nats::delete_stream(&nats, &service))
+        .expect("the test's stream is deleted");
+}

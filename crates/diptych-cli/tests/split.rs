@@ -4,7 +4,8 @@
 //! consistency token lets a client wait for it there; the reservation saga
 //! crosses ordering → inventory → ordering; with the catalog killed, ordering
 //! still takes orders for known products and its order detail answers from its
-//! local copy, marked stale.
+//! local copy, marked stale; with the broker killed, every service still takes
+//! its commands, and what they wrote flows once it is back.
 //!
 //! The services run on a private NATS server (/usr/sbin/nats-server) on a free
 //! port, so their subjects (`diptych.catalog.…`) cannot meet another run's on
@@ -58,8 +59,7 @@ fn fastrand_port() -> u16 {
         + free_port() % 7
 }
 
-fn private_nats(dir: &std::path::Path) -> (Group, String) {
-    let port = free_port();
+fn private_nats(dir: &std::path::Path, port: u16) -> (Group, String) {
     let server = Command::new("/usr/sbin/nats-server")
         .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
         .arg(dir)
@@ -130,9 +130,10 @@ fn poll(addr: &str, path: &str, what: &str, done: impl Fn(&Value) -> bool) -> Va
 }
 
 #[test]
-fn the_split_shop_propagates_renames_and_takes_orders_without_the_catalog() {
+fn the_split_shop_propagates_renames_and_works_without_the_catalog_or_the_broker() {
     let dir = tempfile::tempdir().unwrap();
-    let (_nats, broker) = private_nats(&dir.path().join("nats"));
+    let nats_port = free_port();
+    let (nats, broker) = private_nats(&dir.path().join("nats"), nats_port);
     let first = four_free_ports();
     let mut demo = Command::new(env!("CARGO_BIN_EXE_diptych"))
         .args(["demo", "--split", "--addr", &format!("127.0.0.1:{first}")])
@@ -235,6 +236,57 @@ fn the_split_shop_propagates_renames_and_takes_orders_without_the_catalog() {
     assert_eq!(detail["lines"][0]["description_from"], "catalog");
     assert_eq!(detail["lines"][0]["current_name"], "Blue mug");
 
+    // The broker killed: every service still takes its commands.
+    drop(nats);
+    let (status, body, head) = request(
+        &catalog,
+        "POST",
+        "/commands/RenameProduct",
+        &[],
+        r#"{"product_id":"mug","name":"Blue mug, large"}"#,
+    );
+    assert_eq!(status, 200, "a rename without the broker: {body}");
+    let renamed = format!("catalog:{}", token(&head));
+    let (status, body, _) = request(
+        &ordering,
+        "POST",
+        "/commands/PlaceOrder",
+        &[],
+        r#"{"order_id":"o-3","customer_id":"grace","lines":[{"product_id":"tea","quantity":1}]}"#,
+    );
+    assert_eq!(status, 200, "an order without the broker: {body}");
+    // Back on the same port and storage: what waited in the logs flows again.
+    let (nats, _) = private_nats(&dir.path().join("nats"), nats_port);
+    poll(
+        &ordering,
+        "/views/orders/o-3",
+        "o-3 confirmed after the outage",
+        |order| order["status"] == "confirmed",
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (status, history, _) = request(
+            &ordering,
+            "GET",
+            "/views/customer-orders?customer_id=ada",
+            &[("X-Diptych-Wait-For", &renamed)],
+            "",
+        );
+        if status == 200 {
+            let line = &history["items"][0]["document"]["lines"][0];
+            assert_eq!(line["name"], "Blue mug, large", "{history}");
+            break;
+        }
+        assert_eq!(
+            status, 503,
+            "only a wait that timed out is retried: {history}"
+        );
+        assert!(
+            Instant::now() < deadline,
+            "the rename arrived after the outage"
+        );
+    }
+
     // The catalog killed: orders for known products go on.
     let killed = Command::new("kill")
         .args(["-KILL", &pid_of("catalog")])
@@ -281,7 +333,7 @@ fn the_split_shop_propagates_renames_and_takes_orders_without_the_catalog() {
         .iter()
         .find(|line| line["product_id"] == "mug")
         .unwrap_or_else(|| panic!("a mug line in {detail}"));
-    assert_eq!(mug["current_name"], "Blue mug");
+    assert_eq!(mug["current_name"], "Blue mug, large");
     assert_eq!(mug["description"], "A blue glazed stoneware mug, 350 ml");
 
     // A cancellation crosses to inventory, which releases o-1's two mugs.
@@ -315,4 +367,5 @@ fn the_split_shop_propagates_renames_and_takes_orders_without_the_catalog() {
     );
 
     drop(demo);
+    drop(nats);
 }

@@ -285,6 +285,7 @@ fn the_split_shop_propagates_renames_and_works_without_the_catalog_or_the_broker
             Instant::now() < deadline,
             "the rename arrived after the outage"
         );
+        std::thread::sleep(Duration::from_millis(100));
     }
 
     // The catalog killed: orders for known products go on.

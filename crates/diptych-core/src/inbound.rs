@@ -35,6 +35,8 @@ pub struct InboundProjection {
     declaration: Declaration,
     generation: u64,
     position: Position,
+    /// The failure recorded as the projection's stall, if any.
+    stalled: Option<String>,
 }
 
 impl InboundProjection {
@@ -55,6 +57,7 @@ impl InboundProjection {
             declaration,
             generation: record.generation,
             position: record.position,
+            stalled: record.stalled,
         })
     }
 
@@ -69,13 +72,30 @@ impl InboundProjection {
         record(&*self.views, self.name(), |stats| stats.pending = pending);
     }
 
-    /// Records that the last batch failed with `error` and is being retried,
-    /// so the projection shows as stalled until a batch succeeds.
-    pub fn report_failure(&self, error: &dyn std::fmt::Display) {
+    /// Records that the consumer is failing with `error` (a batch that does
+    /// not apply, a broker it cannot reach) and retrying: the projection shows
+    /// as stalled, in every process sharing the view store, until a batch
+    /// goes through.
+    pub async fn report_failure(&mut self, error: &(dyn std::fmt::Display + Sync)) {
         let error = error.to_string();
-        record(&*self.views, self.name(), |stats| {
-            stats.failing = Some(error)
-        });
+        if self.stalled.as_ref() == Some(&error) {
+            return;
+        }
+        match self
+            .views
+            .set_stalled(self.name(), Some(error.clone()))
+            .await
+        {
+            Ok(()) => self.stalled = Some(error),
+            Err(stored) => tracing::warn!(%stored, "could not record a stalled consumer"),
+        }
+    }
+
+    /// Clears a stall recorded by [`InboundProjection::report_failure`].
+    async fn recovered(&mut self) {
+        if self.stalled.is_some() && self.views.set_stalled(self.name(), None).await.is_ok() {
+            self.stalled = None;
+        }
     }
 
     /// Applies the events of a batch not applied before and commits them with
@@ -117,33 +137,42 @@ impl InboundProjection {
             applied: received.len(),
             redelivered: events.len() - received.len(),
         };
+        if !received.is_empty() {
+            let mut commit =
+                ViewCommit::new(self.name(), self.generation, self.position, checkpoint);
+            commit.changes = tx.into_changes();
+            commit.received = received;
+            match self.views.commit(commit).await {
+                Ok(()) => self.position = checkpoint,
+                Err(ViewError::CheckpointMoved { actual, .. }) => {
+                    // Another consumer of the same projection committed: carry
+                    // on from there; the redelivery sorts out what it applied.
+                    self.position = Position(actual);
+                    return Err(BackendError::msg("another consumer moved the checkpoint"));
+                }
+                Err(error) => return Err(view(error)),
+            }
+        }
         record(&*self.views, self.name(), |stats| {
-            stats.failing = None;
             stats.received += (outcome.applied + outcome.redelivered) as u64;
             stats.redelivered += outcome.redelivered as u64;
             if let Some(newest) = events.iter().map(|event| event.recorded_at).max() {
                 stats.newest_received_at = Some(newest);
             }
         });
-        if received.is_empty() {
-            return Ok(outcome);
-        }
-        let mut commit = ViewCommit::new(self.name(), self.generation, self.position, checkpoint);
-        commit.changes = tx.into_changes();
-        commit.received = received;
-        match self.views.commit(commit).await {
-            Ok(()) => {
-                self.position = checkpoint;
-                Ok(outcome)
-            }
-            Err(ViewError::CheckpointMoved { actual, .. }) => {
-                // Another consumer of the same projection committed: carry on
-                // from there; the redelivery sorts out what it applied.
-                self.position = Position(actual);
-                Err(BackendError::msg("another consumer moved the checkpoint"))
-            }
-            Err(error) => Err(view(error)),
-        }
+        self.recovered().await;
+        Ok(outcome)
+    }
+}
+
+impl Drop for InboundProjection {
+    /// A consumer that stops takes its figures with it (another process may
+    /// take over, and a view store at the same address later is another).
+    fn drop(&mut self) {
+        STATS
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .remove(&key(&*self.views, self.name()));
     }
 }
 
@@ -160,9 +189,6 @@ pub struct InboundStats {
     /// When the source recorded the newest event received.
     #[serde(skip)]
     pub newest_received_at: Option<Timestamp>,
-    /// The error the consumer keeps retrying, if its last batch failed.
-    #[serde(skip)]
-    pub failing: Option<String>,
 }
 
 impl InboundStats {

@@ -105,6 +105,11 @@ pub struct RunnerHandle {
 }
 
 impl RunnerHandle {
+    /// Whether its task has ended (stopped, or failed for good).
+    pub fn is_finished(&self) -> bool {
+        self.task.is_finished()
+    }
+
     /// The handle of a task that applies events under `name` (a projection
     /// runner, a relay, a broker consumer): the task stops after its current
     /// batch once `stop` says `true`, or when the sender is dropped.
@@ -688,14 +693,12 @@ pub async fn projection_status(
 /// An inbound projection's status, from what its consumer in this process saw:
 /// its position is in the source's log, so its head is unknown here and its
 /// lag is what the broker still holds for it.
-fn inbound_status(views: &dyn ViewStore, mut record: ProjectionRecord) -> ProjectionStatus {
+fn inbound_status(views: &dyn ViewStore, record: ProjectionRecord) -> ProjectionStatus {
+    // The lag is known where the consumer runs; a stall, everywhere.
     let received = crate::inbound::inbound_stats(views, &record.name);
     let (lag_events, lag_ms) = received
         .as_ref()
         .map_or((0, 0), |stats| (stats.pending, stats.lag_ms()));
-    if let Some(failing) = received.as_ref().and_then(|stats| stats.failing.clone()) {
-        record.stalled.get_or_insert(failing);
-    }
     let head = record.position;
     status_of(record, head, lag_events, lag_ms, received)
 }

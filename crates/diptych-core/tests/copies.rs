@@ -208,6 +208,35 @@ async fn the_relay_publishes_only_the_services_own_events() {
 }
 
 #[tokio::test]
+async fn an_event_twice_in_one_batch_changes_a_view_once() {
+    let source = MemoryStore::new();
+    diptych_core::testkit::append_tallies(&source, &mut 0, 2, 2).await;
+    let events = log(&source).await;
+    let views: Arc<dyn ViewStore> = Arc::new(MemoryViews::new());
+    let mut inbound = InboundProjection::register(
+        views.clone(),
+        Arc::new(diptych_core::testkit::Tallies::default()),
+    )
+    .await
+    .unwrap();
+    let doubled = [events[0].clone(), events[1].clone(), events[0].clone()];
+    inbound.apply(&doubled).await.unwrap();
+    let counted = diptych_core::testkit::dump_collection(&*views, "tallies").await;
+    let once = {
+        let clean: Arc<dyn ViewStore> = Arc::new(MemoryViews::new());
+        let mut clean_inbound = InboundProjection::register(
+            clean.clone(),
+            Arc::new(diptych_core::testkit::Tallies::default()),
+        )
+        .await
+        .unwrap();
+        clean_inbound.apply(&events).await.unwrap();
+        diptych_core::testkit::dump_collection(&*clean, "tallies").await
+    };
+    assert_eq!(counted, once, "the repeated event counted once");
+}
+
+#[tokio::test]
 async fn an_event_twice_in_one_batch_is_applied_once() {
     let source = log(&catalog().await).await;
     let local = Arc::new(MemoryStore::new());
@@ -255,7 +284,7 @@ async fn an_inbound_projection_reports_what_it_received_and_a_failure_as_stalled
 
     // A gap: retried and reported, the projection shows as stalled with why.
     let error = inbound.apply(&source[4..]).await.unwrap_err();
-    inbound.report_failure(&error);
+    inbound.report_failure(&error).await;
     let stalled = status(views.clone(), local.clone()).await;
     assert_eq!(stalled.state, diptych_core::ProjectionState::Stalled);
     assert!(stalled.stalled.is_some_and(|why| why.contains("applying")));

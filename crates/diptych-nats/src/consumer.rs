@@ -55,6 +55,7 @@ pub async fn spawn_inbound(
 /// The durable consumer, once the source's stream exists; `None` when stopped
 /// first.
 async fn durable_consumer(
+    inbound: &mut InboundProjection,
     jetstream: &jetstream::Context,
     config: &InboundConfig,
     mut stopped: watch::Receiver<bool>,
@@ -63,11 +64,15 @@ async fn durable_consumer(
     loop {
         match ordered_durable(jetstream, config).await {
             Ok(consumer) => return Some(consumer),
-            Err(error) => tracing::warn!(
-                %error,
-                source = %config.source,
-                "waiting for the source's JetStream stream (has its relay run yet?)"
-            ),
+            Err(error) => {
+                tracing::warn!(
+                    %error,
+                    source = %config.source,
+                    "waiting for the source's JetStream stream (has its relay run yet?)"
+                );
+                let waiting = format!("waiting for the stream of `{}`: {error}", config.source);
+                inbound.report_failure(&waiting).await;
+            }
         }
         tokio::select! {
             _ = tokio::time::sleep(backoff) => {}
@@ -145,10 +150,16 @@ async fn run(
     config: &InboundConfig,
     mut stopped: watch::Receiver<bool>,
 ) {
-    let Some(mut consumer) = durable_consumer(jetstream, config, stopped.clone()).await else {
+    let Some(mut consumer) =
+        durable_consumer(&mut inbound, jetstream, config, stopped.clone()).await
+    else {
         return;
     };
     let mut backoff = FIRST_BACKOFF;
+    // The consumer numbers its deliveries 1, 2, 3…: a number skipped is a
+    // delivery that never reached this process and would come back, after
+    // the ack wait, behind newer ones.
+    let mut next_delivery: Option<u64> = None;
     while !*stopped.borrow() {
         let fetched = consumer
             .fetch()
@@ -160,6 +171,7 @@ async fn run(
             Ok(messages) => messages,
             Err(error) => {
                 tracing::warn!(%error, "fetching from JetStream failed; retrying");
+                inbound.report_failure(&error).await;
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(MAX_BACKOFF);
                 continue;
@@ -169,58 +181,89 @@ async fn run(
         let mut batch = Vec::new();
         let mut broken = false;
         while let Some(message) = messages.next().await {
-            match message {
-                Ok(message) => batch.push(message),
+            let message = match message {
+                Ok(message) => message,
                 Err(error) => {
-                    // Messages after this one may have been delivered and
-                    // lost: they would come back behind newer ones.
                     tracing::warn!(%error, "a fetch from JetStream broke off");
                     broken = true;
                     break;
                 }
-            }
-        }
-        if !batch.is_empty() {
-            let Some(()) = apply_and_acknowledge(&mut inbound, &batch, &mut stopped).await else {
-                return;
             };
-        } else if !broken {
-            inbound.report_pending(0);
+            let delivery = message.info().map(|info| info.consumer_sequence).ok();
+            if delivery.is_some() && next_delivery.is_some() && delivery != next_delivery {
+                tracing::warn!(?delivery, expected = ?next_delivery, "a delivery went missing");
+                broken = true;
+                break;
+            }
+            next_delivery = delivery.map(|sequence| sequence + 1);
+            batch.push(message);
+        }
+        let applied = if batch.is_empty() {
+            if !broken {
+                inbound.report_pending(0);
+            }
+            Applied::Yes
+        } else {
+            apply_and_acknowledge(&mut inbound, &batch, &mut stopped).await
+        };
+        match applied {
+            Applied::Stopped => return,
+            Applied::GaveUp => broken = true,
+            Applied::Yes => {}
         }
         if broken {
             // Delivery starts again after what is acknowledged, in order.
-            let Some(again) = durable_consumer(jetstream, config, stopped.clone()).await else {
+            let Some(again) =
+                durable_consumer(&mut inbound, jetstream, config, stopped.clone()).await
+            else {
                 return;
             };
             consumer = again;
+            next_delivery = None;
         }
     }
 }
 
-/// Applies a batch, retrying it as it is until it commits, then acknowledges
-/// it; `None` when stopped first.
+enum Applied {
+    Yes,
+    /// Failed every try: delivered again from the acknowledged floor, in case
+    /// the failure is an event that came before its predecessor.
+    GaveUp,
+    Stopped,
+}
+
+/// How many times a batch is tried before delivery starts again from the
+/// acknowledged floor.
+const TRIES_PER_DELIVERY: u32 = 5;
+
+/// Applies a batch, retrying it as it is, then acknowledges it.
 async fn apply_and_acknowledge(
     inbound: &mut InboundProjection,
     batch: &[jetstream::Message],
     stopped: &mut watch::Receiver<bool>,
-) -> Option<()> {
+) -> Applied {
     // A batch that fails is tried again as it is, before anything newer, so
     // a stream's events apply in order; the broker is told it is still in
     // hand so that it does not deliver it again meanwhile.
     let mut retry = FIRST_BACKOFF;
+    let mut tries = 0;
     let received = loop {
         match apply(inbound, batch).await {
             Ok(received) => break received,
             Err(error) => {
                 tracing::warn!(%error, projection = %inbound.name(), "applying received events failed; retrying");
-                inbound.report_failure(&error);
+                inbound.report_failure(&error).await;
+                tries += 1;
+                if tries == TRIES_PER_DELIVERY {
+                    return Applied::GaveUp;
+                }
                 for message in batch {
                     let _ = message.ack_with(jetstream::AckKind::Progress).await;
                 }
                 tokio::select! {
                     _ = tokio::time::sleep(retry) => {}
                     // Not acknowledged: delivered again after a restart.
-                    _ = stopped.changed() => return None,
+                    _ = stopped.changed() => return Applied::Stopped,
                 }
                 retry = (retry * 2).min(MAX_BACKOFF);
             }
@@ -237,7 +280,7 @@ async fn apply_and_acknowledge(
             tracing::warn!(%error, "acknowledging a message failed");
         }
     }
-    Some(())
+    Applied::Yes
 }
 
 async fn apply(

@@ -385,6 +385,21 @@ impl Coordinator {
 
     /// Renews, drops what was lost, then claims or hands back toward a fair share.
     async fn balance(&mut self) -> Result<(), BackendError> {
+        // A runner whose task ended (it panicked, or gave up) holds its lease
+        // for nothing: hand it back so that one process runs it again.
+        let ended: Vec<u32> = self
+            .running
+            .iter()
+            .filter(|(_, runner)| runner.is_finished())
+            .map(|(partition, _)| *partition)
+            .collect();
+        for partition in ended {
+            tracing::warn!(projection = %self.name, partition, "a runner ended; handing its lease back");
+            self.running.remove(&partition);
+            self.leases
+                .release(&self.name, partition, &self.lease.holder)
+                .await;
+        }
         let renew_started = Instant::now();
         let renewed = self.leases.renew(&self.name, &self.lease).await?;
         self.renewed_at = renew_started;
@@ -426,7 +441,11 @@ impl Coordinator {
             {
                 continue;
             }
-            let runner = (self.start)(partition).await;
+            // Bounded, so a slow start (a broker that does not answer) cannot
+            // hold back the renewals past the lease's lifetime.
+            let runner = tokio::time::timeout(self.lease.ttl / 3, (self.start)(partition))
+                .await
+                .unwrap_or_else(|_| Err(BackendError::msg("starting the runner timed out")));
             match runner {
                 Ok(runner) => {
                     self.running.insert(partition, runner);

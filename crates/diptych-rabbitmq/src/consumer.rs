@@ -127,6 +127,7 @@ async fn run(
                     }
                     Err(error) => {
                         tracing::warn!(%error, queue = %config.queue, "reconnecting to RabbitMQ failed; retrying");
+                        inbound.report_failure(&error).await;
                         backoff = (backoff * 2).min(MAX_BACKOFF);
                         continue;
                     }
@@ -138,6 +139,8 @@ async fn run(
             Ended::Stopped => return,
             Ended::Lost(reason) => {
                 tracing::warn!(%reason, queue = %config.queue, "lost the RabbitMQ connection; reconnecting");
+                let lost = format!("lost the RabbitMQ connection: {reason}");
+                inbound.report_failure(&lost).await;
             }
         }
     }
@@ -188,7 +191,7 @@ async fn consume(
                 Ok(received) => break received,
                 Err(error) => {
                     tracing::warn!(%error, projection = %inbound.name(), "applying a received event failed; retrying");
-                    inbound.report_failure(&error);
+                    inbound.report_failure(&error).await;
                     tokio::select! {
                         _ = tokio::time::sleep(retry) => {}
                         // Not acknowledged: delivered again to the next consumer.

@@ -49,17 +49,15 @@ impl AmqpPublisher {
     }
 
     /// Publishes in order on the channel and awaits the confirms together.
-    async fn publish_on(
-        &self,
-        channel: &Channel,
-        events: &[RecordedEvent],
-    ) -> Result<(), BackendError> {
-        let failed =
-            |error: lapin::Error| BackendError::with_source("publishing to RabbitMQ", error);
+    async fn publish_on(&self, channel: &Channel, events: &[RecordedEvent]) -> Result<(), Refused> {
+        let failed = |error: lapin::Error| {
+            Refused::Failed(BackendError::with_source("publishing to RabbitMQ", error))
+        };
         let mut confirms = Vec::with_capacity(events.len());
         for event in events {
-            let body = serde_json::to_vec(event)
-                .map_err(|error| BackendError::with_source("encoding an event", error))?;
+            let body = serde_json::to_vec(event).map_err(|error| {
+                Refused::Failed(BackendError::with_source("encoding an event", error))
+            })?;
             let confirm = channel
                 .basic_publish(
                     EXCHANGE.into(),
@@ -80,21 +78,29 @@ impl AmqpPublisher {
         let confirmations = try_join_all(confirms).await.map_err(failed)?;
         for confirmation in confirmations {
             if confirmation.is_nack() {
-                return Err(BackendError::msg(
+                return Err(Refused::Failed(BackendError::msg(
                     "RabbitMQ refused (nacked) a message: the page is published again",
-                ));
+                )));
             }
             if let Some(returned) = confirmation.take_message() {
-                return Err(BackendError::msg(format!(
+                return Err(Refused::Unroutable(BackendError::msg(format!(
                     "no queue is bound for `{}`, so RabbitMQ would drop it: the relay holds \
                      its checkpoint until a consumer's queue exists (declare it first, as \
                      diptych_rabbitmq::declare_queue does)",
                     returned.delivery.routing_key
-                )));
+                ))));
             }
         }
         Ok(())
     }
+}
+
+/// Why a page was not published.
+enum Refused {
+    /// No queue is bound for a message; the connection is fine.
+    Unroutable(BackendError),
+    /// The connection or the channel failed, or the broker nacked.
+    Failed(BackendError),
 }
 
 /// A channel in confirm mode, with the exchange declared.
@@ -184,10 +190,15 @@ impl Publisher for AmqpPublisher {
         }
         let channel = open.as_ref().map(|(_, channel)| channel.clone());
         if let Some(channel) = channel {
-            if let Err(error) = self.publish_on(&channel, events).await {
-                // Opened afresh for the next try.
-                *open = None;
-                return Err(error);
+            match self.publish_on(&channel, events).await {
+                Ok(()) => {}
+                // The connection is fine: only no queue is bound yet.
+                Err(Refused::Unroutable(error)) => return Err(error),
+                Err(Refused::Failed(error)) => {
+                    // Opened afresh for the next try.
+                    *open = None;
+                    return Err(error);
+                }
             }
         }
         metrics::counter!("diptych_relay_published_total", "relay" => self.name.clone())

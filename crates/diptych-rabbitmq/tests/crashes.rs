@@ -173,7 +173,20 @@ async fn parent() {
         "no relay was killed with work left to do"
     );
 
-    // Consumers that each die right after a commit, before acknowledging.
+    // A last relay runs to the end; on a fresh backlog, consumers that each die
+    // right after a commit, before acknowledging; then a last consumer.
+    let relay_views: Arc<dyn ViewStore> =
+        Arc::new(SqliteViews::open(directory.path().join("relay.db")).unwrap());
+    let publisher = AmqpPublisher::connect(&test_url(), &service).await.unwrap();
+    let relay = spawn_relay(
+        store.clone(),
+        relay_views,
+        Arc::new(publisher),
+        RelayConfig::default(),
+    )
+    .await
+    .unwrap();
+    append_tallies(&*store, &mut appended, 100, 9).await;
     let deaths = 4;
     for death in 0..deaths {
         let child = Command::new(std::env::current_exe().expect("this test's path"))
@@ -186,18 +199,6 @@ async fn parent() {
         expect_exit_after_commit(child, Duration::from_secs(60));
     }
 
-    // A last relay and consumer run to the end.
-    let relay_views: Arc<dyn ViewStore> =
-        Arc::new(SqliteViews::open(directory.path().join("relay.db")).unwrap());
-    let publisher = AmqpPublisher::connect(&test_url(), &service).await.unwrap();
-    let relay = spawn_relay(
-        store.clone(),
-        relay_views,
-        Arc::new(publisher),
-        RelayConfig::default(),
-    )
-    .await
-    .unwrap();
     let views: Arc<dyn ViewStore> =
         Arc::new(SqliteViews::open(directory.path().join("receiver.db")).unwrap());
     let consumer = spawn_amqp_inbound(

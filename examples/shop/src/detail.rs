@@ -58,17 +58,17 @@ impl CatalogClient {
     }
 
     /// Every product asked at once, all within the one timeout: a slow
-    /// catalog costs a detail at most that long, whatever its lines.
-    async fn products(&self, ids: &[&str]) -> Result<Vec<CatalogProduct>, String> {
-        let asked = futures_util::future::try_join_all(ids.iter().map(|id| self.product(id)));
-        tokio::time::timeout(self.timeout, asked)
-            .await
-            .unwrap_or_else(|_| {
-                Err(format!(
-                    "the catalog did not answer within {:?}",
-                    self.timeout
-                ))
-            })
+    /// catalog costs a detail at most that long, whatever its lines. (An
+    /// order's lines name each product once.)
+    async fn products(&self, ids: &[&str]) -> Vec<Result<CatalogProduct, String>> {
+        let asked = futures_util::future::join_all(ids.iter().map(|id| self.product(id)));
+        match tokio::time::timeout(self.timeout, asked).await {
+            Ok(answers) => answers,
+            Err(_) => {
+                let late = format!("the catalog did not answer within {:?}", self.timeout);
+                ids.iter().map(|_| Err(late.clone())).collect()
+            }
+        }
     }
 
     async fn product(&self, product_id: &str) -> Result<CatalogProduct, String> {
@@ -149,12 +149,21 @@ async fn order_detail(
         .iter()
         .map(|line| line.product_id.as_str())
         .collect();
-    let (live, unavailable): (Vec<Option<CatalogProduct>>, _) = match &detail.catalog {
-        Some(catalog) => match catalog.products(&ids).await {
-            Ok(products) => (products.into_iter().map(Some).collect(), None),
-            Err(reason) => (vec![None; ids.len()], Some(reason)),
-        },
-        None => (vec![None; ids.len()], None),
+    // Each line on its own: one product the catalog cannot give is taken
+    // from the copy, the others still from the catalog.
+    let mut unavailable = None;
+    let live: Vec<Option<CatalogProduct>> = match &detail.catalog {
+        Some(catalog) => catalog
+            .products(&ids)
+            .await
+            .into_iter()
+            .map(|answer| {
+                answer
+                    .map_err(|reason| unavailable.get_or_insert(reason).clone())
+                    .ok()
+            })
+            .collect(),
+        None => vec![None; ids.len()],
     };
     let mut lines = Vec::with_capacity(order.lines.len());
     let raw_lines = document["lines"].as_array().into_iter().flatten();

@@ -78,9 +78,10 @@ impl OrderPlacement {
     /// events in order per stream, but the two streams interleave differently
     /// in each service, so their states can differ for a while: inventory may
     /// release a reservation twice (after a failure, then after the
-    /// cancellation). That is safe because every command the saga sends is
-    /// idempotent on its aggregate: a second release, or a confirm or reject
-    /// of an order that moved on, changes nothing.
+    /// cancellation). That is safe: a second release, or a confirm or reject
+    /// of an order that moved on, changes nothing, and a reservation is only
+    /// asked for on `OrderPlaced`, which each service sees before anything
+    /// else of that order.
     pub fn sending_only(mut self, targets: Targets) -> Self {
         self.targets = targets;
         self

@@ -1,7 +1,8 @@
 //! The order detail's live call to the catalog, at the ordering service: a
 //! catalog that accepts connections and never answers costs the detail one
 //! timeout, however many lines, and the answer comes from the local copy,
-//! marked stale; an unknown order is a 404.
+//! marked stale; a catalog that knows some products gives those, with the
+//! token it wants; an unknown order is a 404.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -141,4 +142,79 @@ async fn an_unknown_order_is_a_404_and_a_token_is_required_when_tokens_are_set()
     let tokens = Auth::tokens([("secret".to_owned(), diptych::http::Role::Reader)].into());
     let (status, problem) = get(routes(shop, tokens, None), "/orders/o-1").await;
     assert_eq!(status, StatusCode::UNAUTHORIZED, "{problem}");
+}
+
+/// A catalog that wants a token, knows the mug and not the tea.
+async fn catalog_knowing_the_mug() -> String {
+    use axum::extract::Path;
+    use axum::http::HeaderMap;
+    let router = axum::Router::new().route(
+        "/views/products/{id}",
+        axum::routing::get(|Path(id): Path<String>, headers: HeaderMap| async move {
+            let authorised = headers
+                .get("authorization")
+                .is_some_and(|value| value == "Bearer reader-token");
+            let (status, body) = match (authorised, id.as_str()) {
+                (false, _) => (StatusCode::UNAUTHORIZED, json!({"code": "unauthorized"})),
+                (true, "mug") => (
+                    StatusCode::OK,
+                    json!({"name": "Mug, renamed", "description": "From the catalog"}),
+                ),
+                (true, _) => (StatusCode::NOT_FOUND, json!({"code": "not_found"})),
+            };
+            (status, axum::Json(body))
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    format!("http://{addr}")
+}
+
+fn line<'a>(detail: &'a Value, product: &str) -> &'a Value {
+    detail["lines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|line| line["product_id"] == product)
+        .unwrap_or_else(|| panic!("a {product} line in {detail}"))
+}
+
+#[tokio::test]
+async fn each_line_takes_what_the_catalog_gives_and_a_token_is_sent() {
+    let shop = ordering_with_an_order().await;
+    let catalog = catalog_knowing_the_mug().await;
+    let with_token =
+        CatalogClient::new(&catalog, Duration::from_secs(5)).with_token("reader-token");
+    let (status, detail) = get(
+        routes(shop.clone(), Auth::open(), Some(with_token)),
+        "/orders/o-1",
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{detail}");
+    let mug = line(&detail, "mug");
+    assert_eq!(mug["description_from"], "catalog", "{detail}");
+    assert_eq!(mug["current_name"], "Mug, renamed");
+    assert_eq!(mug["description"], "From the catalog");
+    let tea = line(&detail, "tea");
+    assert_eq!(tea["description_from"], "local copy", "{detail}");
+    assert_eq!(detail["possibly_stale"], true);
+    assert!(
+        detail["stale_because"]
+            .as_str()
+            .is_some_and(|why| why.contains("404")),
+        "{detail}"
+    );
+
+    // Without the token the catalog says 401, and the copy answers every line.
+    let without = CatalogClient::new(&catalog, Duration::from_secs(5));
+    let (status, detail) = get(routes(shop, Auth::open(), Some(without)), "/orders/o-1").await;
+    assert_eq!(status, StatusCode::OK, "{detail}");
+    assert_eq!(line(&detail, "mug")["description_from"], "local copy");
+    assert!(
+        detail["stale_because"]
+            .as_str()
+            .is_some_and(|why| why.contains("401")),
+        "{detail}"
+    );
 }

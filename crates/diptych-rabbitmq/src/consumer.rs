@@ -60,7 +60,22 @@ struct Consuming {
 }
 
 impl Consuming {
+    /// Connects and starts consuming, within a bound: a connection cut during
+    /// the handshake must not leave the consumer waiting for ever.
     async fn open(config: &AmqpInboundConfig, projection: &str) -> Result<Self, BackendError> {
+        tokio::time::timeout(OPEN_WITHIN, Self::open_unbounded(config, projection))
+            .await
+            .unwrap_or_else(|_| {
+                Err(BackendError::msg(format!(
+                    "consuming from RabbitMQ did not start within {OPEN_WITHIN:?}"
+                )))
+            })
+    }
+
+    async fn open_unbounded(
+        config: &AmqpInboundConfig,
+        projection: &str,
+    ) -> Result<Self, BackendError> {
         let failed = |what: &'static str| move |error| BackendError::with_source(what, error);
         let (connection, channel) = open_channel(&config.url).await?;
         declare_bound_queue(&channel, &config.queue, &config.source).await?;
@@ -90,17 +105,24 @@ impl Consuming {
             passive: true,
             ..QueueDeclareOptions::default()
         };
-        let declared = self
+        let declare = self
             .channel
-            .queue_declare(queue.into(), passive, FieldTable::default())
+            .queue_declare(queue.into(), passive, FieldTable::default());
+        let declared = tokio::time::timeout(Duration::from_secs(1), declare)
             .await
+            .ok()?
             .ok()?;
         Some(u64::from(declared.message_count()))
     }
 }
 
+/// How long connecting and starting to consume may take.
+const OPEN_WITHIN: Duration = Duration::from_secs(15);
 const FIRST_BACKOFF: Duration = Duration::from_millis(50);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// How long an acknowledgement may take before the connection is taken for
+/// lost.
+const ACK_WITHIN: Duration = Duration::from_secs(5);
 /// How often the queue's depth is read for the lag.
 const LAG_EVERY: Duration = Duration::from_secs(1);
 
@@ -163,8 +185,12 @@ async fn consume(
         let delivery = tokio::select! {
             delivery = consuming.consumer.next() => delivery,
             _ = tokio::time::sleep(LAG_EVERY) => {
-                if let Some(waiting) = consuming.waiting(&config.queue).await {
-                    inbound.report_pending(waiting);
+                // The queue's depth, and a check that the connection is alive:
+                // a connection cut without a word would otherwise leave the
+                // consumer waiting for deliveries that never come.
+                match consuming.waiting(&config.queue).await {
+                    Some(waiting) => inbound.report_pending(waiting),
+                    None => return Ended::Lost("the broker did not answer a queue check".to_owned()),
                 }
                 lag_read = tokio::time::Instant::now();
                 continue;
@@ -206,9 +232,15 @@ async fn consume(
             .increment((received.applied + received.redelivered) as u64);
         metrics::counter!("diptych_inbound_redeliveries_total", "projection" => projection)
             .increment(received.redelivered as u64);
-        if let Err(error) = delivery.ack(BasicAckOptions::default()).await {
-            // Delivered again after reconnecting, and then skipped as received.
-            return Ended::Lost(format!("acknowledging a message failed: {error}"));
+        // Bounded: on a connection cut mid-way the acknowledgement can wait for
+        // ever. Unacknowledged, it is delivered again after reconnecting, and
+        // then skipped as received.
+        match tokio::time::timeout(ACK_WITHIN, delivery.ack(BasicAckOptions::default())).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(error)) => {
+                return Ended::Lost(format!("acknowledging a message failed: {error}"));
+            }
+            Err(_) => return Ended::Lost("acknowledging a message did not finish".to_owned()),
         }
         if lag_read.elapsed() >= LAG_EVERY {
             if let Some(waiting) = consuming.waiting(&config.queue).await {

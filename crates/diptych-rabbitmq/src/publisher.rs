@@ -1,5 +1,7 @@
 //! [`AmqpPublisher`]: the relay's publisher to RabbitMQ, with publisher confirms.
 
+use std::time::Duration;
+
 use async_trait::async_trait;
 use diptych_core::{BackendError, Publisher, RecordedEvent, StreamId};
 use futures_util::future::try_join_all;
@@ -116,6 +118,25 @@ async fn confirming_channel(url: &str) -> Result<(Connection, Channel), BackendE
 /// Connects to `url`, opens a channel and declares the exchange on it. The
 /// connection must be kept as long as the channel is used.
 pub(crate) async fn open_channel(url: &str) -> Result<(Connection, Channel), BackendError> {
+    // Bounded: a connection dropped during the handshake must not leave the
+    // caller waiting for ever.
+    tokio::time::timeout(CONNECT_WITHIN, open_channel_unbounded(url))
+        .await
+        .unwrap_or_else(|_| {
+            Err(BackendError::msg(format!(
+                "connecting to RabbitMQ did not finish within {CONNECT_WITHIN:?} (is the server up?)"
+            )))
+        })
+}
+
+/// How long connecting (and opening a channel) may take.
+const CONNECT_WITHIN: Duration = Duration::from_secs(10);
+
+/// How long a page's confirms may take before the page is published again on
+/// a new connection.
+const CONFIRMS_WITHIN: Duration = Duration::from_secs(30);
+
+async fn open_channel_unbounded(url: &str) -> Result<(Connection, Channel), BackendError> {
     let connection = Connection::connect(url, ConnectionProperties::default())
         .await
         .map_err(|error| {
@@ -190,7 +211,15 @@ impl Publisher for AmqpPublisher {
         }
         let channel = open.as_ref().map(|(_, channel)| channel.clone());
         if let Some(channel) = channel {
-            match self.publish_on(&channel, events).await {
+            let published =
+                tokio::time::timeout(CONFIRMS_WITHIN, self.publish_on(&channel, events))
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(Refused::Failed(BackendError::msg(format!(
+                            "RabbitMQ did not confirm the page within {CONFIRMS_WITHIN:?}"
+                        ))))
+                    });
+            match published {
                 Ok(()) => {}
                 // The connection is fine: only no queue is bound yet.
                 Err(Refused::Unroutable(error)) => return Err(error),

@@ -362,6 +362,14 @@ fn the_split_shop_propagates_renames_and_works_without_the_catalog_or_the_broker
         .find(|status| status["name"] == "copies-catalog")
         .unwrap_or_else(|| panic!("copies-catalog in {projections}"));
     assert_eq!(copies["kind"], "inbound");
+    let (_, _, metrics) = support::exchange(&ordering, "GET", "/metrics", &[], "");
+    for metric in [
+        "diptych_inbound_received_total{projection=\"copies-catalog\"}",
+        "diptych_projection_lag_events{projection=\"copies-catalog\"}",
+        "diptych_relay_published_total{relay=\"relay-nats-ordering\"}",
+    ] {
+        assert!(metrics.contains(metric), "{metric} in {metrics}");
+    }
     assert!(
         copies["received"]["received"].as_u64().unwrap() >= 6,
         "{copies}"

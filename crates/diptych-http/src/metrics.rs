@@ -70,8 +70,15 @@ pub(crate) async fn render(State(state): State<AppState>) -> Response {
                 .set(status.lag_ms as f64);
             metrics::gauge!("diptych_projection_parked", "projection" => name.clone())
                 .set(status.parked as f64);
-            metrics::gauge!("diptych_projection_position", "projection" => name)
+            metrics::gauge!("diptych_projection_position", "projection" => name.clone())
                 .set(status.position.0 as f64);
+            // An inbound consumer's messages, counted by core where it runs.
+            if let Some(received) = status.received {
+                metrics::counter!("diptych_inbound_received_total", "projection" => name.clone())
+                    .absolute(received.received);
+                metrics::counter!("diptych_inbound_redeliveries_total", "projection" => name)
+                    .absolute(received.redelivered);
+            }
         }
     }
     let text = handle().map(PrometheusHandle::render).unwrap_or_default();

@@ -247,9 +247,9 @@ async fn apply_and_acknowledge(
     // hand so that it does not deliver it again meanwhile.
     let mut retry = FIRST_BACKOFF;
     let mut tries = 0;
-    let received = loop {
+    loop {
         match apply(inbound, batch).await {
-            Ok(received) => break received,
+            Ok(_) => break,
             Err(error) => {
                 tracing::warn!(%error, projection = %inbound.name(), "applying received events failed; retrying");
                 inbound.report_failure(&error).await;
@@ -268,8 +268,7 @@ async fn apply_and_acknowledge(
                 retry = (retry * 2).min(MAX_BACKOFF);
             }
         }
-    };
-    count(inbound.name(), received);
+    }
     // What the broker still holds after the newest message: the lag.
     if let Some(Ok(info)) = batch.last().map(|message| message.info()) {
         inbound.report_pending(info.pending);
@@ -293,14 +292,4 @@ async fn apply(
         .collect::<Result<Vec<_>, _>>()
         .map_err(|error| BackendError::with_source("a message is not a diptych envelope", error))?;
     inbound.apply(&events).await
-}
-
-/// Received and redelivered messages, for `/metrics`.
-fn count(projection: &str, received: Received) {
-    let projection = projection.to_owned();
-    metrics::counter!("diptych_inbound_received_total", "projection" => projection.clone())
-        .increment((received.applied + received.redelivered) as u64);
-    // Messages applied before (a crash between commit and ack, a lost ack).
-    metrics::counter!("diptych_inbound_redeliveries_total", "projection" => projection)
-        .increment(received.redelivered as u64);
 }

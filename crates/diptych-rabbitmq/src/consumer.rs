@@ -205,7 +205,7 @@ async fn consume(
         // A delivery that fails is tried again as it is, before the next, so
         // a stream's events apply in order.
         let mut retry = FIRST_BACKOFF;
-        let received = loop {
+        loop {
             let applied = match serde_json::from_slice::<RecordedEvent>(&delivery.data) {
                 Ok(event) => inbound.apply(std::slice::from_ref(&event)).await,
                 Err(error) => Err(BackendError::with_source(
@@ -214,7 +214,7 @@ async fn consume(
                 )),
             };
             match applied {
-                Ok(received) => break received,
+                Ok(_) => break,
                 Err(error) => {
                     tracing::warn!(%error, projection = %inbound.name(), "applying a received event failed; retrying");
                     inbound.report_failure(&error).await;
@@ -226,12 +226,7 @@ async fn consume(
                     retry = (retry * 2).min(MAX_BACKOFF);
                 }
             }
-        };
-        let projection = inbound.name().to_owned();
-        metrics::counter!("diptych_inbound_received_total", "projection" => projection.clone())
-            .increment((received.applied + received.redelivered) as u64);
-        metrics::counter!("diptych_inbound_redeliveries_total", "projection" => projection)
-            .increment(received.redelivered as u64);
+        }
         // Bounded: on a connection cut mid-way the acknowledgement can wait for
         // ever. Unacknowledged, it is delivered again after reconnecting, and
         // then skipped as received.

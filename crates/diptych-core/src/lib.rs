@@ -40,6 +40,7 @@
 //!   conflict is [`AppendError::Conflict`] on every backend.
 
 pub mod aggregate;
+mod cache;
 pub mod codec;
 pub mod copies;
 pub mod envelope;
@@ -77,7 +78,10 @@ pub use partition::{Partition, stream_partition};
 pub use process::{ProcessManager, as_projection, spawn_process_manager, state_collection};
 pub use projection::{Interest, Mark, Projection, ViewTx};
 pub use relay::{Publisher, RelayConfig, spawn_relay};
-pub use repository::{CommandContext, CommandOutcome, Loaded, Repository, RepositoryConfig};
+pub use repository::{
+    CommandContext, CommandOutcome, DEFAULT_CACHE_CAPACITY, Loaded, Repository, RepositoryConfig,
+    RepositoryStats,
+};
 pub use runner::{
     Handler, LIVE_WITHIN, ProjectionState, ProjectionStatus, RunnerConfig, RunnerHandle,
     projection_status, spawn_projection,

@@ -102,7 +102,9 @@ pub use projection_checks::{
 };
 pub use proxy::{KillOnDrop, TcpProxy};
 pub use repository_checks::{
-    repository_business_rejection_writes_nothing, repository_concurrent_commands_all_apply,
+    repository_business_rejection_writes_nothing,
+    repository_caches_never_serve_a_state_older_than_the_store,
+    repository_concurrent_commands_all_apply,
     repository_concurrent_repeats_of_a_command_write_once,
     repository_expected_version_mismatch_is_a_conflict,
     repository_ignores_snapshots_of_another_state_version, repository_loads_at_time,
@@ -345,6 +347,7 @@ macro_rules! event_store_conformance {
             repository_concurrent_commands_all_apply,
             repository_expected_version_mismatch_is_a_conflict,
             repository_business_rejection_writes_nothing,
+            repository_caches_never_serve_a_state_older_than_the_store,
             repository_loads_at_version,
             repository_loads_at_time,
             repository_writes_and_uses_snapshots,

@@ -148,7 +148,7 @@ pub async fn repository_repeated_command_is_deduplicated(store: Arc<dyn EventSto
 pub async fn repository_concurrent_repeats_of_a_command_write_once(store: Arc<dyn EventStore>) {
     let tallies = Repository::<Tally>::with_config(
         Arc::clone(&store),
-        RepositoryConfig { max_attempts: 100 },
+        RepositoryConfig::default().with_max_attempts(100),
     );
     tallies
         .execute("impatient", &1, &CommandContext::default())
@@ -197,9 +197,7 @@ pub async fn repository_concurrent_commands_all_apply(store: Arc<dyn EventStore>
     const COMMANDS_PER_TASK: u64 = 5;
     let tallies = Repository::<Tally>::with_config(
         Arc::clone(&store),
-        RepositoryConfig {
-            max_attempts: 10_000,
-        },
+        RepositoryConfig::default().with_max_attempts(10_000),
     );
     let mut tasks = JoinSet::new();
     for task in 0..TASKS {
@@ -325,6 +323,94 @@ pub async fn repository_business_rejection_writes_nothing(store: Arc<dyn EventSt
         None,
         "a rejected command must not record its id"
     );
+}
+
+/// Two repositories (two processes, or two `Repository` values on one store,
+/// each with its own aggregate cache) command one aggregate alternately, and
+/// each sees the other's events: a cached state is never decided from at a
+/// version the store has moved past. Covered: a command whose cached state is
+/// behind (its append conflicts, it catches up and succeeds), a rejection and
+/// an empty decision made from a stale state (both checked against the store
+/// and decided again), and `If-Match` against a stale state.
+pub async fn repository_caches_never_serve_a_state_older_than_the_store(
+    store: Arc<dyn EventStore>,
+) {
+    let first = Repository::<Door>::new(Arc::clone(&store));
+    let second = Repository::<Door>::new(Arc::clone(&store));
+    let run = |repository: &Repository<Door>, command: DoorCommand| {
+        let repository = repository.clone();
+        async move {
+            repository
+                .execute("front", &command, &CommandContext::default())
+                .await
+        }
+    };
+    let version = |outcome: Result<_, CommandError<DoorError>>| match outcome {
+        Ok(crate::repository::CommandOutcome { version, .. }) => version,
+        Err(error) => panic!("the command must succeed, got {error:?}"),
+    };
+
+    assert_eq!(version(run(&first, DoorCommand::Open).await), 1);
+    assert_eq!(version(run(&second, DoorCommand::Enter).await), 2);
+    // `first` holds the door at version 1: its append conflicts, it reads
+    // version 2 and closes the door at 3.
+    assert_eq!(version(run(&first, DoorCommand::Close).await), 3);
+    // `second` holds the open door of version 2, which would let it in: the
+    // append conflicts, and the closed door refuses.
+    match run(&second, DoorCommand::Enter).await {
+        Err(CommandError::Rejected(DoorError::Closed)) => {}
+        other => panic!("entering a closed door must be rejected, got {other:?}"),
+    }
+    assert_eq!(version(run(&first, DoorCommand::Open).await), 4);
+    // `second` holds the closed door of version 3: the rejection it would give
+    // is checked against the store, which has the door open again.
+    assert_eq!(version(run(&second, DoorCommand::Enter).await), 5);
+    // `first` holds the open door of version 4: opening it decides nothing, and
+    // the answer must carry the store's version, 5.
+    let nothing = run(&first, DoorCommand::Open)
+        .await
+        .expect("opening an open door decides nothing");
+    assert_eq!((nothing.events.len(), nothing.version), (0, 5));
+    assert_eq!(version(run(&second, DoorCommand::Close).await), 6);
+    // `first` holds the open door of version 5, where opening decides nothing;
+    // the store has it closed at 6, so opening writes version 7.
+    assert_eq!(version(run(&first, DoorCommand::Open).await), 7);
+    assert_eq!(version(run(&second, DoorCommand::Enter).await), 8);
+    // `If-Match: 8` against `first`'s cached version 7 is checked against the
+    // store, not refused.
+    let matched = first
+        .execute(
+            "front",
+            &DoorCommand::Enter,
+            &CommandContext::default().expecting_version(8),
+        )
+        .await
+        .expect("the store is at version 8, so If-Match 8 holds");
+    assert_eq!(matched.version, 9);
+
+    for round in 0..40u64 {
+        let repository = if round % 2 == 0 { &second } else { &first };
+        assert_eq!(
+            version(run(repository, DoorCommand::Enter).await),
+            10 + round,
+            "round {round}: each command must see every earlier one"
+        );
+    }
+    for repository in [&first, &second] {
+        let loaded = repository.load("front").await.expect("load");
+        assert_eq!(
+            (loaded.state.open, loaded.state.entries, loaded.version),
+            (true, 44, 49),
+            "both repositories must agree with the log"
+        );
+        let stats = repository.stats();
+        assert!(
+            stats.cache_hits > 0 && stats.stale_cache_entries + stats.conflicts_retried > 0,
+            "the check must exercise cached states that fell behind: {stats:?}"
+        );
+    }
+    let log = read_whole_log(&*store).await;
+    assert_eq!(log.len(), 49, "nothing may be written twice");
 }
 
 /// Loading at version `n` gives the state after exactly the first `n` events (a
@@ -689,6 +775,63 @@ async fn plant_snapshot(
 }
 
 /// The most a [`Tally`] may hold, so a command can be rejected for going over.
+/// A door: opened, closed, entered only while open. Unlike a [`Tally`], a
+/// command refused in one state is accepted in a later one, and some commands
+/// decide nothing (opening an open door), so a stale state shows.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+struct Door {
+    open: bool,
+    entries: u64,
+}
+
+/// What a [`Door`] is asked.
+#[derive(Clone, Copy, Debug)]
+enum DoorCommand {
+    Open,
+    Close,
+    Enter,
+}
+
+/// What happens to a [`Door`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+enum DoorEvent {
+    Opened,
+    Closed,
+    Entered,
+}
+
+/// Why a [`Door`] refuses.
+#[derive(Debug, PartialEq, thiserror::Error)]
+enum DoorError {
+    #[error("the door is closed")]
+    Closed,
+}
+
+impl Aggregate for Door {
+    const KIND: &'static str = "door";
+    type Command = DoorCommand;
+    type Event = DoorEvent;
+    type Error = DoorError;
+
+    fn decide(&self, command: &DoorCommand) -> Result<Vec<DoorEvent>, DoorError> {
+        Ok(match (command, self.open) {
+            (DoorCommand::Open, true) | (DoorCommand::Close, false) => Vec::new(),
+            (DoorCommand::Open, false) => vec![DoorEvent::Opened],
+            (DoorCommand::Close, true) => vec![DoorEvent::Closed],
+            (DoorCommand::Enter, true) => vec![DoorEvent::Entered],
+            (DoorCommand::Enter, false) => return Err(DoorError::Closed),
+        })
+    }
+
+    fn evolve(&mut self, event: &DoorEvent) {
+        match event {
+            DoorEvent::Opened => self.open = true,
+            DoorEvent::Closed => self.open = false,
+            DoorEvent::Entered => self.entries += 1,
+        }
+    }
+}
+
 const TALLY_LIMIT: u64 = 1_000_000;
 
 /// A running total: the smallest aggregate with a business rule, and snapshots

@@ -286,7 +286,7 @@ async fn append_until(
 
 /// The floor's connection settings: the store's durability (WAL, fsync at every
 /// commit) and its page cache size, so the floor is not slowed by a smaller cache.
-const FLOOR_PRAGMAS: &str = "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; \
+pub(crate) const FLOOR_PRAGMAS: &str = "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; \
                              PRAGMA cache_size = -65536;";
 
 /// The floor: the same rows, same schema, same durability, batched, no store.
@@ -344,28 +344,7 @@ impl Floor {
                     rows.push((self.position, stream, version, uuid::Uuid::now_v7()));
                 }
             }
-            let transaction_started = Instant::now();
-            let transaction = self.connection.transaction()?;
-            {
-                let mut insert = transaction.prepare_cached(
-                    "INSERT INTO events (position, stream_id, version, event_id, event_type, \
-                     schema_version, payload, metadata, recorded_at) \
-                     VALUES (?1, ?2, ?3, ?4, 'OrderPlaced', 1, ?5, '{}', ?6)",
-                )?;
-                let recorded_at = Timestamp::now().as_unix_micros();
-                for (position, stream, version, event_id) in &rows {
-                    insert.execute(rusqlite::params![
-                        position,
-                        stream,
-                        version,
-                        event_id.as_bytes().as_slice(),
-                        self.payload,
-                        recorded_at
-                    ])?;
-                }
-            }
-            transaction.commit()?;
-            let elapsed = transaction_started.elapsed();
+            let elapsed = insert_floor_rows(&mut self.connection, &rows, &self.payload)?;
             self.busy += elapsed;
             // Every writer's append in this round waited for this one transaction.
             self.latencies.extend(std::iter::repeat_n(
@@ -380,6 +359,38 @@ impl Floor {
     fn measured(self) -> Measured {
         Measured::from_samples(self.events, self.busy, self.latencies)
     }
+}
+
+/// Inserts one floor transaction of `(position, stream, version, event id)` rows
+/// with plain rusqlite into the store's `events` table, and returns how long the
+/// transaction took (preparing the rows is the caller's, and is not counted).
+pub(crate) fn insert_floor_rows(
+    connection: &mut rusqlite::Connection,
+    rows: &[(i64, String, i64, uuid::Uuid)],
+    payload: &str,
+) -> Result<Duration> {
+    let transaction_started = Instant::now();
+    let transaction = connection.transaction()?;
+    {
+        let mut insert = transaction.prepare_cached(
+            "INSERT INTO events (position, stream_id, version, event_id, event_type, \
+             schema_version, payload, metadata, recorded_at) \
+             VALUES (?1, ?2, ?3, ?4, 'OrderPlaced', 1, ?5, '{}', ?6)",
+        )?;
+        let recorded_at = Timestamp::now().as_unix_micros();
+        for (position, stream, version, event_id) in rows {
+            insert.execute(rusqlite::params![
+                position,
+                stream,
+                version,
+                event_id.as_bytes().as_slice(),
+                payload,
+                recorded_at
+            ])?;
+        }
+    }
+    transaction.commit()?;
+    Ok(transaction_started.elapsed())
 }
 
 /// Removes an SQLite database and its WAL and shared-memory files.

@@ -115,6 +115,13 @@ async fn measure(
     ))
 }
 
+/// The floor's statement: rows of one stream, `$1`, at positions `$2` and
+/// versions `$3` with event ids `$6`, all with payload `$4` and time `$5`.
+pub(crate) const FLOOR_INSERT: &str = "INSERT INTO events (position, stream_id, version, \
+     event_id, event_type, schema_version, payload, metadata, recorded_at) \
+     SELECT p, $1, v, id, 'OrderPlaced', 1, $4, '{}'::jsonb, $5 \
+     FROM unnest($2::bigint[], $3::bigint[], $6::uuid[]) AS u(p, v, id)";
+
 #[derive(Default)]
 struct FloorRun {
     /// Each floor writer's stream version, carried from slice to slice.
@@ -143,14 +150,7 @@ async fn floor_slice(
             let position = Arc::clone(position);
             let mut version = run.versions[writer];
             tokio::spawn(async move {
-                let statement = client
-                    .prepare(
-                        "INSERT INTO events (position, stream_id, version, event_id, event_type, \
-                         schema_version, payload, metadata, recorded_at) \
-                         SELECT p, $1, v, id, 'OrderPlaced', 1, $4, '{}'::jsonb, $5 \
-                         FROM unnest($2::bigint[], $3::bigint[], $6::uuid[]) AS u(p, v, id)",
-                    )
-                    .await?;
+                let statement = client.prepare(FLOOR_INSERT).await?;
                 let payload = payload_template();
                 let stream = format!("bench-{writer}");
                 let (mut events, mut latencies) = (0usize, Vec::new());

@@ -441,13 +441,13 @@ fn lags_us(acknowledged: &[(Position, Instant)], observed: &[(Position, Instant)
 
 /// Resets the kernel's record of this process's peak resident memory, so the next
 /// reading covers only what follows.
-fn reset_peak_rss() {
+pub(crate) fn reset_peak_rss() {
     let _ = std::fs::write("/proc/self/clear_refs", "5");
 }
 
 /// A memory figure of this process from `/proc/self/status` (`VmRSS:`, or
 /// `VmHWM:` for the peak since the last reset), in KiB; 0 where unknown.
-fn memory_kib(field: &str) -> u64 {
+pub(crate) fn memory_kib(field: &str) -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|status| {

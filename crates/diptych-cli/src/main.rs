@@ -2,6 +2,7 @@
 //! the operator's controls of projections.
 
 mod bench;
+mod bench_command;
 mod bench_http;
 mod bench_pg;
 mod bench_project_pg;
@@ -217,6 +218,45 @@ enum BenchCommand {
         #[arg(long)]
         store: Option<String>,
     },
+    /// Commands as users run them (`Repository::execute`: load, decide,
+    /// append), on new, existing, cold and hot aggregates, against the floor of
+    /// `bench append`; and the load of one aggregate of 10,000 events.
+    Command {
+        /// Print one JSON object per result line.
+        #[arg(long)]
+        json: bool,
+        /// Seconds each measurement runs (the store and the floor each).
+        #[arg(long, default_value_t = 4.0)]
+        seconds: f64,
+        /// Scenarios to run, comma separated: new, existing, cold, hot, load_10k.
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "new,existing,cold,hot,load_10k"
+        )]
+        scenarios: Vec<String>,
+        /// Writer counts, comma separated (1,16,64,256 on SQLite, where `hot`
+        /// leaves out 256; 1,16,32 on PostgreSQL).
+        #[arg(long, value_delimiter = ',')]
+        writers: Option<Vec<usize>>,
+        /// Aggregates of the `cold` scenario.
+        #[arg(long, default_value_t = 200_000)]
+        aggregates: usize,
+        /// Aggregates of the `existing` scenario.
+        #[arg(long, default_value_t = 10_000)]
+        existing: usize,
+        /// The aggregate cache's capacity for new, existing and hot (the
+        /// repository's default when not given; `cold` never caches).
+        #[arg(long)]
+        cache: Option<usize>,
+        /// Where to put the database files (a temporary directory by default).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Measure a PostgreSQL store instead (`postgres://user@host:port/db`):
+        /// fresh schemas in that database, dropped afterwards.
+        #[arg(long)]
+        store: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -297,6 +337,89 @@ async fn run(cli: Cli) -> Result<()> {
                     result.e2e_samples
                 );
             }
+            Ok(())
+        }
+        Command::Bench {
+            bench:
+                BenchCommand::Command {
+                    json,
+                    seconds,
+                    scenarios,
+                    writers,
+                    aggregates,
+                    existing,
+                    cache,
+                    dir,
+                    store,
+                },
+        } => {
+            anyhow::ensure!(
+                seconds.is_finite() && seconds > 0.0,
+                "--seconds must be a positive number, got {seconds}"
+            );
+            anyhow::ensure!(
+                writers.iter().flatten().all(|&count| count > 0) && aggregates > 0 && existing > 0,
+                "--writers, --aggregates and --existing take positive counts"
+            );
+            let config = bench_command::CommandBenchConfig {
+                postgres: store,
+                scenarios,
+                writers,
+                duration: Duration::from_secs_f64(seconds),
+                cold_aggregates: aggregates,
+                existing_aggregates: existing,
+                cache_capacity: cache,
+                directory: dir,
+            };
+            if !json {
+                println!(
+                    "{:>8} {:>7} {:>11} {:>9} {:>9} {:>11} {:>6} {:>9} {:>7}",
+                    "scenario",
+                    "writers",
+                    "commands/s",
+                    "p50 us",
+                    "p99 us",
+                    "floor/s",
+                    "ratio",
+                    "conflicts",
+                    "gave up"
+                );
+            }
+            bench_query::reset_peak_rss();
+            bench_command::run(&config, |line| {
+                let text = match (line, json) {
+                    (bench_command::Line::Command(result), true) => {
+                        serde_json::to_string(result).unwrap_or_default()
+                    }
+                    (bench_command::Line::Load(result), true) => {
+                        serde_json::to_string(result).unwrap_or_default()
+                    }
+                    (bench_command::Line::Command(result), false) => format!(
+                        "{:>8} {:>7} {:>11.0} {:>9} {:>9} {:>11.0} {:>6.2} {:>9} {:>7}",
+                        result.scenario,
+                        result.writers,
+                        result.commands_per_sec,
+                        result.p50_us,
+                        result.p99_us,
+                        result.floor_per_sec,
+                        result.ratio,
+                        result.conflicts_retried,
+                        result.gave_up
+                    ),
+                    (bench_command::Line::Load(result), false) => format!(
+                        "load_10k: {:.1} ms through the repository, {:.1} ms with a plain SELECT",
+                        result.load_10k_ms, result.floor_ms
+                    ),
+                };
+                let mut stdout = std::io::stdout().lock();
+                let _ = writeln!(stdout, "{text}");
+                let _ = stdout.flush();
+            })
+            .await?;
+            eprintln!(
+                "peak RSS: {:.0} MiB",
+                bench_query::memory_kib("VmHWM:") as f64 / 1024.0
+            );
             Ok(())
         }
         Command::Bench {

@@ -59,6 +59,7 @@ pub mod subscription;
 pub mod testing;
 #[cfg(feature = "testkit")]
 pub mod testkit;
+mod turns;
 pub mod view;
 
 pub use aggregate::{Aggregate, SnapshotPolicy};

@@ -15,6 +15,7 @@ use crate::error::{AppendError, CommandError, LoadError, ReadError};
 use crate::store::{
     AppendOutcome, AppendRequest, EventStore, ExpectedVersion, Snapshot, StreamRead,
 };
+use crate::turns::Turns;
 
 /// How many events a load reads per round trip: large, so a long stream loads
 /// in a few reads (the page is held in memory only while it is applied).
@@ -179,6 +180,7 @@ pub struct Repository<A: Aggregate> {
     codec: EventCodec<A::Event>,
     config: RepositoryConfig,
     cache: Option<Arc<AggregateCache<A>>>,
+    turns: Arc<Turns>,
     counters: Arc<Counters>,
 }
 
@@ -189,6 +191,7 @@ impl<A: Aggregate> Clone for Repository<A> {
             codec: self.codec.clone(),
             config: self.config.clone(),
             cache: self.cache.clone(),
+            turns: Arc::clone(&self.turns),
             counters: Arc::clone(&self.counters),
         }
     }
@@ -215,6 +218,7 @@ impl<A: Aggregate> Repository<A> {
             codec: EventCodec::new(A::upcasters()),
             cache: AggregateCache::new(config.cache_capacity).map(Arc::new),
             config,
+            turns: Arc::default(),
             counters: Arc::default(),
         }
     }
@@ -272,6 +276,11 @@ impl<A: Aggregate> Repository<A> {
     /// The command id is the idempotency key: a repeat returns the first run's
     /// outcome (the store recognises the key inside the append), also when
     /// deciding it again would now be rejected or decide nothing.
+    ///
+    /// Commands of this repository (and its clones) on one aggregate take turns,
+    /// so they do not race each other into conflicts; commands on different
+    /// aggregates run concurrently, and other processes are kept right by the
+    /// store's version check alone.
     pub async fn execute(
         &self,
         id: &str,
@@ -281,6 +290,7 @@ impl<A: Aggregate> Repository<A> {
         let stream = self.stream_of(id)?;
         let key = context.command_id.to_string();
         let attempts = self.config.max_attempts.max(1);
+        let _turn = self.turns.wait(&stream).await;
         let mut conflicts = 0;
         let mut working = self.check_out(&stream).await?;
         loop {

@@ -190,18 +190,23 @@ pub async fn repository_concurrent_repeats_of_a_command_write_once(store: Arc<dy
     );
 }
 
-/// 16 tasks run 5 commands each against one aggregate; conflicts are retried, so
-/// every command succeeds once and the final state is the sum of them all.
+/// 16 tasks run 5 commands each against one aggregate, each task through its
+/// own repository (as separate processes would, so they race through the
+/// store rather than taking turns); conflicts are retried, so every command
+/// succeeds once and the final state is the sum of them all.
 pub async fn repository_concurrent_commands_all_apply(store: Arc<dyn EventStore>) {
     const TASKS: u64 = 16;
     const COMMANDS_PER_TASK: u64 = 5;
-    let tallies = Repository::<Tally>::with_config(
-        Arc::clone(&store),
-        RepositoryConfig::default().with_max_attempts(10_000),
-    );
+    let repository = || {
+        Repository::<Tally>::with_config(
+            Arc::clone(&store),
+            RepositoryConfig::default().with_max_attempts(10_000),
+        )
+    };
+    let tallies = repository();
     let mut tasks = JoinSet::new();
     for task in 0..TASKS {
-        let tallies = tallies.clone();
+        let tallies = repository();
         tasks.spawn(async move {
             let mut versions = Vec::new();
             for _ in 0..COMMANDS_PER_TASK {

@@ -103,6 +103,7 @@ pub use projection_checks::{
 pub use proxy::{KillOnDrop, TcpProxy};
 pub use repository_checks::{
     repository_business_rejection_writes_nothing,
+    repository_caches_follow_writers_of_another_store,
     repository_caches_never_serve_a_state_older_than_the_store,
     repository_concurrent_commands_all_apply,
     repository_concurrent_repeats_of_a_command_write_once,

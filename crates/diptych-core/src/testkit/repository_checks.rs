@@ -340,8 +340,18 @@ pub async fn repository_business_rejection_writes_nothing(store: Arc<dyn EventSt
 pub async fn repository_caches_never_serve_a_state_older_than_the_store(
     store: Arc<dyn EventStore>,
 ) {
+    repository_caches_follow_writers_of_another_store(Arc::clone(&store), store).await;
+}
+
+/// [`repository_caches_never_serve_a_state_older_than_the_store`] with each
+/// repository on its own store value over the same storage (two processes on
+/// one PostgreSQL database, say: each has its own connections and head watch).
+pub async fn repository_caches_follow_writers_of_another_store(
+    store: Arc<dyn EventStore>,
+    other: Arc<dyn EventStore>,
+) {
     let first = Repository::<Door>::new(Arc::clone(&store));
-    let second = Repository::<Door>::new(Arc::clone(&store));
+    let second = Repository::<Door>::new(other);
     let run = |repository: &Repository<Door>, command: DoorCommand| {
         let repository = repository.clone();
         async move {

@@ -11,11 +11,18 @@
 //! projection is the only writer of its collections, and it keeps the trait free of
 //! any backend's transaction type. Each event's changes can be undone on their own,
 //! so an event that fails leaves nothing behind in the batch.
+//!
+//! What a projection does outside its views (a process manager's commands) it may
+//! hand back as [`Effect`]s from [`Projection::apply_deferred`] instead of doing it
+//! in `apply`: the runner then runs a batch's effects together, at the same time
+//! where they touch different things, before the batch commits.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use futures_util::future::BoxFuture;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -93,6 +100,94 @@ pub trait Projection: Send + Sync + 'static {
     /// Applies one event. An error (or a panic) undoes this event's changes; the
     /// runner retries with backoff and parks the event if it keeps failing.
     async fn apply(&self, event: &RecordedEvent, views: &mut ViewTx) -> Result<(), HandlerError>;
+
+    /// Applies one event to the views as [`Projection::apply`] does, but hands
+    /// back what it does outside them (a process manager's commands) instead of
+    /// doing it. The runner applies a batch's events one after another, then
+    /// runs all their effects at once where [`Effect::new`]'s targets allow, and
+    /// commits only if every effect of an event succeeded; an event whose effects
+    /// failed is undone and retried through `apply`, alone.
+    ///
+    /// So `apply` must be this method followed by running its effects in order.
+    /// The default applies the event with `apply` and defers nothing.
+    async fn apply_deferred(
+        &self,
+        event: &RecordedEvent,
+        views: &mut ViewTx,
+    ) -> Result<Deferred, HandlerError> {
+        self.apply(event, views).await?;
+        Ok(Deferred::default())
+    }
+}
+
+/// Work an event leaves to do outside the views, run by the projection runner
+/// before the batch commits: a process manager's command, say.
+///
+/// An effect may run more than once (the runner retries an event whose effects
+/// failed, and a crash before the commit replays the batch), so it must be
+/// idempotent, as a command with a derived id is.
+pub struct Effect {
+    target: Option<String>,
+    run: BoxFuture<'static, Result<(), HandlerError>>,
+}
+
+impl Effect {
+    /// An effect that runs `run` (which does nothing until the runner polls it)
+    /// against `target`, the one thing it changes (for a command, its
+    /// aggregate's stream id). Effects with different targets may run at the
+    /// same time; effects with the same target run one after another, in the
+    /// order they were deferred. An effect without a target may change anything:
+    /// it runs alone, after every effect deferred before it and before every
+    /// effect deferred after it.
+    pub fn new(
+        target: Option<String>,
+        run: impl Future<Output = Result<(), HandlerError>> + Send + 'static,
+    ) -> Self {
+        Self {
+            target,
+            run: Box::pin(run),
+        }
+    }
+
+    /// What it changes, if it says.
+    pub fn target(&self) -> Option<&str> {
+        self.target.as_deref()
+    }
+
+    /// Runs it.
+    pub async fn run(self) -> Result<(), HandlerError> {
+        self.run.await
+    }
+
+    pub(crate) fn into_parts(
+        self,
+    ) -> (Option<String>, BoxFuture<'static, Result<(), HandlerError>>) {
+        (self.target, self.run)
+    }
+}
+
+impl std::fmt::Debug for Effect {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("Effect")
+            .field("target", &self.target)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The effects one event left ([`Projection::apply_deferred`]), and the sequence
+/// of events it belongs to.
+#[derive(Debug, Default)]
+pub struct Deferred {
+    /// Events of one sequence (a saga instance: the events that share its
+    /// state) have their effects run in event order: an event's effects start
+    /// only after every effect of the sequence's earlier events succeeded. An
+    /// event whose effects fail is undone, so a later event that reacted to the
+    /// state it left must not have acted on that state yet. `None` for an event
+    /// that shares no state with others.
+    pub sequence: Option<String>,
+    /// The effects, in the order they were issued.
+    pub effects: Vec<Effect>,
 }
 
 /// What a key holds inside a batch.

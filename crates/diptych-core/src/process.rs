@@ -185,6 +185,14 @@ impl<P: ProcessManager> Projection for AsProjection<P> {
         Ok(())
     }
 
+    /// The batch's saga states, read together rather than one per event.
+    async fn prefetch(&self, events: &[&RecordedEvent], views: &mut ViewTx) {
+        let instances = events
+            .iter()
+            .filter_map(|event| self.process_manager.instance(event));
+        views.prefetch(&self.state_collection, instances).await;
+    }
+
     async fn apply_deferred(
         &self,
         event: &RecordedEvent,

@@ -400,6 +400,11 @@ impl Runner {
         let mut marks = Vec::with_capacity(events.len());
         let mut deferred = Vec::with_capacity(events.len());
         let mut failed_to_apply = None;
+        // A panic here (in the projection's own code) is left for `apply` to
+        // meet again and report; reading ahead is only an optimisation.
+        let _ = AssertUnwindSafe(self.projection.prefetch(events, views))
+            .catch_unwind()
+            .await;
         for event in events {
             let mark = views.mark();
             match self.apply_deferred_once(event, views).await {

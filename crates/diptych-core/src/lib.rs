@@ -77,7 +77,7 @@ pub use memory::MemoryStore;
 pub use memory_views::MemoryViews;
 pub use partition::{Partition, stream_partition};
 pub use process::{ProcessManager, as_projection, spawn_process_manager, state_collection};
-pub use projection::{Interest, Mark, Projection, ViewTx};
+pub use projection::{Deferred, Effect, Interest, Mark, Projection, ViewTx};
 pub use relay::{Publisher, RelayConfig, spawn_relay};
 pub use repository::{
     CommandContext, CommandOutcome, DEFAULT_CACHE_CAPACITY, Loaded, Repository, RepositoryConfig,

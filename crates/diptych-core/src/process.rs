@@ -14,6 +14,23 @@
 //! the same command ids, and the store returns the first results instead of
 //! writing again.
 //!
+//! Reacting is sequential; dispatching is not. The runner first reacts to every
+//! event of a batch in order (a later event of a saga instance sees the state an
+//! earlier one left), then dispatches all the commands together, so concurrent
+//! appends share the store's group commit instead of paying one durable write
+//! each in turn. What keeps that safe:
+//!
+//! * Commands to one aggregate ([`ProcessManager::target`]) are dispatched in
+//!   the order they were issued; a command without a target is dispatched alone,
+//!   which is what every command is unless the process manager says otherwise.
+//! * An event's commands wait for those of the same saga instance's earlier
+//!   events, so no command is ever sent from a state that is later undone.
+//! * The checkpoint never passes an event whose commands did not all succeed:
+//!   the batch's changes are undone back to the first such event, which is
+//!   retried alone (reacting and dispatching again, as a crash would make it) and
+//!   parked if it keeps failing; the events after it react again, and their
+//!   commands already sent are recognised by their ids.
+//!
 //! Compensations are ordinary commands issued in reaction to a failure event
 //! (`StockReservationFailed` → release what was reserved).
 
@@ -26,7 +43,7 @@ use uuid::Uuid;
 
 use crate::envelope::RecordedEvent;
 use crate::error::{HandlerError, ViewError};
-use crate::projection::{Interest, Projection, ViewTx};
+use crate::projection::{Deferred, Effect, Interest, Projection, ViewTx};
 use crate::repository::CommandContext;
 use crate::runner::{RunnerConfig, RunnerHandle, spawn_projection};
 use crate::store::EventStore;
@@ -62,8 +79,29 @@ pub trait ProcessManager: Send + Sync + 'static {
         event: &RecordedEvent,
     ) -> Result<Vec<Self::Command>, HandlerError>;
 
+    /// The aggregate `command` addresses (its stream id, `stock-42`), so that
+    /// commands to different aggregates can be dispatched at the same time while
+    /// those to one aggregate keep the order they were issued in.
+    ///
+    /// The default, `None`, says nothing about the command: it is dispatched
+    /// alone, after every command issued before it and before any issued after
+    /// it, so a process manager that does not implement this dispatches one
+    /// command at a time, in order. The target is asked of the process manager
+    /// rather than of the command type because it is the process manager that
+    /// knows which of its commands may overtake one another (two commands to
+    /// different aggregates may still have to be ordered, when one of them is
+    /// sent somewhere that reads the other's effect: give both the same target
+    /// then, or none).
+    fn target(&self, command: &Self::Command) -> Option<String> {
+        let _ = command;
+        None
+    }
+
     /// Sends one command. `context` carries the derived command id (the
-    /// idempotency key) and the correlation and causation ids.
+    /// idempotency key) and the correlation and causation ids. It may be called
+    /// again with the same command and id (after a failure in the same batch or
+    /// a crash), so it must be idempotent by that id, as
+    /// [`crate::Repository::execute`] is.
     async fn dispatch(
         &self,
         command: Self::Command,
@@ -140,6 +178,26 @@ impl<P: ProcessManager> Projection for AsProjection<P> {
     }
 
     async fn apply(&self, event: &RecordedEvent, views: &mut ViewTx) -> Result<(), HandlerError> {
+        // One at a time, in the order issued: that meets every target's order.
+        for effect in self.apply_deferred(event, views).await?.effects {
+            effect.run().await?;
+        }
+        Ok(())
+    }
+
+    /// The batch's saga states, read together rather than one per event.
+    async fn prefetch(&self, events: &[&RecordedEvent], views: &mut ViewTx) {
+        let instances = events
+            .iter()
+            .filter_map(|event| self.process_manager.instance(event));
+        views.prefetch(&self.state_collection, instances).await;
+    }
+
+    async fn apply_deferred(
+        &self,
+        event: &RecordedEvent,
+        views: &mut ViewTx,
+    ) -> Result<Deferred, HandlerError> {
         let instance = self.process_manager.instance(event);
         let mut state = match &instance {
             Some(key) => views
@@ -153,10 +211,21 @@ impl<P: ProcessManager> Projection for AsProjection<P> {
             views.put(&self.state_collection, key, &state)?;
         }
         let name = self.process_manager.name();
-        for (index, command) in commands.into_iter().enumerate() {
-            let context = CommandContext::caused_by(event, name, index);
-            self.process_manager.dispatch(command, context).await?;
-        }
-        Ok(())
+        let effects = commands
+            .into_iter()
+            .enumerate()
+            .map(|(index, command)| {
+                let context = CommandContext::caused_by(event, name, index);
+                let target = self.process_manager.target(&command);
+                let process_manager = Arc::clone(&self.process_manager);
+                Effect::new(target, async move {
+                    process_manager.dispatch(command, context).await
+                })
+            })
+            .collect();
+        Ok(Deferred {
+            sequence: instance,
+            effects,
+        })
     }
 }

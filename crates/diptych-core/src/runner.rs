@@ -5,6 +5,15 @@
 //! ([`ViewStore::commit`]), so after a crash the runner resumes from a checkpoint
 //! that matches the views exactly: every event's effect is applied once.
 //!
+//! The events of a batch are applied one after another; the effects they defer
+//! ([`Projection::apply_deferred`]: a process manager's commands) then run
+//! together, up to [`RunnerConfig::concurrent_effects`] at a time, in the order
+//! their targets and sequences ask for. The batch commits only when every
+//! event's effects succeeded: after a failure the batch's changes are undone back
+//! to the first event whose effects failed, that event is retried alone, and the
+//! events after it are applied again (their effects run again, which effects
+//! allow: they are idempotent).
+//!
 //! An event the projection fails on (an error or a panic) is retried with
 //! exponential backoff; while it retries the projection is *stalled*. After
 //! [`RunnerConfig::max_attempts`] it is *parked* (kept with its error) and the batch
@@ -18,18 +27,21 @@
 //! rebuild, retry), woken at once for those made in this process and checking every
 //! [`RunnerConfig::control_poll`] for those made elsewhere (the CLI).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::FutureExt;
+use futures_util::StreamExt;
+use futures_util::future::BoxFuture;
+use futures_util::stream::FuturesUnordered;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::envelope::{Position, RecordedEvent, Timestamp};
-use crate::error::{BackendError, Error, ReadError, ViewError};
-use crate::projection::{Projection, ViewTx};
+use crate::error::{BackendError, Error, HandlerError, ReadError, ViewError};
+use crate::projection::{Deferred, Effect, Mark, Projection, ViewTx};
 use crate::store::EventStore;
 use crate::view::{
     Declaration, HandlerKind, ParkedEvent, ProjectionRecord, RebuildProgress, ViewCommit, ViewStore,
@@ -48,6 +60,11 @@ pub struct RunnerConfig {
     pub max_backoff: Duration,
     /// How often an idle runner looks for requests made by another process.
     pub control_poll: Duration,
+    /// The most effects (a process manager's commands) of one batch running at
+    /// once. Concurrent commands share the event store's group commit; the bound
+    /// keeps a large batch from starting more loads and appends at once than the
+    /// store has connections for.
+    pub concurrent_effects: usize,
 }
 
 impl Default for RunnerConfig {
@@ -58,6 +75,7 @@ impl Default for RunnerConfig {
             first_backoff: Duration::from_millis(50),
             max_backoff: Duration::from_secs(5),
             control_poll: Duration::from_millis(250),
+            concurrent_effects: 64,
         }
     }
 }
@@ -347,16 +365,73 @@ impl Runner {
             &self.declaration.collections,
         );
         let interest = self.projection.interest();
-        for event in events.iter().filter(|event| interest.wants(event)) {
-            if let Some(parked) = self
-                .apply_with_retries(generation, event, &mut views)
-                .await?
-            {
-                commit.parked.push(parked);
+        let wanted: Vec<&RecordedEvent> = events
+            .iter()
+            .filter(|event| interest.wants(event))
+            .collect();
+        let mut next = 0;
+        while next < wanted.len() {
+            let round = self.apply_round(&wanted[next..], &mut views).await;
+            next += round.applied;
+            if let Some(failure) = round.failure {
+                // Everything from the failed event on is undone: the events after
+                // it may have reacted to what it left, and are applied again in
+                // the next round once it is settled.
+                views.rollback_to(failure.mark);
+                let event = wanted[next];
+                if let Some(parked) = self
+                    .retry_failed(generation, event, &mut views, failure.error)
+                    .await?
+                {
+                    commit.parked.push(parked);
+                }
+                next += 1;
             }
         }
         commit.changes = views.into_changes();
         Ok(commit)
+    }
+
+    /// Applies `events` in order until one fails, then runs the effects of those
+    /// applied. Reports how many were applied with all their effects, and the
+    /// first that was not (failing itself, or in its effects) with the mark to
+    /// undo the batch back to.
+    async fn apply_round(&self, events: &[&RecordedEvent], views: &mut ViewTx) -> Round {
+        let mut marks = Vec::with_capacity(events.len());
+        let mut deferred = Vec::with_capacity(events.len());
+        let mut failed_to_apply = None;
+        // A panic here (in the projection's own code) is left for `apply` to
+        // meet again and report; reading ahead is only an optimisation.
+        let _ = AssertUnwindSafe(self.projection.prefetch(events, views))
+            .catch_unwind()
+            .await;
+        for event in events {
+            let mark = views.mark();
+            match self.apply_deferred_once(event, views).await {
+                Ok(effects) => {
+                    marks.push(mark);
+                    deferred.push(effects);
+                }
+                Err(error) => {
+                    failed_to_apply = Some(Failure { mark, error });
+                    break;
+                }
+            }
+        }
+        let applied = marks.len();
+        match run_effects(deferred, self.config.concurrent_effects).await {
+            Some((index, error)) => Round {
+                applied: index,
+                failure: Some(Failure {
+                    mark: marks[index],
+                    error,
+                }),
+            },
+            None => Round {
+                applied,
+                failure: failed_to_apply,
+            },
+        }
     }
 
     /// Commits a refused batch one event per transaction, parking each event whose
@@ -448,24 +523,17 @@ impl Runner {
         Ok(events)
     }
 
-    /// Applies one event, retrying with backoff; the parked event if it kept failing.
-    async fn apply_with_retries(
+    /// Retries an event whose first attempt failed with `error` (its changes
+    /// undone), with backoff; the parked event if it kept failing.
+    async fn retry_failed(
         &mut self,
         generation: u64,
         event: &RecordedEvent,
         views: &mut ViewTx,
+        mut error: String,
     ) -> Result<Option<ParkedEvent>, Interrupted> {
-        let mut attempts = 0;
+        let mut attempts = 1;
         loop {
-            attempts += 1;
-            let error = match self.apply_once(event, views).await {
-                Ok(()) if attempts == 1 => return Ok(None),
-                Ok(()) => {
-                    self.views.set_stalled(&self.declaration.name, None).await?;
-                    return Ok(None);
-                }
-                Err(error) => error,
-            };
             if attempts >= self.config.max_attempts.max(1) {
                 tracing::warn!(projection = %self.declaration.name, position = %event.position, error = %error, "parking an event that keeps failing");
                 if attempts > 1 {
@@ -484,10 +552,20 @@ impl Runner {
             self.sleep(self.backoff(attempts))
                 .await
                 .map_err(|()| Interrupted::Stopping)?;
+            attempts += 1;
+            // Alone, effects and all, as before effects were deferred.
+            match self.apply_once(event, views).await {
+                Ok(()) => {
+                    self.views.set_stalled(&self.declaration.name, None).await?;
+                    return Ok(None);
+                }
+                Err(again) => error = again,
+            }
         }
     }
 
-    /// Applies one event, undoing its changes if it fails or panics.
+    /// Applies one event with its effects, undoing its changes if it fails or
+    /// panics.
     async fn apply_once(&self, event: &RecordedEvent, views: &mut ViewTx) -> Result<(), String> {
         let mark = views.mark();
         let outcome = AssertUnwindSafe(self.projection.apply(event, views))
@@ -495,6 +573,26 @@ impl Runner {
             .await;
         let error = match outcome {
             Ok(Ok(())) => return Ok(()),
+            Ok(Err(error)) => error.chain(),
+            Err(panic) => format!("the handler panicked: {}", panic_message(&panic)),
+        };
+        views.rollback_to(mark);
+        Err(error)
+    }
+
+    /// Applies one event's changes and returns its effects, undoing its changes
+    /// if it fails or panics.
+    async fn apply_deferred_once(
+        &self,
+        event: &RecordedEvent,
+        views: &mut ViewTx,
+    ) -> Result<Deferred, String> {
+        let mark = views.mark();
+        let outcome = AssertUnwindSafe(self.projection.apply_deferred(event, views))
+            .catch_unwind()
+            .await;
+        let error = match outcome {
+            Ok(Ok(deferred)) => return Ok(deferred),
             Ok(Err(error)) => error.chain(),
             Err(panic) => format!("the handler panicked: {}", panic_message(&panic)),
         };
@@ -607,6 +705,154 @@ fn refused_for_its_content(error: &ViewError) -> bool {
             | ViewError::UnknownCollection(_)
             | ViewError::Unsupported(_)
     )
+}
+
+/// What one round of [`Runner::apply_round`] did.
+struct Round {
+    /// How many events were applied with every effect.
+    applied: usize,
+    /// The event after those, which failed.
+    failure: Option<Failure>,
+}
+
+/// An event that failed, to its projection or in its effects.
+struct Failure {
+    /// Where the batch stood before the event.
+    mark: Mark,
+    /// Why.
+    error: String,
+}
+
+/// Runs the effects the events of a round deferred (`deferred[i]` is event
+/// `i`'s), at most `concurrent` at a time, and returns the first event (in the
+/// round's order) whose effects did not all succeed, with the first error among
+/// them.
+///
+/// The effects form a graph, built in the order they were issued: an effect
+/// waits for the previous effect with its target; an effect without a target
+/// waits for every effect before it, and every effect after it waits for it;
+/// and an event's effects wait for every effect of the last earlier event of
+/// its sequence that had any (which waited for the ones before, and so on). An
+/// effect starts once everything it waits for has succeeded, so an effect that
+/// fails holds back every effect that waits on it, directly or not: none of
+/// those runs. Every effect it holds back belongs to its own event or a later
+/// one, so the events before the first failing one had all their effects run
+/// and succeed, which is what lets the runner keep them. Effects already
+/// started are always run to the end, never dropped halfway.
+async fn run_effects(deferred: Vec<Deferred>, concurrent: usize) -> Option<(usize, String)> {
+    let mut graph = EffectGraph::default();
+    for (event, Deferred { sequence, effects }) in deferred.into_iter().enumerate() {
+        graph.add_event(event, sequence, effects);
+    }
+    graph.run(concurrent.max(1)).await
+}
+
+/// The effects of a round and what each waits for, one entry per effect in
+/// each of the first four vectors.
+#[derive(Default)]
+struct EffectGraph {
+    /// The event each effect belongs to.
+    events: Vec<usize>,
+    /// What each runs, taken when it starts.
+    runs: Vec<Option<BoxFuture<'static, Result<(), HandlerError>>>>,
+    /// How many effects each still waits for.
+    waiting_for: Vec<usize>,
+    /// The effects that wait for each.
+    waited_on_by: Vec<Vec<usize>>,
+    /// The last effect of each target.
+    last_of_target: HashMap<String, usize>,
+    /// The last effect without a target.
+    last_alone: Option<usize>,
+    /// The effects added since that one.
+    since_alone: Vec<usize>,
+    /// The effects of the last event of each sequence that had any.
+    last_of_sequence: HashMap<String, Vec<usize>>,
+}
+
+impl EffectGraph {
+    fn add_event(&mut self, event: usize, sequence: Option<String>, effects: Vec<Effect>) {
+        if effects.is_empty() {
+            return;
+        }
+        let after_sequence = sequence
+            .as_ref()
+            .and_then(|sequence| self.last_of_sequence.get(sequence))
+            .cloned()
+            .unwrap_or_default();
+        let mut added = Vec::with_capacity(effects.len());
+        for effect in effects {
+            let (target, run) = effect.into_parts();
+            let id = self.events.len();
+            let mut waits: BTreeSet<usize> = after_sequence.iter().copied().collect();
+            waits.extend(self.last_alone);
+            match target {
+                None => {
+                    waits.extend(self.since_alone.drain(..));
+                    self.last_alone = Some(id);
+                }
+                Some(target) => {
+                    waits.extend(self.last_of_target.insert(target, id));
+                    self.since_alone.push(id);
+                }
+            }
+            self.events.push(event);
+            self.runs.push(Some(run));
+            self.waiting_for.push(waits.len());
+            self.waited_on_by.push(Vec::new());
+            for waited in waits {
+                self.waited_on_by[waited].push(id);
+            }
+            added.push(id);
+        }
+        if let Some(sequence) = sequence {
+            self.last_of_sequence.insert(sequence, added);
+        }
+    }
+
+    async fn run(mut self, concurrent: usize) -> Option<(usize, String)> {
+        // Started in the order issued, so the earliest events settle first.
+        let mut ready: VecDeque<usize> = (0..self.events.len())
+            .filter(|&id| self.waiting_for[id] == 0)
+            .collect();
+        let mut running = FuturesUnordered::new();
+        let mut first_failure: Option<(usize, String)> = None;
+        loop {
+            while running.len() < concurrent {
+                let Some(id) = ready.pop_front() else { break };
+                let Some(run) = self.runs[id].take() else {
+                    continue;
+                };
+                running.push(async move {
+                    let outcome = AssertUnwindSafe(run).catch_unwind().await;
+                    (id, outcome)
+                });
+            }
+            let Some((id, outcome)) = running.next().await else {
+                break;
+            };
+            let error = match outcome {
+                Ok(Ok(())) => {
+                    for &next in &self.waited_on_by[id] {
+                        self.waiting_for[next] -= 1;
+                        if self.waiting_for[next] == 0 {
+                            ready.push_back(next);
+                        }
+                    }
+                    continue;
+                }
+                Ok(Err(error)) => error.chain(),
+                Err(panic) => format!("the handler panicked: {}", panic_message(&panic)),
+            };
+            let event = self.events[id];
+            if first_failure
+                .as_ref()
+                .is_none_or(|(first, _)| event < *first)
+            {
+                first_failure = Some((event, error));
+            }
+        }
+        first_failure
+    }
 }
 
 fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {

@@ -187,8 +187,18 @@ impl<'a, P: ProcessManager> ProcessTest<'a, P> {
             "reacting twice to the same event from the same state left different states"
         );
         let name = self.process_manager.name();
+        let targets = first.as_ref().map_or_else(
+            |_| Vec::new(),
+            |commands| {
+                commands
+                    .iter()
+                    .map(|command| self.process_manager.target(command))
+                    .collect()
+            },
+        );
         Reaction {
             replay,
+            targets,
             result: first.map(|commands| {
                 commands
                     .into_iter()
@@ -224,6 +234,8 @@ pub struct Reaction<P: ProcessManager> {
     result: Result<Vec<(P::Command, CommandContext)>, HandlerError>,
     /// The commands of a second reaction from the same state.
     replay: Option<Vec<P::Command>>,
+    /// What each command targets.
+    targets: Vec<Option<String>>,
 }
 
 impl<P: ProcessManager> Reaction<P>
@@ -276,6 +288,17 @@ where
     pub fn issued(self) -> Vec<(P::Command, CommandContext)> {
         self.result
             .unwrap_or_else(|error| panic!("reacting failed: {error}"))
+    }
+
+    /// What each command targets ([`ProcessManager::target`]), in the order
+    /// issued: the runner dispatches commands with different targets at the
+    /// same time, and those with one target (or none) in this order.
+    #[track_caller]
+    pub fn targets(self) -> Vec<Option<String>> {
+        if let Err(error) = &self.result {
+            panic!("reacting failed: {error}");
+        }
+        self.targets
     }
 }
 

@@ -73,6 +73,16 @@ impl ProcessManager for Mailer {
         )
     }
 
+    /// Mail to one address goes out in order; mail to others alongside.
+    fn target(&self, command: &MailCommand) -> Option<String> {
+        match command {
+            MailCommand::SendWelcome { email }
+            | MailCommand::SendAddressConfirmation { email, .. } => {
+                Some(format!("mailbox-{email}"))
+            }
+        }
+    }
+
     async fn dispatch(&self, _: MailCommand, _: CommandContext) -> Result<(), HandlerError> {
         Ok(())
     }
@@ -148,4 +158,45 @@ fn issued_commands_carry_derived_ids_and_the_causing_event() {
         context.command_id,
         CommandContext::caused_by(&event, "mailer", 1).command_id
     );
+}
+
+#[test]
+fn issued_commands_name_their_targets() {
+    let targets = process(&Mailer)
+        .when(registered("7", "ada@example.com"))
+        .targets();
+    assert_eq!(targets, [Some("mailbox-ada@example.com".to_owned())]);
+}
+
+/// Without `target`, every command is dispatched alone, in order.
+#[test]
+fn commands_have_no_target_unless_the_process_manager_names_one() {
+    struct Silent;
+
+    #[async_trait]
+    impl ProcessManager for Silent {
+        type State = ();
+        type Command = u64;
+
+        fn name(&self) -> &str {
+            "silent"
+        }
+
+        fn interest(&self) -> Interest {
+            Interest::all()
+        }
+
+        fn react(&self, _: &mut (), _: &RecordedEvent) -> Result<Vec<u64>, HandlerError> {
+            Ok(vec![1, 2])
+        }
+
+        async fn dispatch(&self, _: u64, _: CommandContext) -> Result<(), HandlerError> {
+            Ok(())
+        }
+    }
+
+    let targets = process(&Silent)
+        .when(registered("7", "ada@example.com"))
+        .targets();
+    assert_eq!(targets, [None, None]);
 }

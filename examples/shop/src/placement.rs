@@ -7,7 +7,8 @@ use std::collections::BTreeSet;
 
 use async_trait::async_trait;
 use diptych::{
-    CommandContext, EventCodec, HandlerError, Interest, ProcessManager, RecordedEvent, Repository,
+    Aggregate, CommandContext, EventCodec, HandlerError, Interest, ProcessManager, RecordedEvent,
+    Repository,
 };
 use serde::{Deserialize, Serialize};
 
@@ -85,6 +86,14 @@ impl OrderPlacement {
     pub fn sending_only(mut self, targets: Targets) -> Self {
         self.targets = targets;
         self
+    }
+
+    fn stock_of(command: &InventoryCommand) -> &str {
+        match command {
+            InventoryCommand::Add(add) => &add.product_id,
+            InventoryCommand::Reserve { product_id, .. }
+            | InventoryCommand::Release { product_id, .. } => product_id,
+        }
     }
 
     fn release_all(state: &PlacementState, order_id: &str) -> Vec<PlacementCommand> {
@@ -190,6 +199,18 @@ impl ProcessManager for OrderPlacement {
         })
     }
 
+    /// Each command touches one aggregate, a product's stock or an order, and
+    /// none reads another's effect: reservations for different products and
+    /// confirmations of different orders go out together.
+    fn target(&self, command: &PlacementCommand) -> Option<String> {
+        Some(match command {
+            PlacementCommand::Stock(command) => {
+                format!("{}-{}", Stock::KIND, Self::stock_of(command))
+            }
+            PlacementCommand::Order { order_id, .. } => format!("{}-{order_id}", Order::KIND),
+        })
+    }
+
     async fn dispatch(
         &self,
         command: PlacementCommand,
@@ -199,11 +220,7 @@ impl ProcessManager for OrderPlacement {
             PlacementCommand::Stock(_) if self.targets == Targets::Orders => {}
             PlacementCommand::Order { .. } if self.targets == Targets::Stock => {}
             PlacementCommand::Stock(command) => {
-                let product_id = match &command {
-                    InventoryCommand::Add(add) => add.product_id.clone(),
-                    InventoryCommand::Reserve { product_id, .. }
-                    | InventoryCommand::Release { product_id, .. } => product_id.clone(),
-                };
+                let product_id = Self::stock_of(&command).to_owned();
                 self.stock.execute(&product_id, &command, &context).await?;
             }
             PlacementCommand::Order { order_id, command } => {
@@ -211,5 +228,49 @@ impl ProcessManager for OrderPlacement {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use diptych::testing::{process, recorded};
+    use diptych::{MemoryStore, Repository};
+
+    use super::*;
+
+    /// A rejection's commands touch the order and each reserved product's stock:
+    /// four aggregates, so the runner sends all four at once.
+    #[test]
+    fn each_command_targets_its_own_aggregate() {
+        let store = Arc::new(MemoryStore::new());
+        let saga = OrderPlacement::new(Repository::new(store.clone()), Repository::new(store));
+        let reserved = |product_id: &str, version| {
+            let event = InventoryEvent::StockReserved {
+                product_id: product_id.to_owned(),
+                order_id: "o1".to_owned(),
+                quantity: 1,
+            };
+            recorded(&format!("stock-{product_id}"), version, &event)
+        };
+        let short = InventoryEvent::StockReservationFailed {
+            product_id: "jam".to_owned(),
+            order_id: "o1".to_owned(),
+            quantity: 1,
+            available: 0,
+        };
+        let targets = process(&saga)
+            .given([reserved("mug", 1), reserved("tea", 1)])
+            .when(recorded("stock-jam", 1, &short))
+            .targets();
+        assert_eq!(
+            targets,
+            [
+                Some("order-o1".to_owned()),
+                Some("stock-mug".to_owned()),
+                Some("stock-tea".to_owned()),
+            ]
+        );
     }
 }

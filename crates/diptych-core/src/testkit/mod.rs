@@ -91,7 +91,10 @@ pub use model::{check_against_model, check_concurrent_batches};
 pub use projection_checks::{
     Tallies, TallyLine, added, append_one, append_tallies, clean_tallies,
     paused_projection_applies_nothing_until_resumed,
-    poison_event_is_parked_and_retried_after_a_fix, process_manager_effects_happen_once,
+    poison_event_is_parked_and_retried_after_a_fix,
+    process_manager_dispatches_to_different_aggregates_at_once,
+    process_manager_effects_happen_once, process_manager_failing_dispatch_parks_its_own_event,
+    process_manager_keeps_each_aggregates_commands_in_order,
     projection_catches_up_then_follows_live, projection_resumes_from_its_checkpoint,
     rebuild_after_a_fix_applies_parked_events_once, rebuild_during_writes_equals_a_clean_build,
     run_tallies, stalled_projection_reports_its_error_then_recovers,
@@ -269,6 +272,9 @@ macro_rules! view_store_conformance {
             rebuild_during_writes_equals_a_clean_build,
             rebuild_after_a_fix_applies_parked_events_once,
             process_manager_effects_happen_once,
+            process_manager_dispatches_to_different_aggregates_at_once,
+            process_manager_keeps_each_aggregates_commands_in_order,
+            process_manager_failing_dispatch_parks_its_own_event,
         );
 
         #[test]

@@ -39,6 +39,7 @@ pub(crate) fn quick_config() -> RunnerConfig {
         first_backoff: Duration::from_millis(1),
         max_backoff: Duration::from_millis(5),
         control_poll: Duration::from_millis(20),
+        ..RunnerConfig::default()
     }
 }
 
@@ -974,4 +975,431 @@ pub async fn process_manager_effects_happen_once(fixture: ViewFixture) {
     let status = projection_status(&*store, &*views).await.expect("status");
     assert_eq!(status[0].kind, HandlerKind::ProcessManager);
     assert_eq!(status[0].lag_events, 0);
+}
+
+/// What a courier ([`Courier`]) did, shared with the check that runs it.
+#[derive(Default)]
+struct Deliveries {
+    /// Dispatches under way now.
+    in_flight: std::sync::atomic::AtomicUsize,
+    /// The most that were ever under way at once.
+    peak: std::sync::Mutex<usize>,
+    /// Woken whenever the peak grows.
+    peak_grew: tokio::sync::Notify,
+    /// Each dispatch's start and end, in the order they happened.
+    steps: std::sync::Mutex<Vec<Step>>,
+}
+
+/// A dispatch starting or ending.
+#[derive(Clone, Debug, PartialEq)]
+struct Step {
+    job: u64,
+    target: Option<String>,
+    finished: bool,
+}
+
+impl Deliveries {
+    fn started(&self, parcel: &Parcel) {
+        let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        {
+            let mut peak = self.peak.lock().expect("the peak");
+            *peak = (*peak).max(now);
+        }
+        self.peak_grew.notify_waiters();
+        self.record(parcel, false);
+    }
+
+    fn finished(&self, parcel: &Parcel) {
+        self.record(parcel, true);
+        self.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    fn record(&self, parcel: &Parcel, finished: bool) {
+        self.steps.lock().expect("the steps").push(Step {
+            job: parcel.job,
+            target: parcel.target.clone(),
+            finished,
+        });
+    }
+
+    fn peak(&self) -> usize {
+        *self.peak.lock().expect("the peak")
+    }
+
+    /// Waits until `count` dispatches have been under way at once.
+    async fn reach(&self, count: usize) -> Result<(), HandlerError> {
+        let reached = async {
+            loop {
+                let grew = self.peak_grew.notified();
+                if self.peak() >= count {
+                    return;
+                }
+                grew.await;
+            }
+        };
+        tokio::time::timeout(PATIENCE, reached).await.map_err(|_| {
+            HandlerError::msg(format!(
+                "only {} of {count} dispatches were ever under way at once",
+                self.peak()
+            ))
+        })
+    }
+
+    fn steps(&self) -> Vec<Step> {
+        self.steps.lock().expect("the steps").clone()
+    }
+}
+
+/// A `Send` event's command: deliver job `job` to `target`, as the `seen`-th
+/// job of its instance.
+#[derive(Clone, Debug, PartialEq)]
+struct Parcel {
+    job: u64,
+    target: Option<String>,
+    seen: u64,
+}
+
+/// One saga instance of a courier: how many of its jobs it has seen.
+#[derive(Default, Serialize, Deserialize)]
+struct CourierState {
+    seen: u64,
+}
+
+/// A process manager for the dispatch checks: each `Send` event (`job`,
+/// `instance`, `target`) issues one parcel, which dispatch stores as one event
+/// in a stream of its own job (`parcel-<courier>.<job>`, idempotent by the
+/// command id), after yielding more often for earlier jobs so that a later
+/// parcel overtakes an earlier one wherever the runner lets it.
+struct Courier {
+    name: &'static str,
+    store: Arc<dyn EventStore>,
+    deliveries: Arc<Deliveries>,
+    /// Whether it names its parcels' targets (or leaves the default).
+    declares_targets: bool,
+    /// Each dispatch waits until this many are under way at once.
+    gate: Option<usize>,
+    /// The job whose dispatch fails while `broken`, by an error or a panic.
+    failing_job: Option<(u64, Failing)>,
+    broken: AtomicBool,
+}
+
+#[derive(Clone, Copy)]
+enum Failing {
+    WithAnError,
+    WithAPanic,
+}
+
+impl Courier {
+    fn new(name: &'static str, store: Arc<dyn EventStore>) -> Self {
+        Self {
+            name,
+            store,
+            deliveries: Arc::default(),
+            declares_targets: true,
+            gate: None,
+            failing_job: None,
+            broken: AtomicBool::new(false),
+        }
+    }
+
+    fn parcel_stream(&self, job: u64) -> StreamId {
+        StreamId::new(format!("parcel-{}.{job}", self.name)).expect("a stream id")
+    }
+
+    /// The parcels stored for `job`, as `seen` values.
+    async fn delivered(&self, job: u64) -> Vec<u64> {
+        super::read_whole_stream(&*self.store, &self.parcel_stream(job))
+            .await
+            .iter()
+            .map(|event| event.payload["seen"].as_u64().expect("seen"))
+            .collect()
+    }
+
+    async fn spawn(
+        self: &Arc<Self>,
+        views: Arc<dyn ViewStore>,
+        config: RunnerConfig,
+    ) -> RunnerHandle {
+        spawn_process_manager(self.store.clone(), views, self.clone(), config)
+            .await
+            .expect("the courier registers")
+    }
+}
+
+#[async_trait]
+impl ProcessManager for Courier {
+    type State = CourierState;
+    type Command = Parcel;
+
+    fn name(&self) -> &str {
+        self.name
+    }
+
+    fn interest(&self) -> Interest {
+        Interest::event_types(["Send"])
+    }
+
+    fn instance(&self, event: &RecordedEvent) -> Option<String> {
+        event.payload["instance"].as_str().map(str::to_owned)
+    }
+
+    fn react(
+        &self,
+        state: &mut CourierState,
+        event: &RecordedEvent,
+    ) -> Result<Vec<Parcel>, HandlerError> {
+        state.seen += 1;
+        Ok(vec![Parcel {
+            job: event.payload["job"].as_u64().expect("a job"),
+            target: event.payload["target"].as_str().map(str::to_owned),
+            seen: state.seen,
+        }])
+    }
+
+    fn target(&self, parcel: &Parcel) -> Option<String> {
+        parcel.target.clone().filter(|_| self.declares_targets)
+    }
+
+    async fn dispatch(&self, parcel: Parcel, context: CommandContext) -> Result<(), HandlerError> {
+        self.deliveries.started(&parcel);
+        let outcome = self.deliver(&parcel, context).await;
+        self.deliveries.finished(&parcel);
+        outcome
+    }
+}
+
+impl Courier {
+    async fn deliver(&self, parcel: &Parcel, context: CommandContext) -> Result<(), HandlerError> {
+        if let Some(gate) = self.gate {
+            self.deliveries.reach(gate).await?;
+        }
+        for _ in 0..(64u64.saturating_sub(parcel.job) * 4) {
+            tokio::task::yield_now().await;
+        }
+        match self.failing_job {
+            Some((job, Failing::WithAnError))
+                if job == parcel.job && self.broken.load(Ordering::SeqCst) =>
+            {
+                return Err(HandlerError::msg(format!("job {job} cannot be delivered")));
+            }
+            Some((job, Failing::WithAPanic))
+                if job == parcel.job && self.broken.load(Ordering::SeqCst) =>
+            {
+                panic!("job {job} cannot be delivered");
+            }
+            _ => {}
+        }
+        let mut event = NewEvent::new("Parcel", json!({ "job": parcel.job, "seen": parcel.seen }));
+        event.metadata.command_id = Some(context.command_id);
+        let request = AppendRequest::new(
+            self.parcel_stream(parcel.job),
+            ExpectedVersion::Any,
+            vec![event],
+        )
+        .with_idempotency_key(context.command_id.to_string());
+        self.store
+            .append(request)
+            .await
+            .map_err(|error| HandlerError::with_source("storing a parcel", error))?;
+        Ok(())
+    }
+}
+
+/// Appends a `Send` event for `job` of `instance` to `target`.
+async fn send(store: &dyn EventStore, job: u64, instance: &str, target: Option<&str>) -> Position {
+    append_one(
+        store,
+        &format!("job-{job}"),
+        NewEvent::new(
+            "Send",
+            json!({ "job": job, "instance": instance, "target": target }),
+        ),
+    )
+    .await
+}
+
+/// A process manager's commands to different aggregates are in flight at the
+/// same time: each dispatch waits until all of the batch's are under way, which
+/// only happens if the runner starts them together.
+pub async fn process_manager_dispatches_to_different_aggregates_at_once(fixture: ViewFixture) {
+    const JOBS: u64 = 8;
+    let (store, views) = (fixture.store(), fixture.views());
+    for job in 1..=JOBS {
+        // Appended before the runner starts, so they arrive in one batch.
+        send(&*store, job, &format!("i{job}"), Some(&format!("t{job}"))).await;
+    }
+    let courier = Arc::new(Courier {
+        gate: Some(JOBS as usize),
+        ..Courier::new("fan-out", store.clone())
+    });
+    let runner = courier.spawn(views.clone(), quick_config()).await;
+    wait_until_caught_up(&*store, &*views, "fan-out").await;
+    assert_eq!(views.parked("fan-out").await.expect("parked"), []);
+    assert_eq!(courier.deliveries.peak(), JOBS as usize);
+    for job in 1..=JOBS {
+        assert_eq!(courier.delivered(job).await, [1], "job {job}");
+    }
+    runner.stop().await;
+}
+
+/// Commands to one aggregate are dispatched one after another in the order they
+/// were issued, even while commands to others run beside them; an instance's
+/// later event sees the state its earlier one left in the same batch, and its
+/// commands wait for the earlier one's; and a process manager that names no
+/// targets dispatches one command at a time, in order, as it always did.
+pub async fn process_manager_keeps_each_aggregates_commands_in_order(fixture: ViewFixture) {
+    let (store, views) = (fixture.store(), fixture.views());
+    let targets = ["a", "b", "c"];
+    let target_of = |job: u64| targets[(job % 3) as usize];
+    // Jobs 1 to 15 go round the three targets; jobs 1 to 12 are each their own
+    // instance, jobs 13 to 15 one instance's.
+    for job in 1..=15 {
+        let instance = if job > 12 {
+            "shared".to_owned()
+        } else {
+            format!("i{job}")
+        };
+        send(&*store, job, &instance, Some(target_of(job))).await;
+    }
+    for (name, declares_targets) in [("ordered", true), ("one-by-one", false)] {
+        let courier = Arc::new(Courier {
+            declares_targets,
+            ..Courier::new(name, store.clone())
+        });
+        let runner = courier.spawn(views.clone(), quick_config()).await;
+        wait_until_caught_up(&*store, &*views, name).await;
+        runner.stop().await;
+        assert_eq!(views.parked(name).await.expect("parked"), []);
+        let steps = courier.deliveries.steps();
+        // Per target, and for the shared instance, each dispatch starts after the
+        // one before it ended, in the order issued.
+        let mut lanes: Vec<Vec<u64>> = targets
+            .iter()
+            .map(|target| (1..=15).filter(|&job| target_of(job) == *target).collect())
+            .collect();
+        lanes.push(vec![13, 14, 15]);
+        for lane in &lanes {
+            let in_lane: Vec<(u64, bool)> = steps
+                .iter()
+                .filter(|step| lane.contains(&step.job))
+                .map(|step| (step.job, step.finished))
+                .collect();
+            let one_by_one: Vec<(u64, bool)> = lane
+                .iter()
+                .flat_map(|&job| [(job, false), (job, true)])
+                .collect();
+            assert_eq!(in_lane, one_by_one, "{name}: the dispatches of {lane:?}");
+        }
+        for (job, seen) in (13..=15).zip(1..) {
+            assert_eq!(courier.delivered(job).await, [seen], "{name}: job {job}");
+        }
+        if declares_targets {
+            assert!(
+                courier.deliveries.peak() >= 3,
+                "the three targets were never served at once: {steps:?}"
+            );
+        } else {
+            assert_eq!(courier.deliveries.peak(), 1, "{steps:?}");
+            let jobs: Vec<u64> = steps.iter().map(|step| step.job).collect();
+            let in_order: Vec<u64> = (1..=15).flat_map(|job| [job, job]).collect();
+            assert_eq!(jobs, in_order, "{name}: dispatched out of order");
+        }
+    }
+}
+
+/// A dispatch that fails holds the checkpoint before its event, reported as
+/// stalled on that event, while the batch's other commands go out; its
+/// instance's later event waits. Once it succeeds every command has been
+/// stored once (those sent before the failure are recognised by their ids). A
+/// dispatch that keeps failing (here, panicking) parks its own event and no
+/// other; its changes to the instance's state are undone before the instance's
+/// later event reacts, and nothing was sent from the undone state.
+pub async fn process_manager_failing_dispatch_parks_its_own_event(fixture: ViewFixture) {
+    let (store, views) = (fixture.store(), fixture.views());
+    let mut positions = BTreeMap::new();
+    for job in 1..=6 {
+        let instance = if job == 3 || job == 5 {
+            "shared".to_owned()
+        } else {
+            format!("i{job}")
+        };
+        let target = format!("t{job}");
+        positions.insert(job, send(&*store, job, &instance, Some(&target)).await);
+    }
+    // Failing until healed: the runner retries (for ever here) and says why.
+    let courier = Arc::new(Courier {
+        failing_job: Some((3, Failing::WithAnError)),
+        broken: AtomicBool::new(true),
+        ..Courier::new("healed", store.clone())
+    });
+    let config = RunnerConfig {
+        max_attempts: u32::MAX,
+        ..quick_config()
+    };
+    let runner = courier.spawn(views.clone(), config).await;
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    let stalled = loop {
+        if let Some(stalled) = views.projection("healed").await.expect("record").stalled {
+            break stalled;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never stalled");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    };
+    assert!(
+        stalled.contains(&format!("event at position {}", positions[&3]))
+            && stalled.contains("job 3 cannot be delivered"),
+        "{stalled}"
+    );
+    assert!(views.projection("healed").await.expect("record").position < positions[&3]);
+    for (job, delivered) in [(1, 1), (2, 1), (3, 0), (4, 1), (5, 0), (6, 1)] {
+        assert_eq!(
+            courier.delivered(job).await.len(),
+            delivered,
+            "job {job} while job 3 fails"
+        );
+    }
+    courier.broken.store(false, Ordering::SeqCst);
+    wait_until_caught_up(&*store, &*views, "healed").await;
+    runner.stop().await;
+    assert_eq!(views.parked("healed").await.expect("parked"), []);
+    assert_eq!(
+        views.projection("healed").await.expect("record").stalled,
+        None
+    );
+    for (job, seen) in [(1, 1), (2, 1), (3, 1), (4, 1), (5, 2), (6, 1)] {
+        assert_eq!(
+            courier.delivered(job).await,
+            [seen],
+            "job {job} once healed"
+        );
+    }
+
+    // Failing for good: parked after its attempts, alone.
+    let courier = Arc::new(Courier {
+        failing_job: Some((3, Failing::WithAPanic)),
+        broken: AtomicBool::new(true),
+        ..Courier::new("parks", store.clone())
+    });
+    let runner = courier.spawn(views.clone(), quick_config()).await;
+    wait_until_caught_up(&*store, &*views, "parks").await;
+    runner.stop().await;
+    let parked = views.parked("parks").await.expect("parked");
+    assert_eq!(
+        parked
+            .iter()
+            .map(|parked| parked.position)
+            .collect::<Vec<_>>(),
+        [positions[&3]]
+    );
+    assert!(parked[0].error.contains("panicked"), "{}", parked[0].error);
+    assert_eq!(parked[0].attempts, quick_config().max_attempts);
+    // Job 5 reacted as the instance's first job: job 3's reaction was undone.
+    for (job, seen) in [(1, 1), (2, 1), (4, 1), (5, 1), (6, 1)] {
+        assert_eq!(courier.delivered(job).await, [seen], "job {job}");
+    }
+    assert_eq!(
+        courier.delivered(3).await,
+        Vec::<u64>::new(),
+        "the parked job"
+    );
 }

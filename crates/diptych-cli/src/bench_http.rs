@@ -1,11 +1,13 @@
-//! `diptych bench http`: commands and view reads over real HTTP on loopback,
-//! at increasing concurrency, next to the floor of the same commands run on the
-//! in-process command path (`Shop::execute`, no HTTP) in the same run.
+//! `diptych bench http`: commands, view reads and stream reads over real HTTP on
+//! loopback, at increasing concurrency, next to the floor of the same commands
+//! run on the in-process command path (`Shop::execute`, no HTTP) in the same run.
 //!
 //! Each client is one task with one keep-alive connection, sending its next
 //! request when the previous answer is read. `PlaceOrder` goes through the whole
 //! saga: the run ends when every order placed has been confirmed, and
-//! `sagas_per_sec` counts orders confirmed over that whole time.
+//! `sagas_per_sec` counts orders confirmed over that whole time. Reads run at
+//! their own client counts, by default up to 256, since a service usually has
+//! many more readers than writers.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -29,7 +31,7 @@ use crate::bench::percentile;
 pub struct HttpResult {
     /// Always `http`.
     pub bench: &'static str,
-    /// `PlaceOrder`, `RenameProduct` or `view-read`.
+    /// `PlaceOrder`, `RenameProduct`, `view-read` or `stream-read`.
     pub operation: &'static str,
     /// Concurrent clients.
     pub clients: usize,
@@ -93,13 +95,21 @@ impl Connection {
     }
 }
 
+/// What to run.
+#[derive(Clone, Debug)]
+pub struct HttpBench {
+    /// Client counts at which the commands run.
+    pub command_clients: Vec<usize>,
+    /// Client counts at which the reads run.
+    pub read_clients: Vec<usize>,
+    /// How long each measurement runs.
+    pub duration: Duration,
+}
+
 /// Runs the whole bench: clients at each concurrency, each operation for
 /// `duration`; calls `report` with each line.
-pub async fn run(
-    clients: &[usize],
-    duration: Duration,
-    mut report: impl FnMut(&HttpResult),
-) -> Result<()> {
+pub async fn run(bench: &HttpBench, mut report: impl FnMut(&HttpResult)) -> Result<()> {
+    let duration = bench.duration;
     let dir = tempfile::tempdir()?;
     let store: Arc<dyn EventStore> = Arc::new(SqliteStore::open(dir.path().join("events.db"))?);
     let views: Arc<dyn ViewStore> = Arc::new(SqliteViews::open(dir.path().join("views.db"))?);
@@ -121,6 +131,7 @@ pub async fn run(
             .await
             .map_err(|error| anyhow::anyhow!("seeding: {error}"))?;
     }
+    seed_stream_pages(&shop).await?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let state = AppState {
@@ -132,7 +143,29 @@ pub async fn run(
     };
     let server = tokio::spawn(async move { axum::serve(listener, app(state)).await });
     let orders = Arc::new(AtomicU64::new(0));
-    for &count in clients {
+    let mut counts: Vec<usize> = bench
+        .command_clients
+        .iter()
+        .chain(&bench.read_clients)
+        .copied()
+        .collect();
+    counts.sort_unstable();
+    counts.dedup();
+    for count in counts {
+        if bench.read_clients.contains(&count) {
+            // Reads measure reads: nothing left to project from the last run.
+            settle(&store, &views).await?;
+            // Reads by key, each client on its own product.
+            let latencies = over_http(addr, count, duration, "GET", view_path, &no_body).await?;
+            report(&result("view-read", count, duration, latencies, None, None));
+            // A page of a product's history.
+            let latencies =
+                over_http(addr, count, duration, "GET", stream_path, &no_body).await?;
+            report(&result("stream-read", count, duration, latencies, None, None));
+        }
+        if !bench.command_clients.contains(&count) {
+            continue;
+        }
         // PlaceOrder through the saga.
         let started = Instant::now();
         let order = order_body(orders.clone());
@@ -141,7 +174,7 @@ pub async fn run(
             count,
             duration,
             "POST",
-            "/commands/PlaceOrder",
+            |_| "/commands/PlaceOrder".to_owned(),
             &order,
         )
         .await?;
@@ -166,7 +199,7 @@ pub async fn run(
             count,
             duration,
             "POST",
-            "/commands/RenameProduct",
+            |_| "/commands/RenameProduct".to_owned(),
             &rename,
         )
         .await?;
@@ -179,11 +212,6 @@ pub async fn run(
             Some(floor),
             None,
         ));
-        // Reads by key.
-        let read = |_: u64| String::new();
-        let latencies =
-            over_http(addr, count, duration, "GET", "/views/products/p0", &read).await?;
-        report(&result("view-read", count, duration, latencies, None, None));
     }
     server.abort();
     for runner in runners {
@@ -198,6 +226,51 @@ const PRODUCTS: u64 = 64;
 /// Each client's requests carry `n = client * 1e9 + i`.
 fn product_of(n: u64) -> String {
     format!("p{}", (n / 1_000_000_000) % PRODUCTS)
+}
+
+/// The events of a stream page that `stream-read` asks for: every product's
+/// stream is seeded to hold at least that many, so each read costs the same
+/// whatever ran before.
+const STREAM_PAGE: u64 = 20;
+
+fn view_path(client: usize) -> String {
+    format!("/views/products/p{}", client as u64 % PRODUCTS)
+}
+
+fn stream_path(client: usize) -> String {
+    format!(
+        "/streams/product-p{}?limit={STREAM_PAGE}",
+        client as u64 % PRODUCTS
+    )
+}
+
+fn no_body(_: u64) -> String {
+    String::new()
+}
+
+/// Renames every product until its stream holds a full page, products side by
+/// side so their appends share group commits.
+async fn seed_stream_pages(shop: &Arc<Shop>) -> Result<()> {
+    let mut tasks = Vec::new();
+    for product in 0..PRODUCTS {
+        let shop = shop.clone();
+        tasks.push(tokio::spawn(async move {
+            for rename in 1..STREAM_PAGE {
+                let body = json!({"product_id": format!("p{product}"), "name": format!("Mug {rename}")});
+                shop.execute(
+                    ShopCommand::parse("RenameProduct", body)?,
+                    &CommandContext::default(),
+                )
+                .await
+                .map_err(|error| anyhow::anyhow!("seeding: {error}"))?;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for task in tasks {
+        task.await??;
+    }
+    Ok(())
 }
 
 fn order_body(orders: Arc<AtomicU64>) -> impl Fn(u64) -> String + Send + Sync + Clone + 'static {
@@ -225,18 +298,20 @@ async fn settle(store: &Arc<dyn EventStore>, views: &Arc<dyn ViewStore>) -> Resu
     }
 }
 
-/// `clients` connections sending requests for `duration`; each latency in µs.
+/// `clients` connections sending requests for `duration`, client `c` to
+/// `path(c)`; each latency in µs.
 async fn over_http(
     addr: SocketAddr,
     clients: usize,
     duration: Duration,
     method: &'static str,
-    path: &'static str,
+    path: impl Fn(usize) -> String,
     body: &(impl Fn(u64) -> String + Send + Sync + Clone + 'static),
 ) -> Result<Vec<u64>> {
     let mut tasks = Vec::new();
     for client in 0..clients {
         let body = body.clone();
+        let path = path(client);
         tasks.push(tokio::spawn(async move {
             let mut connection = Connection::open(addr).await?;
             let mut latencies = Vec::new();
@@ -246,7 +321,7 @@ async fn over_http(
                 let text = body(n);
                 n += 1;
                 let sent = Instant::now();
-                let status = connection.request(method, path, &text).await?;
+                let status = connection.request(method, &path, &text).await?;
                 if status != 200 {
                     bail!("{method} {path} answered {status}");
                 }

@@ -115,23 +115,7 @@ pub async fn run(bench: &HttpBench, mut report: impl FnMut(&HttpResult)) -> Resu
     let views: Arc<dyn ViewStore> = Arc::new(SqliteViews::open(dir.path().join("views.db"))?);
     let shop = Arc::new(Shop::new(store.clone(), views.clone()));
     let runners = shop.start(RunnerConfig::default()).await?;
-    let mut seed = vec![(
-        "RegisterCustomer",
-        json!({"customer_id": "ada", "name": "Ada", "email": "ada@example.com", "address": "London"}),
-    )];
-    for product in 0..PRODUCTS {
-        seed.push(("RegisterProduct", json!({"product_id": format!("p{product}"), "name": "Mug", "description": "Blue", "price_cents": 1299})));
-        seed.push((
-            "AddStock",
-            json!({"product_id": format!("p{product}"), "quantity": 1_000_000_000u64}),
-        ));
-    }
-    for (name, body) in seed {
-        shop.execute(ShopCommand::parse(name, body)?, &CommandContext::default())
-            .await
-            .map_err(|error| anyhow::anyhow!("seeding: {error}"))?;
-    }
-    seed_stream_pages(&shop).await?;
+    seed(&shop).await?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let state = AppState {
@@ -220,8 +204,9 @@ pub async fn run(bench: &HttpBench, mut report: impl FnMut(&HttpResult)) -> Resu
     Ok(())
 }
 
-/// Products in the catalogue: clients spread over them (client `c` uses `p<c % 64>`).
-const PRODUCTS: u64 = 64;
+/// Products in the catalogue: clients spread over them (client `c` uses
+/// `p<c % 256>`), so up to 256 clients never command the same product at once.
+const PRODUCTS: u64 = 256;
 
 /// Each client's requests carry `n = client * 1e9 + i`.
 fn product_of(n: u64) -> String {
@@ -248,21 +233,40 @@ fn no_body(_: u64) -> String {
     String::new()
 }
 
-/// Renames every product until its stream holds a full page, products side by
-/// side so their appends share group commits.
-async fn seed_stream_pages(shop: &Arc<Shop>) -> Result<()> {
+/// A customer, and the products with stock and a full page of history each
+/// (renamed until their stream holds [`STREAM_PAGE`] events); products side by
+/// side, so their appends share group commits.
+async fn seed(shop: &Arc<Shop>) -> Result<()> {
+    let execute = |shop: Arc<Shop>, name: &'static str, body: Value| async move {
+        shop.execute(ShopCommand::parse(name, body)?, &CommandContext::default())
+            .await
+            .map_err(|error| anyhow::anyhow!("seeding: {error}"))
+    };
+    execute(
+        shop.clone(),
+        "RegisterCustomer",
+        json!({"customer_id": "ada", "name": "Ada", "email": "ada@example.com", "address": "London"}),
+    )
+    .await?;
     let mut tasks = Vec::new();
     for product in 0..PRODUCTS {
         let shop = shop.clone();
         tasks.push(tokio::spawn(async move {
+            let id = format!("p{product}");
+            execute(shop.clone(), "RegisterProduct", json!({"product_id": id, "name": "Mug", "description": "Blue", "price_cents": 1299})).await?;
+            execute(
+                shop.clone(),
+                "AddStock",
+                json!({"product_id": id, "quantity": 1_000_000_000u64}),
+            )
+            .await?;
             for rename in 1..STREAM_PAGE {
-                let body = json!({"product_id": format!("p{product}"), "name": format!("Mug {rename}")});
-                shop.execute(
-                    ShopCommand::parse("RenameProduct", body)?,
-                    &CommandContext::default(),
+                execute(
+                    shop.clone(),
+                    "RenameProduct",
+                    json!({"product_id": id, "name": format!("Mug {rename}")}),
                 )
-                .await
-                .map_err(|error| anyhow::anyhow!("seeding: {error}"))?;
+                .await?;
             }
             anyhow::Ok(())
         }));

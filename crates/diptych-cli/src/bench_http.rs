@@ -47,6 +47,59 @@ pub struct HttpResult {
     pub ratio: Option<f64>,
     /// For `PlaceOrder`: orders confirmed by the saga per second, until the last.
     pub sagas_per_sec: Option<f64>,
+    /// CPU time of the whole process (server, stores, projections and the
+    /// bench's own clients) per request, in µs; on Linux only. On a shared
+    /// machine this holds steadier than `per_sec`, which depends on the share
+    /// of the cores the process gets.
+    pub cpu_us_per_op: Option<f64>,
+    /// The same for the floor's commands.
+    pub floor_cpu_us_per_op: Option<f64>,
+}
+
+impl HttpResult {
+    /// Adds the CPU time spent since `clock` started, over `requests`.
+    fn with_cpu(mut self, clock: &CpuClock, requests: usize) -> Self {
+        self.cpu_us_per_op = clock.per_op(requests);
+        self
+    }
+
+    /// Adds the floor's CPU time spent since `clock` started, over `requests`.
+    fn with_floor_cpu(mut self, clock: &CpuClock, requests: usize) -> Self {
+        self.floor_cpu_us_per_op = clock.per_op(requests);
+        self
+    }
+}
+
+/// The CPU time this process has used since a start, all threads together.
+struct CpuClock {
+    started: Option<Duration>,
+}
+
+impl CpuClock {
+    fn start() -> Self {
+        Self {
+            started: process_cpu_time(),
+        }
+    }
+
+    /// Microseconds of CPU per request since the start.
+    fn per_op(&self, requests: usize) -> Option<f64> {
+        let spent = process_cpu_time()?.checked_sub(self.started?)?;
+        (requests > 0).then(|| spent.as_secs_f64() * 1e6 / requests as f64)
+    }
+}
+
+/// User and system time of every thread of this process, from `/proc/self/stat`
+/// (in clock ticks of 10 ms, Linux's `USER_HZ`); `None` where there is no such
+/// file.
+fn process_cpu_time() -> Option<Duration> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // The command name may hold spaces: the fields that follow start after its
+    // closing parenthesis, with the state (field 3); utime and stime are fields
+    // 14 and 15.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some(Duration::from_millis(ticks * 10))
 }
 
 /// A keep-alive HTTP/1.1 connection, enough for JSON requests and answers.
@@ -140,12 +193,22 @@ pub async fn run(bench: &HttpBench, mut report: impl FnMut(&HttpResult)) -> Resu
             // Reads measure reads: nothing left to project from the last run.
             settle(&store, &views).await?;
             // Reads by key, each client on its own product.
+            let cpu = CpuClock::start();
             let latencies = over_http(addr, count, duration, "GET", view_path, &no_body).await?;
-            report(&result("view-read", count, duration, latencies, None, None));
+            let requests = latencies.len();
+            report(
+                &result("view-read", count, duration, latencies, None, None)
+                    .with_cpu(&cpu, requests),
+            );
             // A page of a product's history.
+            let cpu = CpuClock::start();
             let latencies =
                 over_http(addr, count, duration, "GET", stream_path, &no_body).await?;
-            report(&result("stream-read", count, duration, latencies, None, None));
+            let requests = latencies.len();
+            report(
+                &result("stream-read", count, duration, latencies, None, None)
+                    .with_cpu(&cpu, requests),
+            );
         }
         if !bench.command_clients.contains(&count) {
             continue;
@@ -178,6 +241,7 @@ pub async fn run(bench: &HttpBench, mut report: impl FnMut(&HttpResult)) -> Resu
         ));
         // A simple command.
         let rename = rename_body();
+        let cpu = CpuClock::start();
         let latencies = over_http(
             addr,
             count,
@@ -187,15 +251,22 @@ pub async fn run(bench: &HttpBench, mut report: impl FnMut(&HttpResult)) -> Resu
             &rename,
         )
         .await?;
+        let requests = latencies.len();
+        let http_cpu = cpu.per_op(requests);
+        let cpu = CpuClock::start();
         let floor = in_process(&shop, count, duration, "RenameProduct", &rename).await?;
-        report(&result(
+        let floor_requests = (floor * duration.as_secs_f64()).round() as usize;
+        let mut line = result(
             "RenameProduct",
             count,
             duration,
             latencies,
             Some(floor),
             None,
-        ));
+        )
+        .with_floor_cpu(&cpu, floor_requests);
+        line.cpu_us_per_op = http_cpu;
+        report(&line);
     }
     server.abort();
     for runner in runners {
@@ -395,5 +466,7 @@ fn result(
         floor_per_sec,
         ratio: floor_per_sec.map(|floor| per_sec / floor),
         sagas_per_sec,
+        cpu_us_per_op: None,
+        floor_cpu_us_per_op: None,
     }
 }

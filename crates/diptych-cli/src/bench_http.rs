@@ -1,13 +1,15 @@
-//! `diptych bench http`: commands and view reads over real HTTP on loopback,
-//! at increasing concurrency, next to the floor of the same commands run on the
-//! in-process command path (`Shop::execute`, no HTTP) in the same run.
+//! `diptych bench http`: commands, view reads and stream reads over real HTTP on
+//! loopback, at increasing concurrency, next to the floor of the same commands
+//! run on the in-process command path (`Shop::execute`, no HTTP) in the same run.
 //!
 //! Each client is one task with one keep-alive connection, sending its next
 //! request when the previous answer is read. `PlaceOrder` goes through the whole
 //! saga: the run ends when every order placed has been confirmed, and
 //! `sagas_per_sec` counts orders confirmed over that whole time, next to
 //! `placed_per_sec`, the orders placed per second while clients sent them: their
-//! ratio (`saga_ratio`) falls below 1 by as much as the saga lags behind.
+//! ratio (`saga_ratio`) falls below 1 by as much as the saga lags behind. Reads
+//! run at their own client counts, by default up to 256, since a service usually
+//! has many more readers than writers.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -31,7 +33,7 @@ use crate::bench::percentile;
 pub struct HttpResult {
     /// Always `http`.
     pub bench: &'static str,
-    /// `PlaceOrder`, `RenameProduct` or `view-read`.
+    /// `PlaceOrder`, `RenameProduct`, `view-read` or `stream-read`.
     pub operation: &'static str,
     /// Concurrent clients.
     pub clients: usize,
@@ -51,6 +53,59 @@ pub struct HttpResult {
     pub placed_per_sec: Option<f64>,
     /// For `PlaceOrder`: `sagas_per_sec / placed_per_sec`, 1 when the saga keeps up.
     pub saga_ratio: Option<f64>,
+    /// CPU time of the whole process (server, stores, projections and the
+    /// bench's own clients) per request, in µs; on Linux only. On a shared
+    /// machine this holds steadier than `per_sec`, which depends on the share
+    /// of the cores the process gets.
+    pub cpu_us_per_op: Option<f64>,
+    /// The same for the floor's commands.
+    pub floor_cpu_us_per_op: Option<f64>,
+}
+
+impl HttpResult {
+    /// Adds the CPU time spent since `clock` started, over `requests`.
+    fn with_cpu(mut self, clock: &CpuClock, requests: usize) -> Self {
+        self.cpu_us_per_op = clock.per_op(requests);
+        self
+    }
+
+    /// Adds the floor's CPU time spent since `clock` started, over `requests`.
+    fn with_floor_cpu(mut self, clock: &CpuClock, requests: usize) -> Self {
+        self.floor_cpu_us_per_op = clock.per_op(requests);
+        self
+    }
+}
+
+/// The CPU time this process has used since a start, all threads together.
+struct CpuClock {
+    started: Option<Duration>,
+}
+
+impl CpuClock {
+    fn start() -> Self {
+        Self {
+            started: process_cpu_time(),
+        }
+    }
+
+    /// Microseconds of CPU per request since the start.
+    fn per_op(&self, requests: usize) -> Option<f64> {
+        let spent = process_cpu_time()?.checked_sub(self.started?)?;
+        (requests > 0).then(|| spent.as_secs_f64() * 1e6 / requests as f64)
+    }
+}
+
+/// User and system time of every thread of this process, from `/proc/self/stat`
+/// (in clock ticks of 10 ms, Linux's `USER_HZ`); `None` where there is no such
+/// file.
+fn process_cpu_time() -> Option<Duration> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // The command name may hold spaces: the fields that follow start after its
+    // closing parenthesis, with the state (field 3); utime and stime are fields
+    // 14 and 15.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some(Duration::from_millis(ticks * 10))
 }
 
 /// A keep-alive HTTP/1.1 connection, enough for JSON requests and answers.
@@ -99,34 +154,27 @@ impl Connection {
     }
 }
 
+/// What to run.
+#[derive(Clone, Debug)]
+pub struct HttpBench {
+    /// Client counts at which the commands run.
+    pub command_clients: Vec<usize>,
+    /// Client counts at which the reads run.
+    pub read_clients: Vec<usize>,
+    /// How long each measurement runs.
+    pub duration: Duration,
+}
+
 /// Runs the whole bench: clients at each concurrency, each operation for
 /// `duration`; calls `report` with each line.
-pub async fn run(
-    clients: &[usize],
-    duration: Duration,
-    mut report: impl FnMut(&HttpResult),
-) -> Result<()> {
+pub async fn run(bench: &HttpBench, mut report: impl FnMut(&HttpResult)) -> Result<()> {
+    let duration = bench.duration;
     let dir = tempfile::tempdir()?;
     let store: Arc<dyn EventStore> = Arc::new(SqliteStore::open(dir.path().join("events.db"))?);
     let views: Arc<dyn ViewStore> = Arc::new(SqliteViews::open(dir.path().join("views.db"))?);
     let shop = Arc::new(Shop::new(store.clone(), views.clone()));
     let runners = shop.start(RunnerConfig::default()).await?;
-    let mut seed = vec![(
-        "RegisterCustomer",
-        json!({"customer_id": "ada", "name": "Ada", "email": "ada@example.com", "address": "London"}),
-    )];
-    for product in 0..PRODUCTS {
-        seed.push(("RegisterProduct", json!({"product_id": format!("p{product}"), "name": "Mug", "description": "Blue", "price_cents": 1299})));
-        seed.push((
-            "AddStock",
-            json!({"product_id": format!("p{product}"), "quantity": 1_000_000_000u64}),
-        ));
-    }
-    for (name, body) in seed {
-        shop.execute(ShopCommand::parse(name, body)?, &CommandContext::default())
-            .await
-            .map_err(|error| anyhow::anyhow!("seeding: {error}"))?;
-    }
+    seed(&shop).await?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let state = AppState {
@@ -138,7 +186,39 @@ pub async fn run(
     };
     let server = tokio::spawn(async move { axum::serve(listener, app(state)).await });
     let orders = Arc::new(AtomicU64::new(0));
-    for &count in clients {
+    let mut counts: Vec<usize> = bench
+        .command_clients
+        .iter()
+        .chain(&bench.read_clients)
+        .copied()
+        .collect();
+    counts.sort_unstable();
+    counts.dedup();
+    for count in counts {
+        if bench.read_clients.contains(&count) {
+            // Reads measure reads: nothing left to project from the last run.
+            settle(&store, &views).await?;
+            // Reads by key, each client on its own product.
+            let cpu = CpuClock::start();
+            let latencies = over_http(addr, count, duration, "GET", view_path, &no_body).await?;
+            let requests = latencies.len();
+            report(
+                &result("view-read", count, duration, latencies, None, None)
+                    .with_cpu(&cpu, requests),
+            );
+            // A page of a product's history.
+            let cpu = CpuClock::start();
+            let latencies =
+                over_http(addr, count, duration, "GET", stream_path, &no_body).await?;
+            let requests = latencies.len();
+            report(
+                &result("stream-read", count, duration, latencies, None, None)
+                    .with_cpu(&cpu, requests),
+            );
+        }
+        if !bench.command_clients.contains(&count) {
+            continue;
+        }
         // PlaceOrder through the saga.
         let started = Instant::now();
         let order = order_body(orders.clone());
@@ -147,7 +227,7 @@ pub async fn run(
             count,
             duration,
             "POST",
-            "/commands/PlaceOrder",
+            |_| "/commands/PlaceOrder".to_owned(),
             &order,
         )
         .await?;
@@ -170,29 +250,32 @@ pub async fn run(
         ));
         // A simple command.
         let rename = rename_body();
+        let cpu = CpuClock::start();
         let latencies = over_http(
             addr,
             count,
             duration,
             "POST",
-            "/commands/RenameProduct",
+            |_| "/commands/RenameProduct".to_owned(),
             &rename,
         )
         .await?;
+        let requests = latencies.len();
+        let http_cpu = cpu.per_op(requests);
+        let cpu = CpuClock::start();
         let floor = in_process(&shop, count, duration, "RenameProduct", &rename).await?;
-        report(&result(
+        let floor_requests = (floor * duration.as_secs_f64()).round() as usize;
+        let mut line = result(
             "RenameProduct",
             count,
             duration,
             latencies,
             Some(floor),
             None,
-        ));
-        // Reads by key.
-        let read = |_: u64| String::new();
-        let latencies =
-            over_http(addr, count, duration, "GET", "/views/products/p0", &read).await?;
-        report(&result("view-read", count, duration, latencies, None, None));
+        )
+        .with_floor_cpu(&cpu, floor_requests);
+        line.cpu_us_per_op = http_cpu;
+        report(&line);
     }
     server.abort();
     for runner in runners {
@@ -201,12 +284,77 @@ pub async fn run(
     Ok(())
 }
 
-/// Products in the catalogue: clients spread over them (client `c` uses `p<c % 64>`).
-const PRODUCTS: u64 = 64;
+/// Products in the catalogue: clients spread over them (client `c` uses
+/// `p<c % 256>`), so up to 256 clients never command the same product at once.
+const PRODUCTS: u64 = 256;
 
 /// Each client's requests carry `n = client * 1e9 + i`.
 fn product_of(n: u64) -> String {
     format!("p{}", (n / 1_000_000_000) % PRODUCTS)
+}
+
+/// The events of a stream page that `stream-read` asks for: every product's
+/// stream is seeded to hold at least that many, so each read costs the same
+/// whatever ran before.
+const STREAM_PAGE: u64 = 20;
+
+fn view_path(client: usize) -> String {
+    format!("/views/products/p{}", client as u64 % PRODUCTS)
+}
+
+fn stream_path(client: usize) -> String {
+    format!(
+        "/streams/product-p{}?limit={STREAM_PAGE}",
+        client as u64 % PRODUCTS
+    )
+}
+
+fn no_body(_: u64) -> String {
+    String::new()
+}
+
+/// A customer, and the products with stock and a full page of history each
+/// (renamed until their stream holds [`STREAM_PAGE`] events); products side by
+/// side, so their appends share group commits.
+async fn seed(shop: &Arc<Shop>) -> Result<()> {
+    let execute = |shop: Arc<Shop>, name: &'static str, body: Value| async move {
+        shop.execute(ShopCommand::parse(name, body)?, &CommandContext::default())
+            .await
+            .map_err(|error| anyhow::anyhow!("seeding: {error}"))
+    };
+    execute(
+        shop.clone(),
+        "RegisterCustomer",
+        json!({"customer_id": "ada", "name": "Ada", "email": "ada@example.com", "address": "London"}),
+    )
+    .await?;
+    let mut tasks = Vec::new();
+    for product in 0..PRODUCTS {
+        let shop = shop.clone();
+        tasks.push(tokio::spawn(async move {
+            let id = format!("p{product}");
+            execute(shop.clone(), "RegisterProduct", json!({"product_id": id, "name": "Mug", "description": "Blue", "price_cents": 1299})).await?;
+            execute(
+                shop.clone(),
+                "AddStock",
+                json!({"product_id": id, "quantity": 1_000_000_000u64}),
+            )
+            .await?;
+            for rename in 1..STREAM_PAGE {
+                execute(
+                    shop.clone(),
+                    "RenameProduct",
+                    json!({"product_id": id, "name": format!("Mug {rename}")}),
+                )
+                .await?;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for task in tasks {
+        task.await??;
+    }
+    Ok(())
 }
 
 fn order_body(orders: Arc<AtomicU64>) -> impl Fn(u64) -> String + Send + Sync + Clone + 'static {
@@ -234,18 +382,20 @@ async fn settle(store: &Arc<dyn EventStore>, views: &Arc<dyn ViewStore>) -> Resu
     }
 }
 
-/// `clients` connections sending requests for `duration`; each latency in µs.
+/// `clients` connections sending requests for `duration`, client `c` to
+/// `path(c)`; each latency in µs.
 async fn over_http(
     addr: SocketAddr,
     clients: usize,
     duration: Duration,
     method: &'static str,
-    path: &'static str,
+    path: impl Fn(usize) -> String,
     body: &(impl Fn(u64) -> String + Send + Sync + Clone + 'static),
 ) -> Result<Vec<u64>> {
     let mut tasks = Vec::new();
     for client in 0..clients {
         let body = body.clone();
+        let path = path(client);
         tasks.push(tokio::spawn(async move {
             let mut connection = Connection::open(addr).await?;
             let mut latencies = Vec::new();
@@ -255,7 +405,7 @@ async fn over_http(
                 let text = body(n);
                 n += 1;
                 let sent = Instant::now();
-                let status = connection.request(method, path, &text).await?;
+                let status = connection.request(method, &path, &text).await?;
                 if status != 200 {
                     bail!("{method} {path} answered {status}");
                 }
@@ -328,5 +478,7 @@ fn result(
         sagas_per_sec,
         placed_per_sec,
         saga_ratio: sagas_per_sec.map(|sagas| sagas / per_sec),
+        cpu_us_per_op: None,
+        floor_cpu_us_per_op: None,
     }
 }

@@ -153,8 +153,12 @@ enum BenchCommand {
         #[arg(long, default_value_t = 3.0)]
         seconds: f64,
         /// Client counts to run, comma separated.
-        #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
+        #[arg(long, value_delimiter = ',', default_value = "1,16,64")]
         clients: Vec<usize>,
+        /// Client counts at which the reads run, comma separated; by default
+        /// those of `--clients` and 256.
+        #[arg(long, value_delimiter = ',')]
+        read_clients: Option<Vec<usize>>,
     },
     /// The outbox relay to NATS JetStream or RabbitMQ: publish throughput
     /// against raw publishes of the same events, and append-to-remote-view
@@ -648,11 +652,21 @@ async fn run(cli: Cli) -> Result<()> {
                     json,
                     seconds,
                     clients,
+                    read_clients,
                 },
         } => {
+            let read_clients = read_clients.unwrap_or_else(|| {
+                let mut counts = clients.clone();
+                counts.push(256);
+                counts.sort_unstable();
+                counts.dedup();
+                counts
+            });
             anyhow::ensure!(
-                seconds.is_finite() && seconds > 0.0 && clients.iter().all(|&c| c > 0),
-                "--seconds and --clients must be positive"
+                seconds.is_finite()
+                    && seconds > 0.0
+                    && clients.iter().chain(&read_clients).all(|&c| c > 0),
+                "--seconds, --clients and --read-clients must be positive"
             );
             if !json {
                 println!(
@@ -667,7 +681,12 @@ async fn run(cli: Cli) -> Result<()> {
                     "sagas/s"
                 );
             }
-            bench_http::run(&clients, Duration::from_secs_f64(seconds), |result| {
+            let bench = bench_http::HttpBench {
+                command_clients: clients,
+                read_clients,
+                duration: Duration::from_secs_f64(seconds),
+            };
+            bench_http::run(&bench, |result| {
                 let line = if json {
                     serde_json::to_string(result).unwrap_or_default()
                 } else {

@@ -147,6 +147,23 @@ fn bench_refuses_a_zero_duration_and_zero_writers() {
 }
 
 #[test]
+fn bench_http_refuses_zero_clients_for_commands_or_reads() {
+    for args in [
+        ["--clients", "0"],
+        ["--read-clients", "16,0"],
+        ["--seconds", "0"],
+    ] {
+        let output = diptych(&[&["bench", "http"][..], &args[..]].concat());
+        assert_eq!(output.status.code(), Some(1), "{args:?}");
+        assert!(
+            stderr(&output).contains("--seconds, --clients and --read-clients must be positive"),
+            "{args:?}: {}",
+            stderr(&output)
+        );
+    }
+}
+
+#[test]
 fn bench_project_on_postgres_reports_the_catch_up_against_its_floor() {
     let url = diptych::postgres::testing::test_url();
     let output = diptych(&[

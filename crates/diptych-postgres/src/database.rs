@@ -26,10 +26,18 @@ pub struct PgConfig {
     pub schema: String,
     /// How many pooled connections each store keeps at most.
     pub pool_size: usize,
+    /// How many groups of appends an event store writes at once, each on one
+    /// pooled connection for the length of one call (at most `pool_size`).
+    /// Appends that arrive while every lane is busy wait in a queue and go
+    /// together in the next group.
+    pub append_lanes: usize,
     /// How long an append waits, after committing, for its events to become
-    /// readable in the global order (an older transaction still in progress holds
-    /// them back). Waiting makes a reader that follows the append see it; the
-    /// append is durable either way. Zero returns at once.
+    /// readable in the global order (`read_all`, `head`), which a transaction
+    /// older than it and still in progress holds back. Zero, the default,
+    /// returns as soon as the append is durable: consistency tokens need no
+    /// wait, since a view only reaches a position through `read_all` (see
+    /// `docs/postgres-ordering.md`). Set it for a caller that reads the global
+    /// log right after appending and must see its own events there.
     pub readable_wait: Duration,
 }
 
@@ -37,13 +45,17 @@ impl PgConfig {
     /// The default schema, `diptych`.
     pub const DEFAULT_SCHEMA: &'static str = "diptych";
 
+    /// The default number of append lanes.
+    pub const DEFAULT_APPEND_LANES: usize = 1;
+
     /// A config for `url`, in schema `diptych`, with 16 connections per store.
     pub fn new(url: impl Into<String>) -> Self {
         Self {
             url: url.into(),
             schema: Self::DEFAULT_SCHEMA.to_owned(),
             pool_size: 16,
-            readable_wait: Duration::from_secs(2),
+            append_lanes: Self::DEFAULT_APPEND_LANES,
+            readable_wait: Duration::ZERO,
         }
     }
 
@@ -56,6 +68,19 @@ impl PgConfig {
     /// Sets the pool size.
     pub fn with_pool_size(mut self, pool_size: usize) -> Self {
         self.pool_size = pool_size.max(1);
+        self
+    }
+
+    /// Sets how many groups of appends are written at once.
+    pub fn with_append_lanes(mut self, append_lanes: usize) -> Self {
+        self.append_lanes = append_lanes.max(1);
+        self
+    }
+
+    /// Makes each append wait, at most `wait`, until its events are readable
+    /// in the global order (see [`PgConfig::readable_wait`]).
+    pub fn with_readable_wait(mut self, wait: Duration) -> Self {
+        self.readable_wait = wait;
         self
     }
 
@@ -85,6 +110,9 @@ pub(crate) fn channel(schema: &str, topic: &str) -> String {
 pub(crate) struct Database {
     pub pool: Pool,
     pub schema: String,
+    /// Sent as the payload of this database's own notifications, which its
+    /// listener skips: what this process did, it already knows.
+    pub origin: String,
     listener: Listener,
 }
 
@@ -123,10 +151,12 @@ impl Database {
             .iter()
             .map(|topic| channel(&config.schema, topic))
             .collect();
+        let origin = uuid::Uuid::now_v7().simple().to_string();
         Ok(Self {
             pool,
             schema: config.schema.clone(),
-            listener: Listener::spawn(connection_config, channels),
+            listener: Listener::spawn(connection_config, channels, origin.clone()),
+            origin,
         })
     }
 
@@ -172,7 +202,7 @@ struct Listener {
 }
 
 impl Listener {
-    fn spawn(config: tokio_postgres::Config, channels: Vec<String>) -> Self {
+    fn spawn(config: tokio_postgres::Config, channels: Vec<String>, origin: String) -> Self {
         let wakes: Arc<HashMap<String, watch::Sender<u64>>> = Arc::new(
             channels
                 .into_iter()
@@ -183,7 +213,7 @@ impl Listener {
         let task = if wakes.is_empty() {
             tokio::spawn(async {})
         } else {
-            tokio::spawn(listen(config, Arc::clone(&wakes)))
+            tokio::spawn(listen(config, Arc::clone(&wakes), origin))
         };
         Self { wakes, task }
     }
@@ -203,7 +233,11 @@ impl Drop for Listener {
     }
 }
 
-async fn listen(config: tokio_postgres::Config, wakes: Arc<HashMap<String, watch::Sender<u64>>>) {
+async fn listen(
+    config: tokio_postgres::Config,
+    wakes: Arc<HashMap<String, watch::Sender<u64>>>,
+    origin: String,
+) {
     let bump = |sender: &watch::Sender<u64>| sender.send_modify(|count| *count += 1);
     let mut backoff = Duration::from_millis(50);
     loop {
@@ -239,6 +273,7 @@ async fn listen(config: tokio_postgres::Config, wakes: Arc<HashMap<String, watch
                     wakes.values().for_each(bump);
                     while let Some(message) = messages.recv().await {
                         if let AsyncMessage::Notification(notification) = message
+                            && notification.payload() != origin
                             && let Some(sender) = wakes.get(notification.channel())
                         {
                             bump(sender);

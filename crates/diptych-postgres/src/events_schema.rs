@@ -20,10 +20,10 @@ pub(crate) const READABLE_BOUND: &str =
     "(pg_snapshot_xmin(pg_current_snapshot())::text::bigint << 16)";
 
 /// SQLSTATE raised by `diptych_append` for a version conflict; the message is
-/// the stream's actual version.
+/// the stream's actual version. (`diptych_append_group` answers in its rows.)
 pub(crate) const CONFLICT: &str = "DT001";
-/// SQLSTATE for an idempotency key first used on another stream; the message is
-/// that stream.
+/// SQLSTATE raised by `diptych_append` for an idempotency key first used on
+/// another stream; the message is that stream.
 pub(crate) const KEY_REUSED: &str = "DT002";
 /// SQLSTATE for a transaction holding more events than a position can number.
 pub(crate) const TOO_MANY_EVENTS: &str = "DT003";
@@ -140,6 +140,168 @@ pub(crate) const EVENTS: Migrations = Migrations {
             RETURN QUERY SELECT v_first, v_first + v_count - 1, v_actual + 1, v_now, false;
         END;
         $$;
+        "#,
+        // 2: appends in groups, many per transaction (see `crate::group`).
+        r#"
+        -- Several appends, each checked on its own, written in the caller's
+        -- transaction (which must not have written before, as for diptych_append).
+        -- The appends are p_streams[i], p_expected[i] (NULL: any version),
+        -- p_keys[i] (NULL: none) and p_counts[i] events: those whose
+        -- p_event_appends entry is i, p_event_offsets numbering them from 0. Returns one row per append, in order: its outcome ('written',
+        -- 'repeat' of an earlier append with the key, 'conflict' with the actual
+        -- version as detail, 'key_reused' with the key's first stream as detail,
+        -- 'busy' when its stream was locked and p_wait was false),
+        -- its positions and first version, and the time stamped on the group.
+        -- A duplicate event id or a key claimed meanwhile on another stream makes
+        -- the whole call fail with a unique violation: the caller then appends
+        -- the group's members one at a time to find whose it was.
+        CREATE FUNCTION diptych_append_group(
+            p_wait boolean, p_streams text[], p_expected bigint[], p_keys text[], p_counts integer[],
+            p_event_appends integer[], p_event_offsets integer[],
+            p_ids uuid[], p_types text[], p_schema_versions integer[],
+            p_payloads jsonb[], p_metadata jsonb[]
+        ) RETURNS TABLE (
+            outcome text, first_position bigint, last_position bigint,
+            first_version bigint, recorded_at bigint, detail text
+        ) LANGUAGE plpgsql AS $$
+        DECLARE
+            v_lock      bigint;
+            v_xid       xid8;
+            v_next      bigint;
+            v_now       bigint;
+            v_count     integer;
+            v_written   integer := 0;
+            v_stream    integer;
+            v_key       integer;
+            -- Each stream's version as the group goes, so a second append to a
+            -- stream sees the first.
+            v_streams   text[];
+            v_versions  bigint[];
+            -- Keys already stored, then also those this group claims.
+            v_keys        text[];
+            v_key_streams text[];
+            v_key_first   bigint[];
+            v_key_last    bigint[];
+            v_claimed     integer[] := '{}';
+            -- The locks another transaction held, when not waiting for them.
+            v_busy        bigint[] := '{}';
+            v_outcome   text[] := '{}';
+            v_first     bigint[] := '{}';
+            v_last      bigint[] := '{}';
+            v_version   bigint[] := '{}';
+            v_detail    text[] := '{}';
+        BEGIN
+            IF pg_current_xact_id_if_assigned() IS NOT NULL THEN
+                RAISE EXCEPTION USING ERRCODE = 'DT004',
+                    MESSAGE = 'diptych_append_group must be the first write of its transaction';
+            END IF;
+            -- Every stream's lock before the transaction id, as in diptych_append,
+            -- taken in the order of their keys so that two groups sharing streams
+            -- never wait for each other in a cycle. Unless p_wait, a lock another
+            -- transaction holds is not waited for: the appends to that stream are
+            -- answered 'busy' and write nothing, so that no append waits for
+            -- another's stream.
+            FOR v_lock IN
+                SELECT DISTINCT hashtextextended(current_schema() || ':' || s, 0)
+                FROM unnest(p_streams) AS s ORDER BY 1
+            LOOP
+                IF p_wait THEN
+                    PERFORM pg_advisory_xact_lock(v_lock);
+                ELSIF NOT pg_try_advisory_xact_lock(v_lock) THEN
+                    v_busy := array_append(v_busy, v_lock);
+                END IF;
+            END LOOP;
+            v_xid := pg_current_xact_id();
+            v_next := v_xid::text::bigint << 16;
+            v_now := (extract(epoch FROM clock_timestamp()) * 1000000)::bigint;
+
+            -- Read under the locks: every earlier append to these streams has
+            -- committed, so these are the streams' versions and their keys.
+            SELECT array_agg(s.stream),
+                   array_agg((SELECT COALESCE(max(e.version), 0) FROM events e
+                              WHERE e.stream_id = s.stream))
+                INTO v_streams, v_versions
+                FROM (SELECT DISTINCT unnest(p_streams) AS stream) s;
+            SELECT array_agg(i.key), array_agg(i.stream_id),
+                   array_agg(i.first_position), array_agg(i.last_position)
+                INTO v_keys, v_key_streams, v_key_first, v_key_last
+                FROM idempotency i WHERE i.key = ANY(p_keys);
+
+            -- Each append's checks, in the contract's order: a repeated key, then
+            -- the expected version.
+            FOR i IN 1 .. cardinality(p_streams) LOOP
+                v_detail[i] := NULL;
+                v_first[i] := NULL;
+                v_last[i] := NULL;
+                v_version[i] := NULL;
+                IF cardinality(v_busy) > 0 AND hashtextextended(
+                        current_schema() || ':' || p_streams[i], 0) = ANY(v_busy) THEN
+                    v_outcome[i] := 'busy';
+                    CONTINUE;
+                END IF;
+                v_key := CASE WHEN p_keys[i] IS NULL THEN NULL
+                              ELSE array_position(v_keys, p_keys[i]) END;
+                IF v_key IS NOT NULL THEN
+                    IF v_key_streams[v_key] = p_streams[i] THEN
+                        v_outcome[i] := 'repeat';
+                        v_first[i] := v_key_first[v_key];
+                        v_last[i] := v_key_last[v_key];
+                    ELSE
+                        v_outcome[i] := 'key_reused';
+                        v_detail[i] := v_key_streams[v_key];
+                    END IF;
+                    CONTINUE;
+                END IF;
+                v_stream := array_position(v_streams, p_streams[i]);
+                IF p_expected[i] IS NOT NULL AND p_expected[i] <> v_versions[v_stream] THEN
+                    v_outcome[i] := 'conflict';
+                    v_detail[i] := v_versions[v_stream]::text;
+                    CONTINUE;
+                END IF;
+                v_count := p_counts[i];
+                v_outcome[i] := 'written';
+                v_first[i] := v_next;
+                v_last[i] := v_next + v_count - 1;
+                v_version[i] := v_versions[v_stream] + 1;
+                v_next := v_next + v_count;
+                v_written := v_written + v_count;
+                v_versions[v_stream] := v_versions[v_stream] + v_count;
+                IF p_keys[i] IS NOT NULL THEN
+                    v_keys := array_append(v_keys, p_keys[i]);
+                    v_key_streams := array_append(v_key_streams, p_streams[i]);
+                    v_key_first := array_append(v_key_first, v_first[i]);
+                    v_key_last := array_append(v_key_last, v_last[i]);
+                    v_claimed := array_append(v_claimed, i);
+                END IF;
+            END LOOP;
+
+            IF v_written > 65536 THEN
+                RAISE EXCEPTION USING ERRCODE = 'DT003', MESSAGE = v_written::text;
+            END IF;
+            IF v_written > 0 THEN
+                INSERT INTO events (position, stream_id, version, event_id, event_type,
+                                    schema_version, payload, metadata, recorded_at)
+                    SELECT v_first[u.a] + u.o, p_streams[u.a], v_version[u.a] + u.o,
+                           u.id, u.ty, u.sv, u.pl, u.md, v_now
+                    FROM unnest(p_event_appends, p_event_offsets, p_ids, p_types,
+                                p_schema_versions, p_payloads, p_metadata)
+                         AS u(a, o, id, ty, sv, pl, md)
+                    WHERE v_version[u.a] IS NOT NULL;
+            END IF;
+            IF cardinality(v_claimed) > 0 THEN
+                INSERT INTO idempotency (key, stream_id, first_position, last_position)
+                    SELECT p_keys[c], p_streams[c], v_first[c], v_last[c]
+                    FROM unnest(v_claimed) AS c;
+            END IF;
+
+            RETURN QUERY SELECT v_outcome[n], v_first[n], v_last[n], v_version[n], v_now,
+                                v_detail[n]
+                FROM generate_series(1, cardinality(p_streams)) AS n;
+        END;
+        $$;
+        -- The statements above run for every group with arrays of every size:
+        -- planned once, not at each call, they cost far less.
+        ALTER FUNCTION diptych_append_group SET plan_cache_mode = force_generic_plan;
         "#,
     ],
 };

@@ -10,8 +10,10 @@
 //! progress. Every transaction that has not finished yet has an id at or above
 //! that bound, and every transaction that starts later gets a higher id still, so
 //! no event can ever appear below a position a reader has passed. Writers take no
-//! lock but their own stream's (an advisory lock). `docs/postgres-ordering.md` has
-//! the argument in full, and the tests that prove it.
+//! lock but their own stream's (an advisory lock). Appends that arrive together
+//! are written in one transaction, which takes its streams' locks, in a fixed
+//! order, before its id (`group.rs`). `docs/postgres-ordering.md` has the
+//! argument in full, and the tests that prove it.
 //!
 //! # Waking subscribers
 //!
@@ -26,7 +28,9 @@
 mod database;
 mod error;
 mod events_schema;
+mod group;
 mod leases;
+mod rows;
 mod schema;
 mod store;
 mod views;

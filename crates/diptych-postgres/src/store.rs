@@ -5,26 +5,21 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use diptych_core::{
-    AppendError, AppendOutcome, AppendRequest, BackendError, Direction, EventStore,
-    ExpectedVersion, Metadata, Position, ReadError, RecordedEvent, Snapshot, SnapshotError,
-    StreamId, StreamRead, Timestamp, check_append_shape,
+    AppendError, AppendOutcome, AppendRequest, BackendError, Direction, EventStore, Position,
+    ReadError, RecordedEvent, Snapshot, SnapshotError, StreamId, StreamRead, Timestamp,
+    check_append_shape,
 };
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tokio_postgres::Row;
-use tokio_postgres::error::SqlState;
-use tokio_postgres::types::ToSql;
-use uuid::Uuid;
 
 use crate::database::{Database, PgConfig};
 use crate::error::{OpenError, backend};
-use crate::events_schema::{
-    CONFLICT, EVENTS, KEY_REUSED, MAX_EVENTS_PER_TRANSACTION, NOT_FIRST_WRITE, READABLE_BOUND,
-    TOO_MANY_EVENTS,
+use crate::events_schema::{EVENTS, MAX_EVENTS_PER_TRANSACTION, READABLE_BOUND};
+use crate::group::{GroupCommit, PreparedAppend, Signals, Stored, too_many_events};
+use crate::rows::{
+    EVENT_COLUMNS, STREAM_READ_BACKWARD, STREAM_READ_FORWARD, event_from_row, query_decoded,
+    stream_event_from_row,
 };
-
-const EVENT_COLUMNS: &str = "position, stream_id, version, event_id, event_type, \
-                             schema_version, payload, metadata, recorded_at";
 
 /// How soon the head is re-read while committed events are held back behind a
 /// transaction still in progress (the commit that releases them may be any write
@@ -38,9 +33,12 @@ const IDLE_RECHECK: Duration = Duration::from_secs(1);
 
 /// The event store on PostgreSQL, shared by any number of processes.
 ///
-/// Appends from many connections run concurrently: each locks only its own
-/// stream, and PostgreSQL flushes the WAL of concurrent commits together. The
-/// global order needs no lock either (see the crate documentation).
+/// Appends that arrive together are written together: one transaction and one
+/// round trip for the group, each append checked on its own (see `group.rs`).
+/// Groups from several lanes and processes run concurrently: each locks only
+/// its own streams, and PostgreSQL flushes the WAL of concurrent commits
+/// together. The global order needs no lock either (see the crate
+/// documentation).
 ///
 /// Appends do not `NOTIFY` in their own transaction: PostgreSQL serialises the
 /// commits of notifying transactions on one lock, which would serialise every
@@ -50,10 +48,9 @@ const IDLE_RECHECK: Duration = Duration::from_secs(1);
 pub struct PgStore {
     database: Arc<Database>,
     head: watch::Sender<Position>,
-    /// Moves after each append, for the notifier.
-    appended: watch::Sender<u64>,
-    /// Moves after an append that was not yet readable, for the follower.
+    /// Moves when an append is found held back, for the follower.
     held_back: watch::Sender<u64>,
+    groups: Arc<GroupCommit>,
     tasks: [JoinHandle<()>; 2],
     readable_wait: Duration,
 }
@@ -73,11 +70,20 @@ impl PgStore {
             head.clone(),
         ));
         let notifier = tokio::spawn(notify_appends(Arc::clone(&database), appended.subscribe()));
+        let groups = Arc::new(GroupCommit::new(
+            Arc::clone(&database),
+            Signals {
+                head: head.clone(),
+                appended,
+                held_back: held_back.clone(),
+            },
+            config.append_lanes.min(config.pool_size),
+        ));
         Ok(Self {
             database,
             head,
-            appended,
             held_back,
+            groups,
             tasks: [follower, notifier],
             readable_wait: config.readable_wait,
         })
@@ -86,103 +92,6 @@ impl PgStore {
     /// The schema holding the tables.
     pub fn schema(&self) -> &str {
         &self.database.schema
-    }
-
-    async fn try_append(&self, request: &AppendRequest) -> Result<AppendOutcome, Attempt> {
-        let client = self.database.connection("appending").await?;
-        let expected: Option<i64> = match request.expected {
-            ExpectedVersion::Any => None,
-            ExpectedVersion::NoStream => Some(0),
-            ExpectedVersion::Exact(version) => Some(to_sql(version)),
-        };
-        let ids: Vec<Uuid> = request.events.iter().map(|e| e.event_id).collect();
-        let types: Vec<&str> = request
-            .events
-            .iter()
-            .map(|e| e.event_type.as_str())
-            .collect();
-        let schema_versions: Vec<i32> = request
-            .events
-            .iter()
-            // Stored bit for bit: PostgreSQL has no unsigned integers.
-            .map(|e| e.schema_version as i32)
-            .collect();
-        let payloads: Vec<&serde_json::Value> = request.events.iter().map(|e| &e.payload).collect();
-        let metadata: Vec<serde_json::Value> = request
-            .events
-            .iter()
-            .map(|e| serde_json::to_value(&e.metadata).unwrap_or_default())
-            .collect();
-        let statement = client
-            .prepare_cached("SELECT * FROM diptych_append($1, $2, $3, $4, $5, $6, $7, $8)")
-            .await
-            .map_err(|error| Attempt::Failed(backend("preparing the append", error).into()))?;
-        let bound = client
-            .prepare_cached(&format!("SELECT {READABLE_BOUND}"))
-            .await
-            .map_err(|error| Attempt::Failed(backend("preparing the append", error).into()))?;
-        // Pipelined behind the append on the same connection, so it runs right
-        // after the append commits at no extra round trip: whether the events
-        // are already readable in the global order (they usually are).
-        let stream = request.stream.as_str();
-        let params: [&(dyn ToSql + Sync); 8] = [
-            &stream,
-            &expected,
-            &request.idempotency_key,
-            &ids,
-            &types,
-            &schema_versions,
-            &payloads,
-            &metadata,
-        ];
-        let (appended, readable_bound) = tokio::join!(
-            client.query_one(&statement, &params),
-            client.query_one(&bound, &[]),
-        );
-        let row = appended.map_err(|error| classify(request, error))?;
-        if let Ok(bound) = readable_bound {
-            let last: i64 = row.get("last_position");
-            if last < bound.get::<_, i64>(0) {
-                self.head.send_if_modified(|head| {
-                    let moved = Position(last as u64) > *head;
-                    *head = (*head).max(Position(last as u64));
-                    moved
-                });
-            }
-        }
-        let first: i64 = row.get("first_position");
-        let last: i64 = row.get("last_position");
-        if row.get::<_, bool>("deduplicated") {
-            let events = events_between(&client, first, last)
-                .await
-                .map_err(|error| Attempt::Failed(error.into()))?;
-            return Ok(AppendOutcome {
-                events,
-                deduplicated: true,
-            });
-        }
-        let first_version: i64 = row.get("first_version");
-        let recorded_at = Timestamp::from_unix_micros(row.get("recorded_at"));
-        let events = request
-            .events
-            .iter()
-            .enumerate()
-            .map(|(offset, event)| RecordedEvent {
-                event_id: event.event_id,
-                stream_id: request.stream.clone(),
-                stream_version: (first_version + offset as i64) as u64,
-                position: Position((first + offset as i64) as u64),
-                recorded_at,
-                event_type: event.event_type.clone(),
-                schema_version: event.schema_version,
-                payload: event.payload.clone(),
-                metadata: event.metadata.clone(),
-            })
-            .collect();
-        Ok(AppendOutcome {
-            events,
-            deduplicated: false,
-        })
     }
 
     /// Waits (at most `readable_wait`) until the head reaches `position`.
@@ -199,31 +108,6 @@ impl PgStore {
             );
         }
     }
-
-    /// The first event id of `request`, in request order, that is already stored
-    /// or repeated earlier in the request.
-    async fn first_duplicate_id(
-        &self,
-        request: &AppendRequest,
-    ) -> Result<Option<Uuid>, BackendError> {
-        let client = self
-            .database
-            .connection("finding a duplicate event id")
-            .await?;
-        let ids: Vec<Uuid> = request.events.iter().map(|e| e.event_id).collect();
-        let row = client
-            .query_opt(
-                "SELECT u.id FROM unnest($1::uuid[]) WITH ORDINALITY AS u(id, n) \
-                 WHERE EXISTS (SELECT 1 FROM events e WHERE e.event_id = u.id) \
-                    OR EXISTS (SELECT 1 FROM unnest($1::uuid[]) WITH ORDINALITY AS v(id, m) \
-                               WHERE v.id = u.id AND v.m < u.n) \
-                 ORDER BY u.n LIMIT 1",
-                &[&ids],
-            )
-            .await
-            .map_err(|error| backend("finding a duplicate event id", error))?;
-        Ok(row.map(|row| row.get(0)))
-    }
 }
 
 impl Drop for PgStore {
@@ -232,69 +116,37 @@ impl Drop for PgStore {
     }
 }
 
-/// How one try at an append ended, when it did not succeed.
-enum Attempt {
-    /// A final answer for the caller.
-    Failed(AppendError),
-    /// A unique index refused an event id: find which, or retry if the
-    /// conflicting transaction rolled back meanwhile.
-    DuplicateId,
-    /// A racing append created the stream or claimed the key first: retry, and
-    /// the checks will see what it wrote.
-    Raced,
-}
-
-impl From<BackendError> for Attempt {
-    fn from(error: BackendError) -> Self {
-        Attempt::Failed(error.into())
+/// The outcome of an append that wrote its events from `first_position` and
+/// `first_version` on.
+fn written(
+    append: PreparedAppend,
+    first_position: i64,
+    first_version: i64,
+    recorded_at: i64,
+) -> AppendOutcome {
+    let recorded_at = Timestamp::from_unix_micros(recorded_at);
+    let request = append.request;
+    let stream = request.stream;
+    let events = request
+        .events
+        .into_iter()
+        .enumerate()
+        .map(|(offset, event)| RecordedEvent {
+            event_id: event.event_id,
+            stream_id: stream.clone(),
+            stream_version: (first_version + offset as i64) as u64,
+            position: Position((first_position + offset as i64) as u64),
+            recorded_at,
+            event_type: event.event_type,
+            schema_version: event.schema_version,
+            payload: event.payload,
+            metadata: event.metadata,
+        })
+        .collect();
+    AppendOutcome {
+        events,
+        deduplicated: false,
     }
-}
-
-fn classify(request: &AppendRequest, error: tokio_postgres::Error) -> Attempt {
-    let Some(db) = error.as_db_error() else {
-        return Attempt::Failed(backend("appending", error).into());
-    };
-    let code = db.code().code();
-    if code == CONFLICT {
-        let actual = db.message().parse().unwrap_or(0);
-        return Attempt::Failed(AppendError::Conflict {
-            stream: request.stream.clone(),
-            expected: request.expected,
-            actual,
-        });
-    }
-    if code == KEY_REUSED {
-        return match StreamId::new(db.message()) {
-            Ok(first_stream) => Attempt::Failed(AppendError::IdempotencyKeyReused {
-                key: request.idempotency_key.clone().unwrap_or_default(),
-                first_stream,
-                stream: request.stream.clone(),
-            }),
-            Err(_) => Attempt::Failed(backend("appending", error).into()),
-        };
-    }
-    if code == NOT_FIRST_WRITE {
-        return Attempt::Failed(AppendError::Backend(BackendError::msg(
-            "diptych_append was called in a transaction that had already written: call it \
-             first, once per transaction, or the stream's order in the log could break",
-        )));
-    }
-    if code == TOO_MANY_EVENTS {
-        return Attempt::Failed(too_many_events(request.events.len()));
-    }
-    if db.code() == &SqlState::UNIQUE_VIOLATION {
-        return match db.constraint() {
-            Some("events_event_id_key") => Attempt::DuplicateId,
-            _ => Attempt::Raced,
-        };
-    }
-    Attempt::Failed(backend("appending", error).into())
-}
-
-fn too_many_events(events: usize) -> AppendError {
-    AppendError::Backend(BackendError::msg(format!(
-        "an append to PostgreSQL holds at most {MAX_EVENTS_PER_TRANSACTION} events, and this one has {events}: split it into several appends"
-    )))
 }
 
 /// Converts a count or version to PostgreSQL's bigint, saturating.
@@ -302,46 +154,12 @@ fn to_sql(value: u64) -> i64 {
     i64::try_from(value).unwrap_or(i64::MAX)
 }
 
-fn event_from_row(row: &Row) -> Result<RecordedEvent, BackendError> {
-    let position: i64 = row.get(0);
-    let corrupt = |what: &str, detail: String| {
-        BackendError::msg(format!(
-            "the event at position {position} is corrupt: {what} ({detail})"
-        ))
-    };
-    let stream_id = StreamId::new(row.get::<_, String>(1))
-        .map_err(|error| corrupt("its stream id is invalid", error.to_string()))?;
-    let metadata: Metadata = serde_json::from_value(row.get(7))
-        .map_err(|error| corrupt("its metadata is not valid", error.to_string()))?;
-    Ok(RecordedEvent {
-        event_id: row.get(3),
-        stream_id,
-        stream_version: row.get::<_, i64>(2) as u64,
-        position: Position(position as u64),
-        recorded_at: Timestamp::from_unix_micros(row.get(8)),
-        event_type: row.get(4),
-        schema_version: row.get::<_, i32>(5) as u32,
-        payload: row.get(6),
-        metadata,
-    })
-}
-
 async fn query_events(
     client: &deadpool_postgres::Client,
     sql: &str,
     params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
 ) -> Result<Vec<RecordedEvent>, BackendError> {
-    let statement = client
-        .prepare_cached(sql)
-        .await
-        .map_err(|error| backend("preparing an event query", error))?;
-    client
-        .query(&statement, params)
-        .await
-        .map_err(|error| backend("reading events", error))?
-        .iter()
-        .map(event_from_row)
-        .collect()
+    query_decoded(client, sql, params, 0, event_from_row).await
 }
 
 async fn events_between(
@@ -386,13 +204,16 @@ async fn read_head(database: &Database) -> Result<(Position, Position), BackendE
 /// carries no data, and listeners re-read after reconnecting.
 async fn notify_appends(database: Arc<Database>, mut appended: watch::Receiver<u64>) {
     let channel = crate::database::channel(&database.schema, "events");
+    // This store's own listener skips notifications carrying its origin: its
+    // appends move its head themselves.
+    let origin = &database.origin;
     while appended.changed().await.is_ok() {
         appended.borrow_and_update();
         let sent = async {
             let client = database.connection("notifying an append").await?;
             client
                 .batch_execute(&format!(
-                    "BEGIN; SET LOCAL synchronous_commit = off; NOTIFY {channel}; COMMIT;"
+                    "BEGIN; SET LOCAL synchronous_commit = off; NOTIFY {channel}, '{origin}'; COMMIT;"
                 ))
                 .await
                 .map_err(|error| backend("notifying an append", error))
@@ -462,39 +283,41 @@ impl EventStore for PgStore {
         if request.events.len() > MAX_EVENTS_PER_TRANSACTION {
             return Err(too_many_events(request.events.len()));
         }
-        // A race is resolved by the next try seeing what the winner wrote; a
-        // handful of tries is far more than any real race needs.
-        let mut tries = 0;
-        loop {
-            tries += 1;
-            match self.try_append(&request).await {
-                Ok(outcome) => {
-                    if !outcome.deduplicated {
-                        self.appended.send_modify(|count| *count += 1);
-                    }
-                    if *self.head.borrow() < outcome.last_position() {
-                        // Held back: have the follower poll until it is released.
-                        self.held_back.send_modify(|count| *count += 1);
-                        self.until_readable(outcome.last_position()).await;
-                    }
-                    return Ok(outcome);
+        let answer = self.groups.append(PreparedAppend::new(request)).await;
+        let Some((append, stored)) = answer else {
+            return Err(BackendError::msg(
+                "the append was abandoned before its group was written (is the runtime \
+                 shutting down?); retry it with the same idempotency key",
+            )
+            .into());
+        };
+        let outcome = match stored? {
+            Stored::Written {
+                first_position,
+                first_version,
+                recorded_at,
+            } => written(append, first_position, first_version, recorded_at),
+            Stored::Repeat {
+                first_position,
+                last_position,
+            } => {
+                let client = self
+                    .database
+                    .connection("reading a repeated append")
+                    .await?;
+                AppendOutcome {
+                    events: events_between(&client, first_position, last_position).await?,
+                    deduplicated: true,
                 }
-                Err(Attempt::Failed(error)) => return Err(error),
-                Err(Attempt::DuplicateId) => {
-                    if let Some(event_id) = self.first_duplicate_id(&request).await? {
-                        return Err(AppendError::DuplicateEventId { event_id });
-                    }
-                }
-                Err(Attempt::Raced) => {}
             }
-            if tries >= 8 {
-                return Err(BackendError::msg(format!(
-                    "the append to `{}` kept racing other appends; retry it",
-                    request.stream
-                ))
-                .into());
-            }
+        };
+        // Only a caller that asked to read its writes in the global order waits
+        // (see `PgConfig::readable_wait`): a consistency token never needs it.
+        if *self.head.borrow() < outcome.last_position() && !self.readable_wait.is_zero() {
+            self.held_back.send_modify(|count| *count += 1);
+            self.until_readable(outcome.last_position()).await;
         }
+        Ok(outcome)
     }
 
     async fn find_idempotent_append(&self, key: &str) -> Result<Option<AppendOutcome>, ReadError> {
@@ -522,23 +345,22 @@ impl EventStore for PgStore {
     async fn read_stream(&self, read: StreamRead) -> Result<Vec<RecordedEvent>, ReadError> {
         let client = self.database.connection("reading a stream").await?;
         let sql = match read.direction {
-            Direction::Forward => format!(
-                "SELECT {EVENT_COLUMNS} FROM events WHERE stream_id = $1 AND version >= $2 \
-                 ORDER BY version LIMIT $3"
-            ),
-            Direction::Backward => format!(
-                "SELECT {EVENT_COLUMNS} FROM events WHERE stream_id = $1 AND version <= $2 \
-                 ORDER BY version DESC LIMIT $3"
-            ),
+            Direction::Forward => STREAM_READ_FORWARD,
+            Direction::Backward => STREAM_READ_BACKWARD,
         };
-        let events = query_events(
+        let stream = &read.stream;
+        let events = query_decoded(
             &client,
-            &sql,
+            sql,
             &[
-                &read.stream.as_str(),
+                &stream.as_str(),
                 &to_sql(read.from),
                 &to_sql(read.limit as u64),
             ],
+            // Room for a whole page when pages are small; a large page grows
+            // as it arrives rather than reserving what a short stream never fills.
+            read.limit.min(1024),
+            |row| stream_event_from_row(row, stream),
         )
         .await?;
         if events.is_empty() && stream_version(&client, &read.stream).await? == 0 {

@@ -2,7 +2,7 @@
 //! tests run in parallel on one database without seeing each other's rows.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio_postgres::NoTls;
 
@@ -25,6 +25,12 @@ pub fn test_url() -> String {
 
 /// A config on the test server in a schema no other test uses. Schemas left by
 /// test runs more than a day old are dropped on the way.
+///
+/// Its appends wait until they are readable in the global order
+/// ([`PgConfig::readable_wait`]): the suites read the log right after
+/// appending, and tests running in parallel on one server are never quiet,
+/// since any test's transaction in progress holds back every later one's
+/// events for its length.
 pub async fn fresh_config() -> PgConfig {
     static NEXT: AtomicU64 = AtomicU64::new(0);
     let url = test_url();
@@ -38,7 +44,10 @@ pub async fn fresh_config() -> PgConfig {
         NEXT.fetch_add(1, Ordering::Relaxed)
     );
     drop_stale_schemas(&url, now).await;
-    PgConfig::new(url).with_schema(schema).with_pool_size(8)
+    PgConfig::new(url)
+        .with_schema(schema)
+        .with_pool_size(8)
+        .with_readable_wait(Duration::from_secs(30))
 }
 
 async fn drop_stale_schemas(url: &str, now: u64) {

@@ -49,8 +49,25 @@ async fn wait_for_count(delivered: &Mutex<Vec<RecordedEvent>>, count: usize) {
     );
 }
 
+/// How the held transaction appends: alone, or as a group of appends to two
+/// streams (the group's locks, id and inserts all in one held transaction).
+#[derive(Clone, Copy)]
+enum Held {
+    Alone,
+    Group,
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_held_transaction_holds_back_later_positions_until_it_commits() {
+    holds_back_until_commit(Held::Alone).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_group_holds_back_later_positions_until_it_commits() {
+    holds_back_until_commit(Held::Group).await;
+}
+
+async fn holds_back_until_commit(held: Held) {
     let config = testing::fresh_config().await;
     let store = Arc::new(PgStore::connect(&config).await.expect("a store"));
     // Writers that do not wait for readability: the held transaction would
@@ -66,13 +83,25 @@ async fn a_held_transaction_holds_back_later_positions_until_it_commits() {
     // An append in a transaction of our own, left open.
     let mut held_client = testing::raw_client(&config).await;
     let held_transaction = held_client.transaction().await.expect("a transaction");
-    let held_id = Uuid::now_v7();
-    let held_row = held_transaction
-        .query_one(
+    let held_ids: Vec<Uuid> = match held {
+        Held::Alone => vec![Uuid::now_v7()],
+        Held::Group => vec![Uuid::now_v7(), Uuid::now_v7()],
+    };
+    let held_sql = match held {
+        Held::Alone => {
             "SELECT first_position FROM diptych_append('held-1', NULL, NULL, $1, \
-             ARRAY['Held'], ARRAY[1], ARRAY['{\"held\": true}'::jsonb], ARRAY['{}'::jsonb])",
-            &[&vec![held_id]],
-        )
+             ARRAY['Held'], ARRAY[1], ARRAY['{\"held\": true}'::jsonb], ARRAY['{}'::jsonb])"
+        }
+        Held::Group => {
+            "SELECT min(first_position) FROM diptych_append_group(true, \
+             ARRAY['held-1', 'held-2'], ARRAY[0, NULL]::bigint[], ARRAY['held-key', NULL], \
+             ARRAY[1, 1], ARRAY[1, 2], ARRAY[0, 0], $1, ARRAY['Held', 'Held'], ARRAY[1, 1], \
+             ARRAY['{\"held\": 1}'::jsonb, '{\"held\": 2}'::jsonb], \
+             ARRAY['{}'::jsonb, '{}'::jsonb])"
+        }
+    };
+    let held_row = held_transaction
+        .query_one(held_sql, &[&held_ids])
         .await
         .expect("the held append");
     let held_position = Position(held_row.get::<_, i64>(0) as u64);
@@ -80,6 +109,12 @@ async fn a_held_transaction_holds_back_later_positions_until_it_commits() {
         held_position > before,
         "the held event comes after the first"
     );
+    // An append to a held stream waits for the stream's lock, and so lands
+    // after the held events once they commit.
+    let blocked = {
+        let writer = Arc::clone(&writer);
+        tokio::spawn(async move { append(&*writer, "held-1", 1).await })
+    };
 
     // Many writers commit meanwhile, on other streams.
     let mut writers = Vec::new();
@@ -120,27 +155,35 @@ async fn a_held_transaction_holds_back_later_positions_until_it_commits() {
         );
     }
 
+    assert!(!blocked.is_finished(), "the held stream's lock is held");
     held_transaction
         .commit()
         .await
         .expect("the held append commits");
-    wait_for_count(&delivered, 202).await;
+    let after_held = blocked.await.expect("the blocked append");
+    assert!(
+        after_held > held_position,
+        "the append that waited for the held stream comes after it"
+    );
+    let total = 1 + held_ids.len() + 200 + 1;
+    wait_for_count(&delivered, total).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     let seen = delivered.lock().unwrap().clone();
-    assert_eq!(seen.len(), 202, "every event once, none twice");
+    assert_eq!(seen.len(), total, "every event once, none twice");
     let ids: HashSet<Uuid> = seen.iter().map(|event| event.event_id).collect();
-    assert_eq!(ids.len(), 202, "no event delivered twice");
-    assert!(ids.contains(&held_id), "the held event was delivered");
+    assert_eq!(ids.len(), total, "no event delivered twice");
     assert!(
         seen.windows(2)
             .all(|pair| pair[0].position < pair[1].position),
         "positions increase along the delivery"
     );
-    assert_eq!(
-        seen.iter().position(|event| event.event_id == held_id),
-        Some(1),
-        "the held event is delivered in its place: right after the first"
-    );
+    for (offset, held_id) in held_ids.iter().enumerate() {
+        assert_eq!(
+            seen.iter().position(|event| event.event_id == *held_id),
+            Some(1 + offset),
+            "the held events are delivered in their place: right after the first"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1075,6 +1075,19 @@ type FloorEvent = (
     i64,
 );
 
+/// A row as the PostgreSQL floor reads it: jsonb columns parsed by the driver.
+type PgFloorEvent = (
+    i64,
+    String,
+    i64,
+    uuid::Uuid,
+    String,
+    i32,
+    serde_json::Value,
+    serde_json::Value,
+    i64,
+);
+
 impl LoadFloor {
     /// Reads the stream's rows; returns how many.
     async fn read(&mut self, stream: &str) -> Result<usize> {
@@ -1104,17 +1117,7 @@ impl LoadFloor {
             }
             LoadFloor::Postgres(client) => {
                 let statement = client.prepare(SELECT).await?;
-                let rows: Vec<(
-                    i64,
-                    String,
-                    i64,
-                    uuid::Uuid,
-                    String,
-                    i32,
-                    serde_json::Value,
-                    serde_json::Value,
-                    i64,
-                )> = client
+                let rows: Vec<PgFloorEvent> = client
                     .query(&statement, &[&stream])
                     .await?
                     .iter()

@@ -208,8 +208,7 @@ pub async fn run(bench: &HttpBench, mut report: impl FnMut(&HttpResult)) -> Resu
             );
             // A page of a product's history.
             let cpu = CpuClock::start();
-            let latencies =
-                over_http(addr, count, duration, "GET", stream_path, &no_body).await?;
+            let latencies = over_http(addr, count, duration, "GET", stream_path, &no_body).await?;
             let requests = latencies.len();
             report(
                 &result("stream-read", count, duration, latencies, None, None)

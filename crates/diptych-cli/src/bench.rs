@@ -66,16 +66,7 @@ pub async fn run_append(
     config: &AppendBenchConfig,
     mut report: impl FnMut(&AppendBenchResult),
 ) -> Result<()> {
-    let temporary;
-    let directory = match &config.directory {
-        Some(directory) => directory.clone(),
-        None => {
-            temporary = tempfile::tempdir().context("creating a temporary directory")?;
-            temporary.path().to_owned()
-        }
-    };
-    std::fs::create_dir_all(&directory)
-        .with_context(|| format!("creating {}", directory.display()))?;
+    let (directory, _temporary) = work_directory(config.directory.as_deref())?;
     let mut run = 0;
     for &hot in &[false, true] {
         for &events_per_append in &config.events_per_append {
@@ -391,6 +382,21 @@ pub(crate) fn insert_floor_rows(
     }
     transaction.commit()?;
     Ok(transaction_started.elapsed())
+}
+
+/// The directory a bench's files go in: the one given (created if missing), or
+/// a temporary one, removed when the returned guard is dropped.
+pub(crate) fn work_directory(given: Option<&Path>) -> Result<(PathBuf, Option<tempfile::TempDir>)> {
+    let (directory, temporary) = match given {
+        Some(directory) => (directory.to_owned(), None),
+        None => {
+            let temporary = tempfile::tempdir().context("creating a temporary directory")?;
+            (temporary.path().to_owned(), Some(temporary))
+        }
+    };
+    std::fs::create_dir_all(&directory)
+        .with_context(|| format!("creating {}", directory.display()))?;
+    Ok((directory, temporary))
 }
 
 /// Removes an SQLite database and its WAL and shared-memory files.

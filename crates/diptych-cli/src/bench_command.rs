@@ -41,7 +41,9 @@ use diptych::{
 use serde::{Deserialize, Serialize};
 use tokio_postgres::Client;
 
-use crate::bench::{FLOOR_PRAGMAS, SLICES, insert_floor_rows, percentile, remove_database};
+use crate::bench::{
+    FLOOR_PRAGMAS, SLICES, insert_floor_rows, percentile, remove_database, work_directory,
+};
 use crate::bench_pg::{FLOOR_INSERT, connect, drop_schemas, stamp};
 
 /// The scenarios, in the order they run.
@@ -127,7 +129,8 @@ pub async fn run(config: &CommandBenchConfig, mut report: impl FnMut(&Line)) -> 
             );
         }
     }
-    let temporary;
+    // Held until the bench ends, so a temporary directory outlives its files.
+    let mut _temporary = None;
     let backend = match &config.postgres {
         Some(url) => Backend::Postgres {
             url: url.clone(),
@@ -135,15 +138,8 @@ pub async fn run(config: &CommandBenchConfig, mut report: impl FnMut(&Line)) -> 
             admin: connect(url, None).await?,
         },
         None => {
-            let directory = match &config.directory {
-                Some(directory) => directory.clone(),
-                None => {
-                    temporary = tempfile::tempdir().context("creating a temporary directory")?;
-                    temporary.path().to_owned()
-                }
-            };
-            std::fs::create_dir_all(&directory)
-                .with_context(|| format!("creating {}", directory.display()))?;
+            let (directory, guard) = work_directory(config.directory.as_deref())?;
+            _temporary = guard;
             Backend::Sqlite { directory }
         }
     };

@@ -16,10 +16,12 @@
 //! no entry and loads from the store, as it would have to after the first one's
 //! append anyway.
 //!
-//! Bounded by entries: each shard keeps two generations of at most half its
-//! share; when the young one fills, the old one is dropped and the young one
-//! becomes old. An entry used since the last turn is in the young generation,
-//! so what is evicted is what was not used for a whole generation: close to
+//! Bounded by entries: each shard holds at most its share, in two generations.
+//! An entry put back goes to the young generation. Nothing is evicted until the
+//! shard is full, so a working set smaller than the capacity stays cached
+//! whole. When it is full and the young generation holds at least half, the old
+//! one is dropped and the young one becomes old; otherwise one old entry goes.
+//! What is evicted was not used since the last turn: close to
 //! least-recently-used, at the cost of two hash look-ups and no list to keep.
 
 use std::collections::HashMap;
@@ -32,6 +34,8 @@ use crate::envelope::{StreamId, Timestamp};
 /// How many shards a cache is split into, so concurrent commands on different
 /// aggregates rarely wait for the same lock.
 const SHARDS: usize = 16;
+/// The fewest entries a shard holds, when the capacity allows.
+const MIN_SHARD: usize = 256;
 
 /// A state at a version, as the store confirmed it at some point.
 pub(crate) struct Cached<A> {
@@ -60,9 +64,11 @@ impl<A> AggregateCache<A> {
         if capacity == 0 {
             return None;
         }
-        // Two generations per shard, each at most half the shard's share, so
-        // the whole never holds more than `capacity` (rounded up per shard).
-        let shards = SHARDS.min(capacity / 2).max(1);
+        // Each shard holds at most its share, so the whole never holds more
+        // than `capacity` (rounded up per shard). A small cache has few shards:
+        // hashing many keys into tiny shards would evict some while others
+        // have room.
+        let shards = (capacity / MIN_SHARD).clamp(1, SHARDS);
         let generation = (capacity / (shards * 2)).max(1);
         Some(Self {
             shards: (0..shards)
@@ -100,8 +106,17 @@ impl<A> AggregateCache<A> {
             return;
         }
         shard.old.remove(&stream);
-        if shard.young.len() >= shard.generation && !shard.young.contains_key(&stream) {
-            shard.old = std::mem::take(&mut shard.young);
+        let capacity = shard.generation * 2;
+        if shard.young.len() + shard.old.len() >= capacity && !shard.young.contains_key(&stream) {
+            if shard.young.len() >= shard.generation {
+                shard.old = std::mem::take(&mut shard.young);
+            }
+            // Still full: the young generation was small, or it was all there was.
+            if shard.young.len() + shard.old.len() >= capacity {
+                if let Some(unused) = shard.old.keys().next().cloned() {
+                    shard.old.remove(&unused);
+                }
+            }
         }
         shard.young.insert(stream, entry);
     }
@@ -174,6 +189,27 @@ mod tests {
         }
         // Each shard keeps at least one generation's worth after a turn.
         assert!(cache.len() >= 45, "a full cache keeps most of its capacity");
+    }
+
+    #[test]
+    fn a_working_set_smaller_than_the_capacity_stays_cached_whole() {
+        // One shard: more than half its capacity in use, less than all.
+        let cache = AggregateCache::new(200).unwrap();
+        for n in 0..150 {
+            cache.put(stream(n), at(1));
+        }
+        // Visit the set over and over, in a different order each round, as
+        // commands on many aggregates do.
+        for round in 1..20 {
+            for step in 0..150 {
+                let n = (step * 7 + round * 13) % 150;
+                let entry = cache
+                    .take(&stream(n))
+                    .unwrap_or_else(|| panic!("stream {n} was evicted in round {round}"));
+                cache.put(stream(n), at(entry.version + 1));
+            }
+        }
+        assert_eq!(cache.len(), 150);
     }
 
     #[test]

@@ -27,8 +27,8 @@ use crate::writer::{self, Job, PreparedAppend, Queued};
 /// Settings of a [`SqliteStore`].
 #[derive(Clone, Debug)]
 pub struct SqliteConfig {
-    /// How many reader connections to keep open (more are opened under load and
-    /// closed again).
+    /// How many reader connections the store keeps; at most this many reads run
+    /// at once and the rest wait their turn. Defaults to two per core, at least 4.
     pub reader_connections: usize,
     /// The most events one group commit holds; bounds a transaction's size.
     pub max_group_events: usize,
@@ -39,7 +39,7 @@ pub struct SqliteConfig {
 impl Default for SqliteConfig {
     fn default() -> Self {
         Self {
-            reader_connections: 4,
+            reader_connections: crate::pool::default_size(),
             max_group_events: 4096,
             queue_capacity: 4096,
         }
@@ -118,12 +118,7 @@ impl SqliteStore {
         &self,
         work: impl FnOnce(&Connection) -> Result<T, ReadError> + Send + 'static,
     ) -> Result<T, ReadError> {
-        let readers = Arc::clone(&self.readers);
-        tokio::task::spawn_blocking(move || readers.with_connection(work))
-            .await
-            .map_err(|error| {
-                ReadError::Backend(BackendError::with_source("a read task failed", error))
-            })?
+        self.readers.run(work).await
     }
 }
 

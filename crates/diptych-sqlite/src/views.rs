@@ -37,7 +37,7 @@ use rusqlite::{Connection, OptionalExtension, Transaction, params, params_from_i
 use tokio::sync::watch;
 
 use crate::error::{OpenError, backend};
-use crate::pool::ReaderPool;
+use crate::pool::{self, ReaderPool};
 use crate::rows::to_sql_int;
 use crate::schema;
 
@@ -70,9 +70,7 @@ impl SqliteViews {
         connection.set_prepared_statement_cache_capacity(256);
         schema::VIEWS.migrate(&mut connection)?;
         Ok(Self {
-            // Many HTTP readers at once: keep enough connections that a burst of
-            // queries reuses them instead of opening new ones.
-            readers: Arc::new(ReaderPool::new(path.clone(), 32)),
+            readers: Arc::new(ReaderPool::new(path.clone(), pool::default_size())),
             path,
             writer: Arc::new(Mutex::new(connection)),
             checkpoints: CheckpointWatches::default(),
@@ -136,12 +134,7 @@ impl SqliteViews {
         &self,
         work: impl FnOnce(&Connection) -> Result<T, ViewError> + Send + 'static,
     ) -> Result<T, ViewError> {
-        let readers = Arc::clone(&self.readers);
-        tokio::task::spawn_blocking(move || readers.with_connection(work))
-            .await
-            .map_err(|error| {
-                ViewError::Backend(BackendError::with_source("a read task failed", error))
-            })?
+        self.readers.run(work).await
     }
 
     async fn write<T: Send + 'static>(

@@ -118,12 +118,17 @@ pub(crate) struct Database {
 
 impl Database {
     /// Connects, applies `migrations` and starts listening on `topics`.
+    /// `settings` are extra `-c name=value` options for every pooled session.
     pub async fn open(
         config: &PgConfig,
         migrations: &Migrations,
         topics: &[&str],
+        settings: &str,
     ) -> Result<Self, OpenError> {
-        let connection_config = config.connection_config()?;
+        let mut connection_config = config.connection_config()?;
+        if !settings.is_empty() {
+            connection_config.options(format!("-c search_path={} {settings}", config.schema));
+        }
         let (mut client, connection) = connection_config
             .connect(NoTls)
             .await

@@ -86,7 +86,7 @@ impl PgLeases {
     pub async fn connect(config: &PgConfig) -> Result<Self, OpenError> {
         let config = config.clone().with_pool_size(2);
         Ok(Self {
-            database: Arc::new(Database::open(&config, &LEASES, &[]).await?),
+            database: Arc::new(Database::open(&config, &LEASES, &[], "").await?),
         })
     }
 

@@ -21,6 +21,13 @@ use crate::rows::{
     stream_event_from_row,
 };
 
+/// Every statement of the store looks rows up by key or by a range of an
+/// index. A plan made while a table is still nearly empty (a fresh store, the
+/// first minute before statistics are gathered) would scan it instead, and a
+/// cached plan kept scanning as the table grew: each read and append slower
+/// than the last. With scans off the store's sessions always use the indexes.
+const INDEXED_ONLY: &str = "-c enable_seqscan=off";
+
 /// How soon the head is re-read while committed events are held back behind a
 /// transaction still in progress (the commit that releases them may be any write
 /// transaction on the server, which does not notify), doubling up to
@@ -59,7 +66,7 @@ impl PgStore {
     /// Connects to the store described by `config`, creating or migrating its
     /// tables.
     pub async fn connect(config: &PgConfig) -> Result<Self, OpenError> {
-        let database = Arc::new(Database::open(config, &EVENTS, &["events"]).await?);
+        let database = Arc::new(Database::open(config, &EVENTS, &["events"], INDEXED_ONLY).await?);
         let (readable, _) = read_head(&database).await?;
         let head = watch::Sender::new(readable);
         let appended = watch::Sender::new(0);

@@ -61,7 +61,8 @@ impl PgViews {
     /// Connects to the views in `config`'s schema, creating or migrating their
     /// tables.
     pub async fn connect(config: &PgConfig) -> Result<Self, OpenError> {
-        let database = Arc::new(Database::open(config, &VIEWS, &[CHECKPOINTS, CONTROLS]).await?);
+        let database =
+            Arc::new(Database::open(config, &VIEWS, &[CHECKPOINTS, CONTROLS], "").await?);
         let watches = Arc::new(Watches::default());
         let follower = spawn_follower(Arc::clone(&database), Arc::clone(&watches));
         Ok(Self {

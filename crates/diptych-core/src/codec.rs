@@ -91,6 +91,14 @@ impl Upcasters {
         self
     }
 
+    /// Whether a stored event of this type and schema version needs upcasting.
+    fn has_step(&self, event_type: &str, schema_version: u32) -> bool {
+        !self.steps.is_empty()
+            && self
+                .steps
+                .contains_key(&(event_type.to_owned(), schema_version))
+    }
+
     /// The schema version new events of this type are written with.
     pub fn current_version(&self, event_type: &str) -> u32 {
         self.current.get(event_type).copied().unwrap_or(1)
@@ -215,24 +223,46 @@ impl<E: DomainEvent> EventCodec<E> {
                 current,
             });
         }
+        if self.variants.is_some()
+            && recorded.schema_version == current
+            && !self
+                .upcasters
+                .has_step(&recorded.event_type, recorded.schema_version)
+        {
+            // Already in today's shape: decode from the stored payload in place,
+            // without copying it into a tagged object first.
+            return self.decode_tagged(recorded, &recorded.event_type, &recorded.payload);
+        }
         let (event_type, payload) = self.upcasters.upcast(
             &recorded.event_type,
             recorded.schema_version,
             recorded.payload.clone(),
         )?;
+        self.decode_tagged(recorded, &event_type, &payload)
+    }
+
+    /// Decodes `payload` as the variant `event_type` of the enum.
+    fn decode_tagged(
+        &self,
+        recorded: &RecordedEvent,
+        event_type: &str,
+        payload: &Value,
+    ) -> Result<E, DecodeError> {
         if let Some(variants) = self.variants {
-            if !variants.contains(&event_type.as_str()) {
+            if !variants.contains(&event_type) {
                 return Err(DecodeError::UnknownEventType {
-                    event_type,
+                    event_type: event_type.to_owned(),
                     stream: recorded.stream_id.clone(),
                     version: recorded.stream_version,
                 });
             }
         }
-        let mut tagged = serde_json::Map::with_capacity(1);
-        tagged.insert(event_type.clone(), payload);
-        serde_json::from_value(Value::Object(tagged)).map_err(|error| DecodeError::InvalidPayload {
-            event_type,
+        E::deserialize(Tagged {
+            name: event_type,
+            payload,
+        })
+        .map_err(|error| DecodeError::InvalidPayload {
+            event_type: event_type.to_owned(),
             stream: recorded.stream_id.clone(),
             version: recorded.stream_version,
             reason: error.to_string(),
@@ -281,6 +311,88 @@ impl<'de> Deserializer<'de> for VariantNameProbe<'_> {
     }
 }
 
+/// A stored event seen as the externally tagged enum value `{name: payload}`,
+/// borrowed: what serde would read from that one-entry object, without building it.
+struct Tagged<'a> {
+    name: &'a str,
+    payload: &'a Value,
+}
+
+impl<'de> Deserializer<'de> for Tagged<'de> {
+    type Error = serde_json::Error;
+
+    fn deserialize_any<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Self::Error> {
+        visitor.visit_map(serde::de::value::MapDeserializer::new(std::iter::once((
+            self.name,
+            self.payload,
+        ))))
+    }
+
+    fn deserialize_enum<V: Visitor<'de>>(
+        self,
+        _name: &'static str,
+        _variants: &'static [&'static str],
+        visitor: V,
+    ) -> Result<V::Value, Self::Error> {
+        visitor.visit_enum(self)
+    }
+
+    serde::forward_to_deserialize_any! {
+        bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes
+        byte_buf option unit unit_struct newtype_struct seq tuple tuple_struct map
+        struct identifier ignored_any
+    }
+}
+
+impl<'de> serde::de::EnumAccess<'de> for Tagged<'de> {
+    type Error = serde_json::Error;
+    type Variant = TaggedContent<'de>;
+
+    fn variant_seed<S: serde::de::DeserializeSeed<'de>>(
+        self,
+        seed: S,
+    ) -> Result<(S::Value, Self::Variant), Self::Error> {
+        let name = seed.deserialize(serde::de::value::BorrowedStrDeserializer::<
+            serde_json::Error,
+        >::new(self.name))?;
+        Ok((name, TaggedContent(self.payload)))
+    }
+}
+
+/// The content of a [`Tagged`] variant.
+struct TaggedContent<'a>(&'a Value);
+
+impl<'de> serde::de::VariantAccess<'de> for TaggedContent<'de> {
+    type Error = serde_json::Error;
+
+    fn unit_variant(self) -> Result<(), Self::Error> {
+        serde::Deserialize::deserialize(self.0)
+    }
+
+    fn newtype_variant_seed<S: serde::de::DeserializeSeed<'de>>(
+        self,
+        seed: S,
+    ) -> Result<S::Value, Self::Error> {
+        seed.deserialize(self.0)
+    }
+
+    fn tuple_variant<V: Visitor<'de>>(
+        self,
+        _len: usize,
+        visitor: V,
+    ) -> Result<V::Value, Self::Error> {
+        self.0.deserialize_seq(visitor)
+    }
+
+    fn struct_variant<V: Visitor<'de>>(
+        self,
+        fields: &'static [&'static str],
+        visitor: V,
+    ) -> Result<V::Value, Self::Error> {
+        self.0.deserialize_struct("", fields, visitor)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -323,6 +435,57 @@ mod tests {
                 .decode(&stored(&new.event_type, new.schema_version, new.payload))
                 .unwrap();
             assert_eq!(back, shape);
+        }
+    }
+
+    #[derive(Debug, PartialEq, Serialize, Deserialize)]
+    enum Every {
+        Unit,
+        Newtype(String),
+        Tuple(u8, bool),
+        Struct {
+            #[serde(rename = "n")]
+            number: i64,
+            tags: Vec<String>,
+        },
+    }
+
+    #[test]
+    fn every_kind_of_variant_decodes_as_it_was_encoded() {
+        let codec = EventCodec::<Every>::default();
+        for event in [
+            Every::Unit,
+            Every::Newtype("ada".into()),
+            Every::Tuple(7, true),
+            Every::Struct {
+                number: -3,
+                tags: vec!["a".into(), "b".into()],
+            },
+        ] {
+            let new = codec.encode(&event).unwrap();
+            let back = codec
+                .decode(&stored(&new.event_type, new.schema_version, new.payload))
+                .unwrap();
+            assert_eq!(back, event);
+        }
+    }
+
+    #[test]
+    fn a_payload_of_the_wrong_kind_for_its_variant_is_invalid() {
+        let codec = EventCodec::<Every>::default();
+        for (event_type, payload) in [
+            ("Unit", json!({"n": 1})),
+            ("Newtype", json!(3)),
+            ("Tuple", json!([1])),
+            ("Struct", json!({"n": "x", "tags": []})),
+        ] {
+            let error = codec
+                .decode(&stored(event_type, 1, payload.clone()))
+                .unwrap_err();
+            assert!(
+                matches!(&error, DecodeError::InvalidPayload { event_type: named, .. } if named == event_type),
+                "{event_type} {payload}: {error:?}"
+            );
         }
     }
 

@@ -24,9 +24,35 @@ use crate::AppState;
 
 fn handle() -> Option<&'static PrometheusHandle> {
     static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
-    HANDLE
+    let handle = HANDLE
         .get_or_init(|| PrometheusBuilder::new().install_recorder().ok())
-        .as_ref()
+        .as_ref();
+    static UPKEEP: OnceLock<()> = OnceLock::new();
+    if let Some(handle) = handle {
+        UPKEEP.get_or_init(|| start_upkeep(handle));
+    }
+    handle
+}
+
+/// How often recorded histogram samples are folded into their summaries.
+const UPKEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The recorder keeps every histogram sample until something drains them,
+/// which otherwise happens only when `/metrics` is scraped: a service nobody
+/// scrapes would hold every command's latency forever. A plain thread, since
+/// routers may be built outside a runtime.
+fn start_upkeep(handle: &'static PrometheusHandle) {
+    let started = std::thread::Builder::new()
+        .name("diptych-metrics".into())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(UPKEEP_INTERVAL);
+                handle.run_upkeep();
+            }
+        });
+    if let Err(error) = started {
+        tracing::warn!(%error, "metrics upkeep did not start; histograms drain only when scraped");
+    }
 }
 
 /// Installs the process's recorder, so metrics recorded from now on are kept.

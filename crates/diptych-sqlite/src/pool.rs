@@ -1,19 +1,21 @@
 //! Reader connections: each read runs on its own connection, so in WAL mode it
 //! sees the last commit and never waits for the writer.
 //!
-//! The pool is bounded: at most `size` reads run at once and every connection is
-//! kept. A burst of readers waits for a connection instead of opening fresh ones,
-//! because a fresh SQLite connection parses the whole schema and starts with a cold
-//! statement cache and page cache, which costs more than the read itself. On a
-//! machine with few cores, more concurrent readers than connections buys nothing.
+//! The pool is a fixed set of reader threads, each keeping one connection, fed
+//! from one queue. A burst of readers waits in the queue instead of opening fresh
+//! connections (a fresh SQLite connection parses the whole schema and starts
+//! with cold caches, which costs more than the read), and no read occupies a
+//! thread of tokio's blocking pool, which grows a thread for every read that
+//! finds none idle and kept dozens alive under load.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use diptych_core::BackendError;
 use rusqlite::{Connection, OpenFlags};
-use tokio::sync::Semaphore;
+use tokio::sync::oneshot;
 
 use crate::error::backend;
 
@@ -25,93 +27,134 @@ pub(crate) fn default_size() -> usize {
         .max(4)
 }
 
-/// Reader connections, opened on first use and kept for the pool's life.
+/// A read for a reader thread: given its connection, or why it could not open one.
+type Job = Box<dyn FnOnce(Result<&Connection, BackendError>) + Send>;
+
+/// Reader threads, each with the connection it opened on its first read.
 pub(crate) struct ReaderPool {
     path: PathBuf,
-    idle: Mutex<Vec<Connection>>,
-    /// One permit per connection: a read holds one while it runs.
-    permits: Arc<Semaphore>,
-    size: usize,
+    jobs: Mutex<Option<Sender<Job>>>,
+    /// The connection of the rare caller that cannot wait asynchronously.
+    spare: Mutex<Option<Connection>>,
 }
 
 impl ReaderPool {
-    /// A pool for the file at `path` with at most `size` connections.
+    /// A pool for the file at `path` with `size` reader threads.
     pub(crate) fn new(path: PathBuf, size: usize) -> Self {
-        let size = size.max(1);
+        let (sender, receiver) = mpsc::channel::<Job>();
+        let receiver = Arc::new(Mutex::new(receiver));
+        for index in 0..size.max(1) {
+            let (receiver, path) = (Arc::clone(&receiver), path.clone());
+            // A thread that fails to start leaves the others to serve.
+            let _ = std::thread::Builder::new()
+                .name(format!("diptych-reader-{index}"))
+                .spawn(move || serve(&path, &receiver));
+        }
         Self {
             path,
-            idle: Mutex::new(Vec::with_capacity(size)),
-            permits: Arc::new(Semaphore::new(size)),
-            size,
+            jobs: Mutex::new(Some(sender)),
+            spare: Mutex::new(None),
         }
     }
 
-    /// Runs `work` on a pooled connection on the blocking thread pool, waiting
-    /// (without holding a thread) while all connections are busy.
+    /// Runs `work` on a reader thread's connection, waiting (as a task, not a
+    /// thread) while all of them are busy.
     pub(crate) async fn run<T, E>(
-        self: &Arc<Self>,
+        &self,
         work: impl FnOnce(&Connection) -> Result<T, E> + Send + 'static,
     ) -> Result<T, E>
     where
         T: Send + 'static,
         E: From<BackendError> + Send + 'static,
     {
-        let permit = Arc::clone(&self.permits)
-            .acquire_owned()
+        let (reply, answer) = oneshot::channel();
+        let job: Job = Box::new(move |connection| {
+            let _ = reply.send(connection.map_err(E::from).and_then(work));
+        });
+        let sent = self
+            .jobs
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .as_ref()
+            .is_some_and(|jobs| jobs.send(job).is_ok());
+        if !sent {
+            return Err(BackendError::msg("the reader threads have stopped").into());
+        }
+        answer
             .await
-            .map_err(|error| BackendError::with_source("the reader pool is closed", error))?;
-        let pool = Arc::clone(self);
-        tokio::task::spawn_blocking(move || {
-            let result = pool.with_connection(work);
-            drop(permit);
-            result
-        })
-        .await
-        .map_err(|error| BackendError::with_source("a read task failed", error))?
+            .map_err(|_| BackendError::msg("a read stopped before it answered"))?
     }
 
-    /// Runs `work` on a pooled connection on this thread, for the rare caller that
-    /// cannot wait asynchronously. It does not take a permit, so it may open one
-    /// connection beyond the bound; that connection is closed again if the pool is
-    /// full.
+    /// Runs `work` on this thread, on a connection kept for such callers.
     pub(crate) fn with_connection<T, E: From<BackendError>>(
         &self,
         work: impl FnOnce(&Connection) -> Result<T, E>,
     ) -> Result<T, E> {
-        let idle = self
-            .idle
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .pop();
-        let connection = match idle {
-            Some(connection) => connection,
-            None => self.open()?,
-        };
-        let result = work(&connection);
-        let mut idle = self
-            .idle
+        let mut spare = self
+            .spare
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if idle.len() < self.size {
-            idle.push(connection);
+        if spare.is_none() {
+            *spare = Some(open(&self.path)?);
         }
-        result
+        match spare.as_ref() {
+            Some(connection) => work(connection),
+            None => Err(BackendError::msg("no reader connection").into()),
+        }
     }
+}
 
-    fn open(&self) -> Result<Connection, BackendError> {
-        let connection = Connection::open_with_flags(
-            &self.path,
-            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        )
-        .and_then(|connection| {
-            connection.execute_batch("PRAGMA query_only = ON;")?;
-            connection.busy_timeout(Duration::from_secs(5))?;
-            connection.set_prepared_statement_cache_capacity(64);
-            Ok(connection)
-        })
-        .map_err(|error| backend("opening a reader connection", error))?;
-        Ok(connection)
+impl Drop for ReaderPool {
+    fn drop(&mut self) {
+        // Closing the queue ends every reader thread once it is idle.
+        self.jobs
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take();
     }
+}
+
+/// A reader thread: takes reads from the queue until it closes.
+fn serve(path: &Path, jobs: &Mutex<Receiver<Job>>) {
+    let mut connection: Option<Connection> = None;
+    loop {
+        let job = match jobs
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .recv()
+        {
+            Ok(job) => job,
+            Err(_) => return,
+        };
+        if connection.is_none() {
+            match open(path) {
+                Ok(opened) => connection = Some(opened),
+                Err(error) => {
+                    job(Err(error));
+                    continue;
+                }
+            }
+        }
+        if let Some(connection) = &connection {
+            // A read that panics answers its caller with an error (its reply is
+            // dropped) and leaves the thread serving.
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(Ok(connection))));
+        }
+    }
+}
+
+fn open(path: &Path) -> Result<Connection, BackendError> {
+    Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .and_then(|connection| {
+        connection.execute_batch("PRAGMA query_only = ON;")?;
+        connection.busy_timeout(Duration::from_secs(5))?;
+        connection.set_prepared_statement_cache_capacity(64);
+        Ok(connection)
+    })
+    .map_err(|error| backend("opening a reader connection", error))
 }
 
 #[cfg(test)]
@@ -133,24 +176,67 @@ mod tests {
             .map(|_| {
                 let (pool, in_flight, most) = (pool.clone(), in_flight.clone(), most.clone());
                 tokio::spawn(async move {
-                    pool.run(move |connection| -> Result<i64, BackendError> {
+                    pool.run(move |connection| -> Result<(i64, String), BackendError> {
+                        let thread = std::thread::current().name().unwrap_or("").to_owned();
                         let now = in_flight.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
                         most.fetch_max(now, std::sync::atomic::Ordering::SeqCst);
                         let count = connection
                             .query_row("SELECT count(*) FROM numbers", [], |row| row.get(0))
                             .map_err(|error| backend("counting", error));
                         in_flight.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
-                        count
+                        count.map(|count| (count, thread))
                     })
                     .await
                 })
             })
             .collect();
+        let mut threads = std::collections::BTreeSet::new();
         for read in reads {
-            assert_eq!(read.await.unwrap().unwrap(), 0);
+            let (count, thread) = read.await.unwrap().unwrap();
+            assert_eq!(count, 0);
+            threads.insert(thread);
         }
         assert!(most.load(std::sync::atomic::Ordering::SeqCst) <= 3);
-        let kept = pool.idle.lock().unwrap().len();
-        assert!((1..=3).contains(&kept), "{kept} connections kept");
+        assert!(
+            threads.len() <= 3
+                && threads
+                    .iter()
+                    .all(|name| name.starts_with("diptych-reader-")),
+            "reads ran on {threads:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_read_that_panics_is_an_error_and_the_pool_keeps_serving() {
+        let directory = tempfile::tempdir().unwrap();
+        let path = directory.path().join("pool.db");
+        Connection::open(&path).unwrap();
+        let pool = ReaderPool::new(path, 1);
+        let failed = pool
+            .run(|_| -> Result<(), BackendError> { panic!("a bug in a read") })
+            .await;
+        assert!(failed.is_err());
+        let answered = pool
+            .run(|connection| -> Result<i64, BackendError> {
+                connection
+                    .query_row("SELECT 41 + 1", [], |row| row.get(0))
+                    .map_err(|error| backend("adding", error))
+            })
+            .await;
+        assert_eq!(answered.unwrap(), 42);
+    }
+
+    #[tokio::test]
+    async fn a_file_that_cannot_be_opened_is_an_error_not_a_hang() {
+        let directory = tempfile::tempdir().unwrap();
+        let pool = ReaderPool::new(directory.path().join("missing/pool.db"), 2);
+        let failed = pool
+            .run(|_| -> Result<(), BackendError> { Ok(()) })
+            .await
+            .unwrap_err();
+        assert!(
+            failed.to_string().contains("opening a reader connection"),
+            "{failed}"
+        );
     }
 }

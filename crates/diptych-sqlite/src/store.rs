@@ -27,7 +27,7 @@ use crate::writer::{self, Job, PreparedAppend, Queued};
 /// Settings of a [`SqliteStore`].
 #[derive(Clone, Debug)]
 pub struct SqliteConfig {
-    /// How many reader connections the store keeps; at most this many reads run
+    /// How many reader threads (each with its connection) the store keeps; at most this many reads run
     /// at once and the rest wait their turn. Defaults to two per core, at least 4.
     pub reader_connections: usize,
     /// The most events one group commit holds; bounds a transaction's size.

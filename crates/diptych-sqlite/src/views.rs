@@ -17,7 +17,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -44,7 +44,9 @@ use crate::schema;
 /// Views, checkpoints and parked events on one SQLite file.
 pub struct SqliteViews {
     path: PathBuf,
-    writer: Arc<Mutex<Connection>>,
+    /// Taken before a write goes to the blocking pool, so concurrent commits
+    /// wait as tasks, not as blocked threads.
+    writer: Arc<tokio::sync::Mutex<Connection>>,
     readers: Arc<ReaderPool>,
     checkpoints: CheckpointWatches,
     controls: watch::Sender<u64>,
@@ -72,7 +74,7 @@ impl SqliteViews {
         Ok(Self {
             readers: Arc::new(ReaderPool::new(path.clone(), pool::default_size())),
             path,
-            writer: Arc::new(Mutex::new(connection)),
+            writer: Arc::new(tokio::sync::Mutex::new(connection)),
             checkpoints: CheckpointWatches::default(),
             controls: watch::Sender::new(0),
         })
@@ -141,9 +143,8 @@ impl SqliteViews {
         &self,
         work: impl FnOnce(&Transaction<'_>) -> Result<T, ViewError> + Send + 'static,
     ) -> Result<T, ViewError> {
-        let writer = Arc::clone(&self.writer);
+        let mut connection = Arc::clone(&self.writer).lock_owned().await;
         tokio::task::spawn_blocking(move || {
-            let mut connection = lock(&writer);
             let transaction = connection
                 .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
                 .map_err(|error| backend("starting a write", error))?;
@@ -527,12 +528,6 @@ impl ViewStore for SqliteViews {
     fn control_watch(&self) -> watch::Receiver<u64> {
         self.controls.subscribe()
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// The table holding a collection's generation.

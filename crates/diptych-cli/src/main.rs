@@ -363,10 +363,7 @@ async fn run(cli: Cli) -> Result<()> {
                     store,
                 },
         } => {
-            anyhow::ensure!(
-                seconds.is_finite() && seconds > 0.0,
-                "--seconds must be a positive number, got {seconds}"
-            );
+            check_seconds(seconds)?;
             anyhow::ensure!(
                 writers.iter().flatten().all(|&count| count > 0) && aggregates > 0 && existing > 0,
                 "--writers, --aggregates and --existing take positive counts"
@@ -443,10 +440,7 @@ async fn run(cli: Cli) -> Result<()> {
                     store,
                 },
         } => {
-            anyhow::ensure!(
-                seconds.is_finite() && seconds > 0.0,
-                "--seconds must be a positive number, got {seconds}"
-            );
+            check_seconds(seconds)?;
             anyhow::ensure!(
                 writers
                     .iter()
@@ -551,10 +545,8 @@ async fn run(cli: Cli) -> Result<()> {
                     dir,
                 },
         } => {
-            anyhow::ensure!(
-                seconds.is_finite() && seconds > 0.0 && rate > 0,
-                "--seconds and --rate must be positive"
-            );
+            check_seconds(seconds)?;
+            anyhow::ensure!(rate > 0, "--rate must be positive");
             let result = bench_query::run_lag(rate, Duration::from_secs_f64(seconds), dir).await?;
             if json {
                 println!("{}", serde_json::to_string(&result)?);
@@ -759,4 +751,13 @@ fn is_broken_pipe(error: &anyhow::Error) -> bool {
             .downcast_ref::<std::io::Error>()
             .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
     })
+}
+
+/// A bench's `--seconds`: a measurement needs a positive, finite duration.
+fn check_seconds(seconds: f64) -> Result<()> {
+    anyhow::ensure!(
+        seconds.is_finite() && seconds > 0.0,
+        "--seconds must be a positive number, got {seconds}"
+    );
+    Ok(())
 }

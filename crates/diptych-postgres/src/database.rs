@@ -87,6 +87,12 @@ impl PgConfig {
     /// The connection settings, with the search path set to the schema so every
     /// statement names tables without a prefix.
     pub(crate) fn connection_config(&self) -> Result<tokio_postgres::Config, OpenError> {
+        self.session_config("")
+    }
+
+    /// The connection settings, with `settings` (`-c name=value …`) added to
+    /// every session after the search path.
+    fn session_config(&self, settings: &str) -> Result<tokio_postgres::Config, OpenError> {
         check_schema_name(&self.schema)?;
         let mut config = tokio_postgres::Config::from_str(&self.url).map_err(|error| {
             BackendError::with_source(
@@ -95,7 +101,7 @@ impl PgConfig {
             )
         })?;
         config
-            .options(format!("-c search_path={}", self.schema))
+            .options(format!("-c search_path={} {settings}", self.schema).trim_end())
             .application_name("diptych");
         Ok(config)
     }
@@ -125,10 +131,7 @@ impl Database {
         topics: &[&str],
         settings: &str,
     ) -> Result<Self, OpenError> {
-        let mut connection_config = config.connection_config()?;
-        if !settings.is_empty() {
-            connection_config.options(format!("-c search_path={} {settings}", config.schema));
-        }
+        let connection_config = config.session_config(settings)?;
         let (mut client, connection) = connection_config
             .connect(NoTls)
             .await

@@ -17,12 +17,12 @@
 //! append anyway.
 //!
 //! Bounded by entries: each shard holds at most its share, in two generations.
-//! An entry put back goes to the young generation. Nothing is evicted until the
-//! shard is full, so a working set smaller than the capacity stays cached
-//! whole. When it is full and the young generation holds at least half, the old
-//! one is dropped and the young one becomes old; otherwise one old entry goes.
-//! What is evicted was not used since the last turn: close to
-//! least-recently-used, at the cost of two hash look-ups and no list to keep.
+//! An entry put back goes to the young generation. Once the old generation has
+//! emptied and the young one holds half the share, the young one turns old.
+//! Nothing is evicted until the shard is full, so a working set smaller than
+//! the capacity stays cached whole; then one old entry goes, one not used since
+//! the last turn: close to least-recently-used, at the cost of two hash
+//! look-ups and no list to keep.
 
 use std::collections::HashMap;
 use std::collections::hash_map::RandomState;
@@ -107,11 +107,12 @@ impl<A> AggregateCache<A> {
         }
         shard.old.remove(&stream);
         let capacity = shard.generation * 2;
-        if shard.young.len() + shard.old.len() >= capacity && !shard.young.contains_key(&stream) {
-            if shard.young.len() >= shard.generation {
+        if !shard.young.contains_key(&stream) {
+            // A turn only once the old generation has emptied: entries still in
+            // it were not used since the last turn, so they are the ones to go.
+            if shard.old.is_empty() && shard.young.len() >= shard.generation {
                 shard.old = std::mem::take(&mut shard.young);
             }
-            // Still full: the young generation was small, or it was all there was.
             if shard.young.len() + shard.old.len() >= capacity {
                 if let Some(unused) = shard.old.keys().next().cloned() {
                     shard.old.remove(&unused);

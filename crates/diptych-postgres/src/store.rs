@@ -38,6 +38,14 @@ const HELD_BACK_RECHECK_MAX: Duration = Duration::from_millis(100);
 /// How often the head is re-read with no notification at all.
 const IDLE_RECHECK: Duration = Duration::from_secs(1);
 
+/// The least time between two notifications of appends. A notification costs
+/// the server a transaction and a wake-up of every listening session: sent
+/// after every append, it cost a lone writer more than half again its appends'
+/// own work (`BENCHMARKS.md`). An append after a quiet spell is still notified
+/// at once; under a steady stream of appends, other processes hear of them at
+/// most this much later, in one notification covering them all.
+const NOTIFY_SPACING: Duration = Duration::from_millis(5);
+
 /// The event store on PostgreSQL, shared by any number of processes.
 ///
 /// Appends that arrive together are written together: one transaction and one
@@ -205,8 +213,9 @@ async fn read_head(database: &Database) -> Result<(Position, Position), BackendE
     ))
 }
 
-/// Tells other processes that events were appended: one `NOTIFY` at a time,
-/// each covering every append committed before it was sent. It commits without
+/// Tells other processes that events were appended: one `NOTIFY` at a time, at
+/// least [`NOTIFY_SPACING`] apart, each covering every append committed before
+/// it was sent. It commits without
 /// waiting for the disk, since a lost wake-up costs nothing: the notification
 /// carries no data, and listeners re-read after reconnecting.
 async fn notify_appends(database: Arc<Database>, mut appended: watch::Receiver<u64>) {
@@ -214,8 +223,15 @@ async fn notify_appends(database: Arc<Database>, mut appended: watch::Receiver<u
     // This store's own listener skips notifications carrying its origin: its
     // appends move its head themselves.
     let origin = &database.origin;
+    let mut last_sent: Option<tokio::time::Instant> = None;
     while appended.changed().await.is_ok() {
+        if let Some(next) = last_sent.map(|sent| sent + NOTIFY_SPACING)
+            && next > tokio::time::Instant::now()
+        {
+            tokio::time::sleep_until(next).await;
+        }
         appended.borrow_and_update();
+        last_sent = Some(tokio::time::Instant::now());
         let sent = async {
             let client = database.connection("notifying an append").await?;
             client

@@ -149,6 +149,7 @@ fn open(path: &Path) -> Result<Connection, BackendError> {
         OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )
     .and_then(|connection| {
+        crate::schema::plan_once(&connection)?;
         connection.execute_batch("PRAGMA query_only = ON;")?;
         connection.busy_timeout(Duration::from_secs(5))?;
         connection.set_prepared_statement_cache_capacity(64);
@@ -204,6 +205,24 @@ mod tests {
                     .all(|name| name.starts_with("diptych-reader-")),
             "reads ran on {threads:?}"
         );
+    }
+
+    #[tokio::test]
+    async fn readers_and_writers_plan_each_statement_once() {
+        use rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG;
+        let directory = tempfile::tempdir().unwrap();
+        let path = directory.path().join("pool.db");
+        let writer = crate::schema::open_file(&path).unwrap();
+        assert!(writer.db_config(SQLITE_DBCONFIG_ENABLE_QPSG).unwrap());
+        let pool = ReaderPool::new(path, 1);
+        let reader_plans_once = pool
+            .run(|connection| {
+                connection
+                    .db_config(SQLITE_DBCONFIG_ENABLE_QPSG)
+                    .map_err(|error| backend("reading the configuration", error))
+            })
+            .await;
+        assert!(reader_plans_once.unwrap());
     }
 
     #[tokio::test]

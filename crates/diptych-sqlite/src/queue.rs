@@ -12,18 +12,18 @@ use std::sync::atomic::{AtomicBool, AtomicIsize, Ordering::SeqCst};
 use std::sync::mpsc::{self, TryRecvError};
 use std::sync::{Arc, OnceLock};
 use std::thread::Thread;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::writer::Queued;
 
 /// How often an idle writer looks at the queue even without a ring.
-const IDLE_RECHECK: std::time::Duration = std::time::Duration::from_millis(100);
+const IDLE_RECHECK: Duration = Duration::from_millis(100);
 
-/// How long a writer that found the queue empty keeps looking before it
-/// sleeps. A caller that just got its answer usually sends its next append
-/// within this time; a writer still awake takes it with no wake-up, which
-/// on a virtual machine costs more than the append's own work.
-const SPIN: std::time::Duration = std::time::Duration::from_micros(100);
+/// How long a writer of lone appends that found the queue empty keeps looking
+/// before it sleeps. A caller that just got its answer usually sends its next
+/// append within this time; a writer still awake takes it with no wake-up,
+/// which on a virtual machine costs more than the append's own work.
+const SPIN: Duration = Duration::from_micros(100);
 
 /// Creates a connected sender and receiver.
 pub fn job_queue() -> (JobSender, JobReceiver) {
@@ -104,9 +104,11 @@ impl JobReceiver {
     }
 
     /// The next job, waiting for one; `None` once the sender is gone and the
-    /// queue is empty.
-    pub fn recv(&self) -> Option<Queued> {
-        let spin_until = Instant::now() + SPIN;
+    /// queue is empty. With `spin`, it looks for a while before sleeping: for a
+    /// writer of lone appends, whose next one comes soon. A writer of groups
+    /// does not, as its callers need the processor to prepare the next group.
+    pub fn recv(&self, spin: bool) -> Option<Queued> {
+        let spin_until = Instant::now() + if spin { SPIN } else { Duration::ZERO };
         while Instant::now() < spin_until {
             if let Some(job) = self.try_recv() {
                 return Some(job);

@@ -137,7 +137,23 @@ pub fn open_file(path: &Path) -> Result<Connection, OpenError> {
         })?;
     }
     Connection::open(path)
+        .and_then(|connection| plan_once(&connection).map(|()| connection))
         .map_err(|error| OpenError::Backend(backend(format!("opening {}", path.display()), error)))
+}
+
+/// Plans each statement once, whatever values are bound to it. By default
+/// SQLite plans a statement with a bound `LIMIT ?` (every page of a read) for
+/// the value bound, and so re-prepares it at every execution with another
+/// value: a tenth of a reader thread's time under `bench command` went to
+/// parsing the same statement again (`BENCHMARKS.md`). The store's statements
+/// all look rows up by key or index range, whose plans never depend on values.
+pub(crate) fn plan_once(connection: &Connection) -> rusqlite::Result<()> {
+    connection
+        .set_db_config(
+            rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG,
+            true,
+        )
+        .map(|_| ())
 }
 
 impl Schema {

@@ -139,7 +139,7 @@ impl Writer {
     fn run(mut self, jobs: JobReceiver) {
         jobs.attach_to_current_thread();
         let mut pacer = GroupPacer::default();
-        while let Some(first) = jobs.recv() {
+        while let Some(first) = jobs.recv(pacer.expected_group() <= 1) {
             // Times never go backwards along the log, even if the wall clock
             // does, so "the state at time T" is always a prefix of each stream.
             self.last_recorded_at = self.last_recorded_at.max(Timestamp::now());

@@ -161,6 +161,7 @@ fn open(path: &Path) -> Result<Connection, BackendError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rusqlite::params;
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn many_concurrent_reads_share_the_bounded_connections() {
@@ -209,20 +210,38 @@ mod tests {
 
     #[tokio::test]
     async fn readers_and_writers_plan_each_statement_once() {
-        use rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG;
+        /// Runs a page read three times with three limits; how many times
+        /// SQLite prepared it again.
+        fn reprepares(connection: &Connection) -> rusqlite::Result<i32> {
+            let mut statement =
+                connection.prepare("SELECT n FROM numbers WHERE n > ?1 ORDER BY n LIMIT ?2")?;
+            for limit in 1..=3 {
+                statement
+                    .query_map(params![0, limit], |row| row.get::<_, i64>(0))?
+                    .count();
+            }
+            Ok(statement.get_status(rusqlite::StatementStatus::RePrepare))
+        }
         let directory = tempfile::tempdir().unwrap();
         let path = directory.path().join("pool.db");
         let writer = crate::schema::open_file(&path).unwrap();
-        assert!(writer.db_config(SQLITE_DBCONFIG_ENABLE_QPSG).unwrap());
+        writer
+            .execute_batch(
+                "PRAGMA journal_mode = WAL; CREATE TABLE numbers (n INTEGER PRIMARY KEY);
+                 INSERT INTO numbers VALUES (1), (2), (3), (4);",
+            )
+            .unwrap();
+        assert_eq!(reprepares(&writer).unwrap(), 0, "the writer re-prepared");
+        let plain = Connection::open(&path).unwrap();
+        assert!(
+            reprepares(&plain).unwrap() > 0,
+            "a plain connection re-prepares a bound LIMIT (or this test checks nothing)"
+        );
         let pool = ReaderPool::new(path, 1);
-        let reader_plans_once = pool
-            .run(|connection| {
-                connection
-                    .db_config(SQLITE_DBCONFIG_ENABLE_QPSG)
-                    .map_err(|error| backend("reading the configuration", error))
-            })
+        let reader = pool
+            .run(|connection| reprepares(connection).map_err(|error| backend("reading", error)))
             .await;
-        assert!(reader_plans_once.unwrap());
+        assert_eq!(reader.unwrap(), 0, "a reader re-prepared");
     }
 
     #[tokio::test]

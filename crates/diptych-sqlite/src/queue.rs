@@ -25,6 +25,13 @@ const IDLE_RECHECK: Duration = Duration::from_millis(100);
 /// which on a virtual machine costs more than the append's own work.
 const SPIN: Duration = Duration::from_micros(100);
 
+/// Whether the machine has a core to spare for a short look before sleeping:
+/// on one core, looking only delays the thread that would answer.
+pub fn spare_core() -> bool {
+    static SPARE: OnceLock<bool> = OnceLock::new();
+    *SPARE.get_or_init(|| std::thread::available_parallelism().is_ok_and(|cores| cores.get() > 1))
+}
+
 /// Creates a connected sender and receiver.
 pub fn job_queue() -> (JobSender, JobReceiver) {
     let (sender, receiver) = mpsc::channel();

@@ -143,10 +143,12 @@ pub fn open_file(path: &Path) -> Result<Connection, OpenError> {
 
 /// Plans each statement once, whatever values are bound to it. By default
 /// SQLite plans a statement with a bound `LIMIT ?` (every page of a read) for
-/// the value bound, and so re-prepares it at every execution with another
-/// value: a tenth of a reader thread's time under `bench command` went to
-/// parsing the same statement again (`BENCHMARKS.md`). The store's statements
-/// all look rows up by key or index range, whose plans never depend on values.
+/// the value bound, and so re-prepares it at every execution: a tenth of a
+/// reader thread's time under `bench command` went to parsing the same
+/// statement again (`BENCHMARKS.md`). The stores' statements look rows up by
+/// key or index range, and with no statistics gathered (nothing here runs
+/// `ANALYZE`) their plans never depend on values; a store that gathered them
+/// would want this looked at again.
 pub(crate) fn plan_once(connection: &Connection) -> rusqlite::Result<()> {
     connection
         .set_db_config(

@@ -16,7 +16,7 @@ use tokio::sync::{Semaphore, oneshot, watch};
 
 use crate::error::{OpenError, backend};
 use crate::pool::ReaderPool;
-use crate::queue::{JobSender, job_queue};
+use crate::queue::{JobSender, job_queue, spare_core};
 use crate::rows::{
     EVENT_COLUMNS, events_between, head_position, keyed_append, query_events, stream_version,
     to_sql_int,
@@ -147,8 +147,11 @@ const ANSWER_SOON: Duration = Duration::from_micros(300);
 /// The answer to the only append in flight. Its caller, with nothing else to
 /// wait for, looks for the answer between other tasks for [`ANSWER_SOON`]
 /// instead of sleeping at once: waking a sleeping runtime thread cost a lone
-/// writer's command about a fifth of its time (`BENCHMARKS.md`). Busier
-/// callers just wait: their runtime has other work and the writer groups them.
+/// writer's command about a fifth of its time (`BENCHMARKS.md`). It costs
+/// processor time (the look yields to other tasks, each turn a poll of the
+/// runtime's driver), so only a lone append on a machine with a core to spare
+/// looks. Busier callers just wait: their runtime has other work and the
+/// writer groups them.
 /// `None` when the writer dropped the append unanswered.
 async fn answer_soon<T>(mut outcome: oneshot::Receiver<T>) -> Option<T> {
     let until = std::time::Instant::now() + ANSWER_SOON;
@@ -188,7 +191,7 @@ impl EventStore for SqliteStore {
         let (reply, outcome) = oneshot::channel();
         let append = PreparedAppend::new(request);
         let alone = self.submit(Job::Append { append, reply }).await?;
-        let answer = if alone {
+        let answer = if alone && spare_core() {
             answer_soon(outcome).await
         } else {
             outcome.await.ok()

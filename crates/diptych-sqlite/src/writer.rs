@@ -26,7 +26,7 @@ use rusqlite::{Connection, ErrorCode, OptionalExtension, params};
 use tokio::sync::{OwnedSemaphorePermit, oneshot, watch};
 
 use crate::error::backend;
-use crate::queue::JobReceiver;
+use crate::queue::{JobReceiver, spare_core};
 use crate::rows::{events_between, head_position, keyed_append, stream_version, to_sql_int};
 
 /// An append with its payloads already serialized by the caller's task, so the
@@ -139,7 +139,7 @@ impl Writer {
     fn run(mut self, jobs: JobReceiver) {
         jobs.attach_to_current_thread();
         let mut pacer = GroupPacer::default();
-        while let Some(first) = jobs.recv(pacer.expected_group() <= 1) {
+        while let Some(first) = jobs.recv(pacer.expected_group() <= 1 && spare_core()) {
             // Times never go backwards along the log, even if the wall clock
             // does, so "the state at time T" is always a prefix of each stream.
             self.last_recorded_at = self.last_recorded_at.max(Timestamp::now());

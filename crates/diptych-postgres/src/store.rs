@@ -215,9 +215,9 @@ async fn read_head(database: &Database) -> Result<(Position, Position), BackendE
 
 /// Tells other processes that events were appended: one `NOTIFY` at a time, at
 /// least [`NOTIFY_SPACING`] apart, each covering every append committed before
-/// it was sent. It commits without
-/// waiting for the disk, since a lost wake-up costs nothing: the notification
-/// carries no data, and listeners re-read after reconnecting.
+/// it was sent. It commits without waiting for the disk, since a lost wake-up
+/// costs nothing: the notification carries no data, and listeners re-read after
+/// reconnecting.
 async fn notify_appends(database: Arc<Database>, mut appended: watch::Receiver<u64>) {
     let channel = crate::database::channel(&database.schema, "events");
     // This store's own listener skips notifications carrying its origin: its

@@ -115,12 +115,14 @@ impl JobReceiver {
     /// writer of lone appends, whose next one comes soon. A writer of groups
     /// does not, as its callers need the processor to prepare the next group.
     pub fn recv(&self, spin: bool) -> Option<Queued> {
-        let spin_until = Instant::now() + if spin { SPIN } else { Duration::ZERO };
-        while Instant::now() < spin_until {
-            if let Some(job) = self.try_recv() {
-                return Some(job);
+        if spin {
+            let until = Instant::now() + SPIN;
+            while Instant::now() < until {
+                if let Some(job) = self.try_recv() {
+                    return Some(job);
+                }
+                std::hint::spin_loop();
             }
-            std::hint::spin_loop();
         }
         loop {
             if let Some(job) = self.try_recv() {

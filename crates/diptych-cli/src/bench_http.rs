@@ -10,6 +10,16 @@
 //! ratio (`saga_ratio`) falls below 1 by as much as the saga lags behind. Reads
 //! run at their own client counts, by default up to 256, since a service usually
 //! has many more readers than writers.
+//!
+//! `transport` lines measure the same clients against a bare socket server in
+//! the same process that reads each request and writes a canned answer, with no
+//! HTTP library and no command behind it: what loopback sockets and the load
+//! generator alone cost. Where the machine's cores are the limit, a command over
+//! HTTP cannot reach a larger share of the in-process floor than
+//! `floor CPU / (floor CPU + transport CPU)` per request. `http-floor` lines
+//! do the same against a plain axum server (the HTTP stack diptych's API runs
+//! on) with one route answering that canned body: the least any command served
+//! on that stack costs beyond the command itself.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -33,7 +43,8 @@ use crate::bench::percentile;
 pub struct HttpResult {
     /// Always `http`.
     pub bench: &'static str,
-    /// `PlaceOrder`, `RenameProduct`, `view-read` or `stream-read`.
+    /// `PlaceOrder`, `RenameProduct`, `view-read`, `stream-read`, `transport`
+    /// or `http-floor`.
     pub operation: &'static str,
     /// Concurrent clients.
     pub clients: usize,
@@ -185,6 +196,18 @@ pub async fn run(bench: &HttpBench, mut report: impl FnMut(&HttpResult)) -> Resu
         config: HttpConfig::default(),
     };
     let server = tokio::spawn(async move { axum::serve(listener, app(state)).await });
+    let bare = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let transport = bare.local_addr()?;
+    let bare_server = tokio::spawn(serve_canned(bare));
+    let plain = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let plain_http = plain.local_addr()?;
+    let plain_router = axum::Router::new().route(
+        "/commands/{name}",
+        axum::routing::post(|_: axum::body::Bytes| async {
+            ([("content-type", "application/json")], CANNED_BODY)
+        }),
+    );
+    let plain_server = tokio::spawn(async move { axum::serve(plain, plain_router).await });
     let orders = Arc::new(AtomicU64::new(0));
     let mut counts: Vec<usize> = bench
         .command_clients
@@ -218,6 +241,37 @@ pub async fn run(bench: &HttpBench, mut report: impl FnMut(&HttpResult)) -> Resu
         if !bench.command_clients.contains(&count) {
             continue;
         }
+        // The sockets and clients alone, with the body a rename sends.
+        settle(&store, &views).await?;
+        let cpu = CpuClock::start();
+        let rename = rename_body();
+        let latencies = over_http(
+            transport,
+            count,
+            duration,
+            "POST",
+            |_| "/commands/RenameProduct".to_owned(),
+            &rename,
+        )
+        .await?;
+        let requests = latencies.len();
+        report(
+            &result("transport", count, duration, latencies, None, None).with_cpu(&cpu, requests),
+        );
+        let cpu = CpuClock::start();
+        let latencies = over_http(
+            plain_http,
+            count,
+            duration,
+            "POST",
+            |_| "/commands/RenameProduct".to_owned(),
+            &rename,
+        )
+        .await?;
+        let requests = latencies.len();
+        report(
+            &result("http-floor", count, duration, latencies, None, None).with_cpu(&cpu, requests),
+        );
         // PlaceOrder through the saga.
         let started = Instant::now();
         let order = order_body(orders.clone());
@@ -277,6 +331,8 @@ pub async fn run(bench: &HttpBench, mut report: impl FnMut(&HttpResult)) -> Resu
         report(&line);
     }
     server.abort();
+    bare_server.abort();
+    plain_server.abort();
     for runner in runners {
         runner.stop().await;
     }
@@ -438,6 +494,46 @@ async fn over_http(
         all.extend(task.await??);
     }
     Ok(all)
+}
+
+/// The body of the floors' answers, the size of a command's answer.
+const CANNED_BODY: &str = r#"{"stream_id":"product-rp1","version":42,"position":123456}"#;
+
+/// The bare socket server's whole answer, with [`CANNED_BODY`].
+const CANNED: &str = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 58\r\n\r\n{\"stream_id\":\"product-rp1\",\"version\":42,\"position\":123456}";
+
+/// Answers every request on every connection with [`CANNED`], reading just
+/// enough of it (the head and its `Content-Length` body) to stay in step.
+async fn serve_canned(listener: tokio::net::TcpListener) -> Result<()> {
+    loop {
+        let (stream, _) = listener.accept().await?;
+        stream.set_nodelay(true)?;
+        tokio::spawn(async move {
+            let mut reader = BufReader::new(stream);
+            let mut line = String::new();
+            let mut body = Vec::new();
+            loop {
+                let mut length = 0usize;
+                loop {
+                    line.clear();
+                    if reader.read_line(&mut line).await? == 0 {
+                        return anyhow::Ok(());
+                    }
+                    if line == "\r\n" {
+                        break;
+                    }
+                    if let Some((name, value)) = line.split_once(':') {
+                        if name.eq_ignore_ascii_case("content-length") {
+                            length = value.trim().parse()?;
+                        }
+                    }
+                }
+                body.resize(length, 0);
+                reader.read_exact(&mut body).await?;
+                reader.get_mut().write_all(CANNED.as_bytes()).await?;
+            }
+        });
+    }
 }
 
 /// The same commands on the in-process path, per second.

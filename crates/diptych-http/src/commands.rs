@@ -7,7 +7,7 @@ use axum::extract::{Extension, Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use diptych_core::{CommandContext, CommandOutcome};
-use serde_json::json;
+use serde::Serialize;
 use uuid::Uuid;
 
 use crate::auth::Role;
@@ -147,27 +147,44 @@ fn context_from(headers: &HeaderMap) -> Result<CommandContext, Problem> {
     Ok(context)
 }
 
+/// A command's answer, written straight from the outcome it describes.
+#[derive(Serialize)]
+struct Answer<'a> {
+    stream: &'a str,
+    version: u64,
+    position: u64,
+    deduplicated: bool,
+    events: Vec<AnswerEvent<'a>>,
+}
+
+/// One event the command stored.
+#[derive(Serialize)]
+struct AnswerEvent<'a> {
+    #[serde(rename = "type")]
+    event_type: &'a str,
+    version: u64,
+    position: u64,
+    data: &'a serde_json::Value,
+}
+
 fn outcome_response(outcome: &CommandOutcome) -> Response {
-    let events: Vec<serde_json::Value> = outcome
-        .events
-        .iter()
-        .map(|event| {
-            json!({
-                "type": event.event_type,
-                "version": event.stream_version,
-                "position": event.position.0,
-                "data": event.payload,
+    let answer = Answer {
+        stream: outcome.stream.as_str(),
+        version: outcome.version,
+        position: outcome.position.0,
+        deduplicated: outcome.deduplicated,
+        events: outcome
+            .events
+            .iter()
+            .map(|event| AnswerEvent {
+                event_type: &event.event_type,
+                version: event.stream_version,
+                position: event.position.0,
+                data: &event.payload,
             })
-        })
-        .collect();
-    let body = json!({
-        "stream": outcome.stream.as_str(),
-        "version": outcome.version,
-        "position": outcome.position.0,
-        "deduplicated": outcome.deduplicated,
-        "events": events,
-    });
-    let mut response = Json(body).into_response();
+            .collect(),
+    };
+    let mut response = Json(answer).into_response();
     if let Ok(value) = HeaderValue::from_str(&outcome.position.0.to_string()) {
         response.headers_mut().insert(POSITION_HEADER, value);
     }

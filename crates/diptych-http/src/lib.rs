@@ -21,6 +21,7 @@ mod auth;
 mod commands;
 mod live;
 mod metrics;
+mod observe;
 mod openapi;
 mod problem;
 mod reads;
@@ -222,7 +223,6 @@ pub fn app(state: AppState) -> Router {
         .route("/health/ready", get(reads::ready))
         .fallback(reads::no_route)
         .layer(axum::extract::DefaultBodyLimit::max(body_limit))
-        .layer(axum::middleware::from_fn(metrics::record_requests))
-        .layer(axum::middleware::from_fn(request_id::assign))
+        .layer(observe::Observe)
         .with_state(state)
 }

@@ -9,9 +9,8 @@ use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use async_trait::async_trait;
-use axum::extract::{MatchedPath, Request, State};
+use axum::extract::State;
 use axum::http::{HeaderValue, header};
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use diptych_core::{
     AppendError, AppendOutcome, AppendRequest, EventStore, Position, ReadError, RecordedEvent,
@@ -58,23 +57,6 @@ fn start_upkeep(handle: &'static PrometheusHandle) {
 /// Installs the process's recorder, so metrics recorded from now on are kept.
 pub(crate) fn install() {
     let _ = handle();
-}
-
-/// Counts each answer by method, route and status, and times it.
-pub(crate) async fn record_requests(request: Request, next: Next) -> Response {
-    let method = request.method().to_string();
-    let route = request
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or_else(|| "unmatched".to_owned(), |path| path.as_str().to_owned());
-    let started = Instant::now();
-    let response = next.run(request).await;
-    let status = response.status().as_u16().to_string();
-    metrics::counter!("diptych_http_requests_total", "method" => method.clone(), "route" => route.clone(), "status" => status)
-        .increment(1);
-    metrics::histogram!("diptych_http_request_seconds", "method" => method, "route" => route)
-        .record(started.elapsed().as_secs_f64());
-    response
 }
 
 /// Records one command's outcome and latency.

@@ -258,6 +258,9 @@ pub enum CommandError<E> {
     /// The decided events could not be encoded.
     #[error(transparent)]
     Encode(DecodeError),
+    /// The command's aggregate id is blank.
+    #[error(transparent)]
+    MissingId(#[from] crate::command::MissingId),
 }
 
 /// A view store operation that failed.
@@ -480,6 +483,9 @@ pub enum Error {
     /// See [`BackendError`].
     #[error(transparent)]
     Backend(#[from] BackendError),
+    /// See [`crate::MissingId`].
+    #[error(transparent)]
+    MissingId(#[from] crate::command::MissingId),
 }
 
 impl<E: StdError + Send + Sync + 'static> From<CommandError<E>> for Error {
@@ -490,6 +496,7 @@ impl<E: StdError + Send + Sync + 'static> From<CommandError<E>> for Error {
             CommandError::Load(load) => Error::Load(load),
             CommandError::Append(append) => Error::Append(append),
             CommandError::Encode(decode) => Error::Decode(decode),
+            CommandError::MissingId(missing) => Error::MissingId(missing),
         }
     }
 }

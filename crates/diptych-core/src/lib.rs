@@ -42,6 +42,7 @@
 pub mod aggregate;
 mod cache;
 pub mod codec;
+pub mod command;
 pub mod copies;
 pub mod envelope;
 pub mod error;
@@ -64,6 +65,9 @@ pub mod view;
 
 pub use aggregate::{Aggregate, SnapshotPolicy};
 pub use codec::{DomainEvent, EventCodec, Upcasters};
+pub use command::{
+    AggregateCommand, Command, InvalidBody, MissingId, RejectionCode, parse_body, require_id,
+};
 pub use copies::{COPIED_FROM, StreamCopies, is_copy};
 pub use envelope::{
     MAX_STREAM_ID_BYTES, Metadata, NewEvent, Position, RecordedEvent, StreamId, Timestamp,

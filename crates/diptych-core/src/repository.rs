@@ -262,6 +262,21 @@ impl<A: Aggregate> Repository<A> {
             .await
     }
 
+    /// Runs a typed command on the aggregate it addresses: its id from
+    /// [`Command::aggregate_id`](crate::Command::aggregate_id) (a blank one is
+    /// refused with [`CommandError::MissingId`]), then [`Repository::execute`].
+    pub async fn execute_command<C>(
+        &self,
+        command: C,
+        context: &CommandContext,
+    ) -> Result<CommandOutcome, CommandError<A::Error>>
+    where
+        C: crate::AggregateCommand<Aggregate = A>,
+    {
+        let id = crate::require_id(&command)?.to_owned();
+        self.execute(&id, &command.into_command(), context).await
+    }
+
     /// Runs a command: decide from the aggregate's state, append at its version;
     /// on a conflict, read what was appended since, decide again, up to
     /// [`RepositoryConfig::max_attempts`] times.

@@ -206,8 +206,18 @@ pub(crate) fn problem_of(error: ApplicationError) -> Problem {
                 None => problem,
             }
         }
-        ApplicationError::Rejected { code, message } => {
-            Problem::new(StatusCode::UNPROCESSABLE_ENTITY, code, message)
+        ApplicationError::Rejected {
+            code,
+            status,
+            message,
+        } => {
+            // Only a client error may come from a rejection: a domain that says
+            // 200 or 500 for a refusal is answered with the rule's usual 422.
+            let status = StatusCode::from_u16(status)
+                .ok()
+                .filter(StatusCode::is_client_error)
+                .unwrap_or(StatusCode::UNPROCESSABLE_ENTITY);
+            Problem::new(status, code, message)
         }
         ApplicationError::Conflict { expected, actual } => Problem::new(
             StatusCode::CONFLICT,

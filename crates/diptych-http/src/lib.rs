@@ -19,6 +19,7 @@
 
 mod auth;
 mod commands;
+mod errors;
 mod live;
 mod metrics;
 mod observe;
@@ -86,6 +87,9 @@ pub enum ApplicationError {
     Rejected {
         /// The stable code (`insufficient_stock`).
         code: &'static str,
+        /// The HTTP status, a 4xx: 422 for a business rule unless the domain
+        /// says otherwise (see [`diptych_core::RejectionCode::status`]).
+        status: u16,
         /// What happened, for people.
         message: String,
     },

@@ -1,6 +1,8 @@
 //! The error answers an application cannot provoke on purpose: a service
 //! failure (a 500 that shows an error id, never the cause) and a stream too busy
-//! to take the command (503), through an application that fails on demand.
+//! to take the command (503), a rejection's own status (and 422 in place of a
+//! status that is not a client error), through an application that fails on
+//! demand.
 
 use std::sync::Arc;
 
@@ -21,7 +23,7 @@ struct Failing;
 #[async_trait]
 impl Application for Failing {
     fn commands(&self) -> Vec<&'static str> {
-        vec!["Crash", "Contend"]
+        vec!["Crash", "Contend", "Locked", "Misstated"]
     }
 
     async fn execute(
@@ -32,6 +34,16 @@ impl Application for Failing {
     ) -> Result<CommandOutcome, ApplicationError> {
         Err(match name {
             "Crash" => ApplicationError::Internal("disk on fire at /var/secret/path".into()),
+            "Locked" => ApplicationError::Rejected {
+                code: "locked",
+                status: 423,
+                message: "the account is locked".to_owned(),
+            },
+            "Misstated" => ApplicationError::Rejected {
+                code: "odd",
+                status: 200,
+                message: "a refusal that claims success".to_owned(),
+            },
             _ => ApplicationError::Busy("the aggregate kept changing".to_owned()),
         })
     }
@@ -82,4 +94,15 @@ async fn a_stream_too_busy_is_a_503_to_retry() {
     let (status, problem) = post("Contend").await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(problem["code"], "stream_busy");
+}
+
+#[tokio::test]
+async fn a_rejection_is_answered_with_its_own_client_error_status() {
+    let (status, problem) = post("Locked").await;
+    assert_eq!(status, StatusCode::LOCKED);
+    assert_eq!(problem["code"], "locked");
+    assert_eq!(problem["status"], 423);
+    let (status, problem) = post("Misstated").await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(problem["code"], "odd");
 }

@@ -10,12 +10,20 @@
 //! | `postgres`| no     | [`postgres::PgStore`] and [`postgres::PgViews`], for many processes on one PostgreSQL |
 //! | `nats`   | no      | [`nats::NatsPublisher`] for the outbox relay, [`nats::spawn_inbound`] |
 //! | `rabbitmq`| no     | [`rabbitmq::AmqpPublisher`], [`rabbitmq::spawn_amqp_inbound`] |
+//! | `http`   | no      | [`http::app`], the HTTP API, and `Service`, a service as one object |
 //! | `testkit`| no      | `testkit`, the backend conformance suite |
 //!
 //! Start with [`Aggregate`] and [`Repository`]; open a store with
-//! `diptych::sqlite::SqliteStore::open("data/events.db")`.
+//! `diptych::sqlite::SqliteStore::open("data/events.db")`. With the `http`
+//! feature, `Service` gathers a service's aggregates, typed [`Command`]s,
+//! projections and process managers into the HTTP layer's `Application`.
 
 pub use diptych_core::*;
+
+#[cfg(feature = "http")]
+pub mod service;
+#[cfg(feature = "http")]
+pub use service::{Service, ServiceBuilder, ServiceError};
 
 /// The embedded SQLite backend.
 #[cfg(feature = "sqlite")]

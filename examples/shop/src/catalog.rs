@@ -50,6 +50,25 @@ pub enum CatalogCommand {
     ChangePrice(ChangePrice),
 }
 
+diptych::command!(
+    RegisterProduct,
+    id = product_id,
+    aggregate = Product,
+    into = CatalogCommand::Register
+);
+diptych::command!(
+    RenameProduct,
+    id = product_id,
+    aggregate = Product,
+    into = CatalogCommand::Rename
+);
+diptych::command!(
+    ChangePrice,
+    id = product_id,
+    aggregate = Product,
+    into = CatalogCommand::ChangePrice
+);
+
 /// What happened in the catalog.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum CatalogEvent {

@@ -38,6 +38,19 @@ pub enum CustomerCommand {
     UpdateAddress(UpdateCustomerAddress),
 }
 
+diptych::command!(
+    RegisterCustomer,
+    id = customer_id,
+    aggregate = Customer,
+    into = CustomerCommand::Register
+);
+diptych::command!(
+    UpdateCustomerAddress,
+    id = customer_id,
+    aggregate = Customer,
+    into = CustomerCommand::UpdateAddress
+);
+
 /// What happened to a customer.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum CustomerEvent {

@@ -21,6 +21,9 @@ pub struct AddStock {
     pub quantity: u64,
 }
 
+// Stock is added only to a product the catalog knows: the shop's own handler.
+diptych::command!(AddStock, id = product_id);
+
 /// What inventory is asked to do.
 #[derive(Clone, Debug, PartialEq)]
 pub enum InventoryCommand {

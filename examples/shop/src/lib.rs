@@ -16,20 +16,21 @@ pub mod detail;
 pub mod inventory;
 pub mod ordering;
 pub mod placement;
-pub mod service;
 pub mod services;
 pub mod views;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use diptych::http::{Application, ApplicationError, StateAt, StreamState};
 use diptych::{
-    CommandContext, CommandError, CommandOutcome, EventStore, Handler, HandlerKind, Repository,
-    RunnerConfig, RunnerHandle, ViewError, ViewStore, as_projection,
+    Command, CommandContext, CommandError, CommandOutcome, EventStore, Handler, InvalidBody,
+    RejectionCode, Repository, RunnerConfig, RunnerHandle, StreamId, ViewError, ViewStore,
+    parse_body, require_id,
 };
 
-use crate::catalog::{CatalogCommand, ChangePrice, Product, RegisterProduct, RenameProduct};
-use crate::customers::{Customer, CustomerCommand, RegisterCustomer, UpdateCustomerAddress};
+use crate::catalog::{ChangePrice, Product, RegisterProduct, RenameProduct};
+use crate::customers::{Customer, RegisterCustomer, UpdateCustomerAddress};
 use crate::inventory::{AddStock, InventoryCommand, Stock};
 use crate::ordering::{CancelOrder, Order, OrderCommand, OrderLine, PlaceOrder};
 use crate::placement::{OrderPlacement, Targets};
@@ -80,6 +81,20 @@ pub enum Rejection {
 impl Rejection {
     /// The stable code clients match on.
     pub fn code(&self) -> &'static str {
+        RejectionCode::code(self)
+    }
+
+    /// The field at fault, for a rejection of the input itself (not of a rule).
+    pub fn field(&self) -> Option<&'static str> {
+        match self {
+            Rejection::Invalid { field, .. } => Some(field),
+            _ => None,
+        }
+    }
+}
+
+impl RejectionCode for Rejection {
+    fn code(&self) -> &'static str {
         match self {
             Rejection::Invalid { .. } => "invalid_field",
             Rejection::ProductNotFound => "product_not_found",
@@ -93,16 +108,18 @@ impl Rejection {
         }
     }
 
-    /// The field at fault, for a rejection of the input itself (not of a rule).
-    pub fn field(&self) -> Option<&'static str> {
-        match self {
-            Rejection::Invalid { field, .. } => Some(field),
-            _ => None,
-        }
+    /// A refusal of the input itself is a 400 naming the field; a rule's, a 422.
+    fn status(&self) -> u16 {
+        if self.field().is_some() { 400 } else { 422 }
+    }
+
+    fn field(&self) -> Option<&str> {
+        Rejection::field(self)
     }
 }
 
-/// Every command a client can send, by its contract name.
+/// Every command a client can send, typed: what the shop's own tests and load
+/// generators drive without JSON.
 #[derive(Clone, Debug, PartialEq)]
 pub enum ShopCommand {
     /// `RegisterProduct`.
@@ -130,72 +147,42 @@ pub enum ParseError {
     #[error("no command named `{0}`; the shop's commands are {names}", names = ShopCommand::NAMES.join(", "))]
     UnknownCommand(String),
     /// The body does not fit the command.
-    #[error("the body of `{command}` does not fit it: {reason}")]
-    InvalidBody {
-        /// The command.
-        command: &'static str,
-        /// The field at fault (`lines[0].quantity`), when one is.
-        field: Option<String>,
-        /// What is wrong.
-        reason: String,
-    },
+    #[error(transparent)]
+    InvalidBody(#[from] InvalidBody),
 }
 
 impl ShopCommand {
     /// The commands' contract names.
     pub const NAMES: [&'static str; 8] = [
-        "RegisterProduct",
-        "RenameProduct",
-        "ChangePrice",
-        "AddStock",
-        "RegisterCustomer",
-        "UpdateCustomerAddress",
-        "PlaceOrder",
-        "CancelOrder",
+        RegisterProduct::NAME,
+        RenameProduct::NAME,
+        ChangePrice::NAME,
+        AddStock::NAME,
+        RegisterCustomer::NAME,
+        UpdateCustomerAddress::NAME,
+        PlaceOrder::NAME,
+        CancelOrder::NAME,
     ];
 
     /// Reads the command `name` from its JSON body.
     pub fn parse(name: &str, body: serde_json::Value) -> Result<Self, ParseError> {
-        fn read<T: serde::de::DeserializeOwned>(
-            command: &'static str,
+        fn read<C: Command>(
             body: serde_json::Value,
-        ) -> Result<T, ParseError> {
-            serde_path_to_error::deserialize(body).map_err(|error| {
-                let path = error.path().to_string();
-                let reason = error.inner().to_string();
-                // serde names a missing or unknown field in its message, between
-                // backquotes; a missing one is reported at its parent's path.
-                let named = reason
-                    .split('`')
-                    .nth(1)
-                    .filter(|_| reason.contains("field `"))
-                    .map(|name| match path.as_str() {
-                        "." => name.to_owned(),
-                        // An unknown field's path already ends with it.
-                        path if path.ends_with(name) => path.to_owned(),
-                        parent => format!("{parent}.{name}"),
-                    });
-                let field = named.or_else(|| (path != ".").then_some(path));
-                ParseError::InvalidBody {
-                    command,
-                    field,
-                    reason,
-                }
-            })
+            variant: fn(C) -> ShopCommand,
+        ) -> Result<ShopCommand, ParseError> {
+            Ok(variant(parse_body(body)?))
         }
-        Ok(match name {
-            "RegisterProduct" => ShopCommand::RegisterProduct(read(Self::NAMES[0], body)?),
-            "RenameProduct" => ShopCommand::RenameProduct(read(Self::NAMES[1], body)?),
-            "ChangePrice" => ShopCommand::ChangePrice(read(Self::NAMES[2], body)?),
-            "AddStock" => ShopCommand::AddStock(read(Self::NAMES[3], body)?),
-            "RegisterCustomer" => ShopCommand::RegisterCustomer(read(Self::NAMES[4], body)?),
-            "UpdateCustomerAddress" => {
-                ShopCommand::UpdateCustomerAddress(read(Self::NAMES[5], body)?)
-            }
-            "PlaceOrder" => ShopCommand::PlaceOrder(read(Self::NAMES[6], body)?),
-            "CancelOrder" => ShopCommand::CancelOrder(read(Self::NAMES[7], body)?),
-            other => return Err(ParseError::UnknownCommand(other.to_owned())),
-        })
+        match name {
+            _ if name == RegisterProduct::NAME => read(body, Self::RegisterProduct),
+            _ if name == RenameProduct::NAME => read(body, Self::RenameProduct),
+            _ if name == ChangePrice::NAME => read(body, Self::ChangePrice),
+            _ if name == AddStock::NAME => read(body, Self::AddStock),
+            _ if name == RegisterCustomer::NAME => read(body, Self::RegisterCustomer),
+            _ if name == UpdateCustomerAddress::NAME => read(body, Self::UpdateCustomerAddress),
+            _ if name == PlaceOrder::NAME => read(body, Self::PlaceOrder),
+            _ if name == CancelOrder::NAME => read(body, Self::CancelOrder),
+            other => Err(ParseError::UnknownCommand(other.to_owned())),
+        }
     }
 }
 
@@ -213,6 +200,8 @@ pub struct Shop {
     pub orders: Repository<Order>,
     /// The one service this process is, when the shop runs split.
     service: Option<Service>,
+    /// Its commands, states and handlers, as the HTTP layer and runners take them.
+    application: diptych::Service,
 }
 
 /// The shop's view names, as clients read them.
@@ -227,15 +216,7 @@ pub const VIEWS: [&str; 5] = [
 impl Shop {
     /// The shop on these stores; call [`Shop::start`] to keep its views.
     pub fn new(store: Arc<dyn EventStore>, views: Arc<dyn ViewStore>) -> Self {
-        Self {
-            products: Repository::new(store.clone()),
-            stock: Repository::new(store.clone()),
-            customers: Repository::new(store.clone()),
-            orders: Repository::new(store.clone()),
-            store,
-            views,
-            service: None,
-        }
+        Self::assemble(None, store, views)
     }
 
     /// One service of the split shop on its own stores (see [`services`]).
@@ -244,15 +225,40 @@ impl Shop {
         store: Arc<dyn EventStore>,
         views: Arc<dyn ViewStore>,
     ) -> Self {
+        Self::assemble(Some(service), store, views)
+    }
+
+    fn assemble(
+        service: Option<Service>,
+        store: Arc<dyn EventStore>,
+        views: Arc<dyn ViewStore>,
+    ) -> Self {
+        let repositories = Repositories {
+            products: Repository::new(store.clone()),
+            stock: Repository::new(store.clone()),
+            customers: Repository::new(store.clone()),
+            orders: Repository::new(store.clone()),
+        };
         Self {
-            service: Some(service),
-            ..Self::new(store, views)
+            application: application(&repositories, service),
+            products: repositories.products,
+            stock: repositories.stock,
+            customers: repositories.customers,
+            orders: repositories.orders,
+            store,
+            views,
+            service,
         }
     }
 
     /// The service this process is, when the shop runs split.
     pub fn split_service(&self) -> Option<Service> {
         self.service
+    }
+
+    /// The shop as a diptych service: commands by name, states, handlers.
+    pub fn application(&self) -> &diptych::Service {
+        &self.application
     }
 
     /// The event store.
@@ -266,46 +272,9 @@ impl Shop {
     }
 
     /// What the shop runs on the log: the five projections and the order
-    /// placement saga. Only `orders` may be partitioned: each order's document is
-    /// written by that order's events alone, while the other views gather
-    /// several streams into one document (a product's stock, a customer's
-    /// totals, renamed products in order lines, hourly sales).
+    /// placement saga (those of this service, when split).
     pub fn handlers(&self) -> Vec<Handler> {
-        let projection = |projection: Arc<dyn diptych::Projection>, partitionable| Handler {
-            projection,
-            kind: HandlerKind::Projection,
-            partitionable,
-        };
-        let serves = |view: &str| {
-            self.service
-                .is_none_or(|service| service.views().contains(&view))
-        };
-        let mut handlers: Vec<Handler> = [
-            projection(Arc::new(views::ProductsView), false),
-            projection(Arc::new(views::OrdersView), true),
-            projection(Arc::new(views::CustomerOrdersView), false),
-            projection(Arc::new(views::CustomersView), false),
-            projection(Arc::new(views::SalesByHourView), false),
-        ]
-        .into_iter()
-        .filter(|handler| serves(handler.projection.name()))
-        .collect();
-        let targets = match self.service {
-            None => Some(Targets::All),
-            Some(Service::Inventory) => Some(Targets::Stock),
-            Some(Service::Ordering) => Some(Targets::Orders),
-            Some(_) => None,
-        };
-        if let Some(targets) = targets {
-            let saga =
-                OrderPlacement::new(self.stock.clone(), self.orders.clone()).sending_only(targets);
-            handlers.push(Handler {
-                projection: as_projection(Arc::new(saga)),
-                kind: HandlerKind::ProcessManager,
-                partitionable: false,
-            });
-        }
-        handlers
+        self.application.handlers().to_vec()
     }
 
     /// Starts every handler in this process.
@@ -328,96 +297,209 @@ impl Shop {
         context: &CommandContext,
     ) -> Result<CommandOutcome, CommandError<Rejection>> {
         match command {
-            ShopCommand::RegisterProduct(register) => {
-                let id = required("product_id", &register.product_id)?;
-                let command = CatalogCommand::Register(register);
-                self.products.execute(&id, &command, context).await
-            }
-            ShopCommand::RenameProduct(rename) => {
-                let id = required("product_id", &rename.product_id)?;
-                let command = CatalogCommand::Rename(rename);
-                self.products.execute(&id, &command, context).await
-            }
-            ShopCommand::ChangePrice(change) => {
-                let id = required("product_id", &change.product_id)?;
-                let command = CatalogCommand::ChangePrice(change);
-                self.products.execute(&id, &command, context).await
-            }
+            ShopCommand::RegisterProduct(c) => self.products.execute_command(c, context).await,
+            ShopCommand::RenameProduct(c) => self.products.execute_command(c, context).await,
+            ShopCommand::ChangePrice(c) => self.products.execute_command(c, context).await,
             ShopCommand::AddStock(add) => {
-                let id = required("product_id", &add.product_id)?;
-                if !self.products.load(&id).await?.state.exists {
-                    return Err(CommandError::Rejected(Rejection::ProductNotFound));
-                }
-                self.stock
-                    .execute(&id, &InventoryCommand::Add(add), context)
-                    .await
+                add_stock(&self.products, &self.stock, add, context).await
             }
-            ShopCommand::RegisterCustomer(register) => {
-                let id = required("customer_id", &register.customer_id)?;
-                let command = CustomerCommand::Register(register);
-                self.customers.execute(&id, &command, context).await
+            ShopCommand::RegisterCustomer(c) => self.customers.execute_command(c, context).await,
+            ShopCommand::UpdateCustomerAddress(c) => {
+                self.customers.execute_command(c, context).await
             }
-            ShopCommand::UpdateCustomerAddress(update) => {
-                let id = required("customer_id", &update.customer_id)?;
-                let command = CustomerCommand::UpdateAddress(update);
-                self.customers.execute(&id, &command, context).await
+            ShopCommand::PlaceOrder(place) => {
+                let (customers, products) = (&self.customers, &self.products);
+                place_order(
+                    customers,
+                    products,
+                    &self.stock,
+                    &self.orders,
+                    place,
+                    context,
+                )
+                .await
             }
-            ShopCommand::PlaceOrder(place) => self.place_order(place, context).await,
-            ShopCommand::CancelOrder(cancel) => {
-                let id = required("order_id", &cancel.order_id)?;
-                self.orders
-                    .execute(&id, &OrderCommand::Cancel, context)
-                    .await
-            }
+            ShopCommand::CancelOrder(c) => self.orders.execute_command(c, context).await,
         }
+    }
+}
+
+#[async_trait::async_trait]
+impl Application for Shop {
+    fn commands(&self) -> Vec<&'static str> {
+        self.application.commands()
     }
 
-    /// Prices the lines from the catalog (merging lines of the same product),
-    /// refuses unknown customers and products and lines clearly out of stock,
-    /// then places the order; the saga reserves the stock for real.
-    async fn place_order(
-        &self,
-        place: PlaceOrder,
-        context: &CommandContext,
-    ) -> Result<CommandOutcome, CommandError<Rejection>> {
-        let order_id = required("order_id", &place.order_id)?;
-        let customer_id = required("customer_id", &place.customer_id)?;
-        if !self.customers.load(&customer_id).await?.state.exists {
-            return Err(CommandError::Rejected(Rejection::CustomerNotFound));
-        }
-        let mut quantities: BTreeMap<String, u64> = BTreeMap::new();
-        for line in &place.lines {
-            let id = required("lines.product_id", &line.product_id)?;
-            let total = quantities.entry(id).or_default();
-            *total = total.saturating_add(line.quantity);
-        }
-        let mut lines = Vec::with_capacity(quantities.len());
-        for (product_id, quantity) in quantities {
-            let product = self.products.load(&product_id).await?.state;
-            if !product.exists {
-                return Err(CommandError::Rejected(Rejection::ProductNotFound));
-            }
-            let available = self.stock.load(&product_id).await?.state.available();
-            if quantity > available {
-                return Err(CommandError::Rejected(Rejection::InsufficientStock {
-                    product_id,
-                    available,
-                }));
-            }
-            lines.push(OrderLine {
-                product_id,
-                name: product.name,
-                quantity,
-                price_cents: product.price_cents,
-            });
-        }
-        let command = OrderCommand::Place {
-            order_id: order_id.clone(),
-            customer_id,
-            lines,
-        };
-        self.orders.execute(&order_id, &command, context).await
+    fn taken_elsewhere(&self, command: &str) -> Option<String> {
+        self.application.taken_elsewhere(command)
     }
+
+    async fn execute(
+        &self,
+        name: &str,
+        body: serde_json::Value,
+        context: &CommandContext,
+    ) -> Result<CommandOutcome, ApplicationError> {
+        self.application.execute(name, body, context).await
+    }
+
+    async fn state(&self, stream: &StreamId, at: StateAt) -> Result<StreamState, ApplicationError> {
+        self.application.state(stream, at).await
+    }
+}
+
+/// The shop's four repositories, as the service's handlers hold them.
+#[derive(Clone)]
+struct Repositories {
+    products: Repository<Product>,
+    stock: Repository<Stock>,
+    customers: Repository<Customer>,
+    orders: Repository<Order>,
+}
+
+/// The shop's commands, states and handlers; when split, only those of one
+/// service, which names the owner of every other command.
+///
+/// Only `orders` may be partitioned: each order's document is written by that
+/// order's events alone, while the other views gather several streams into one
+/// document (a product's stock, a customer's totals, renamed products in order
+/// lines, hourly sales).
+fn application(r: &Repositories, split: Option<Service>) -> diptych::Service {
+    let adding = r.clone();
+    let placing = r.clone();
+    let mut builder = diptych::Service::builder(split.map_or("shop", Service::name))
+        .aggregate(r.products.clone())
+        .aggregate(r.stock.clone())
+        .aggregate(r.customers.clone())
+        .aggregate(r.orders.clone())
+        .command::<RegisterProduct>()
+        .command::<RenameProduct>()
+        .command::<ChangePrice>()
+        .command_with(move |add: AddStock, context: CommandContext| {
+            let r = adding.clone();
+            async move { add_stock(&r.products, &r.stock, add, &context).await }
+        })
+        .command::<RegisterCustomer>()
+        .command::<UpdateCustomerAddress>()
+        .command_with(move |place: PlaceOrder, context: CommandContext| {
+            let r = placing.clone();
+            async move {
+                place_order(
+                    &r.customers,
+                    &r.products,
+                    &r.stock,
+                    &r.orders,
+                    place,
+                    &context,
+                )
+                .await
+            }
+        })
+        .command::<CancelOrder>();
+    if let Some(split) = split {
+        for name in ShopCommand::NAMES {
+            if let Some(owner) = Service::of_command(name).filter(|owner| *owner != split) {
+                builder = builder.taken_by(name, owner.name());
+            }
+        }
+    }
+    let serves = |view: &str| split.is_none_or(|split| split.views().contains(&view));
+    let projections: [(Arc<dyn diptych::Projection>, bool); 5] = [
+        (Arc::new(views::ProductsView), false),
+        (Arc::new(views::OrdersView), true),
+        (Arc::new(views::CustomerOrdersView), false),
+        (Arc::new(views::CustomersView), false),
+        (Arc::new(views::SalesByHourView), false),
+    ];
+    for (projection, partitionable) in projections {
+        if !serves(projection.name()) {
+            continue;
+        }
+        builder = if partitionable {
+            builder.partitioned_projection(projection)
+        } else {
+            builder.projection(projection)
+        };
+    }
+    let targets = match split {
+        None => Some(Targets::All),
+        Some(Service::Inventory) => Some(Targets::Stock),
+        Some(Service::Ordering) => Some(Targets::Orders),
+        Some(_) => None,
+    };
+    if let Some(targets) = targets {
+        let saga = OrderPlacement::new(r.stock.clone(), r.orders.clone()).sending_only(targets);
+        builder = builder.process_manager(Arc::new(saga));
+    }
+    builder
+        .build()
+        .expect("the shop's commands, aggregates and handlers are each registered once")
+}
+
+/// Adds stock to a product the catalog knows.
+async fn add_stock(
+    products: &Repository<Product>,
+    stock: &Repository<Stock>,
+    add: AddStock,
+    context: &CommandContext,
+) -> Result<CommandOutcome, CommandError<Rejection>> {
+    let id = require_id(&add)?.to_owned();
+    if !products.load(&id).await?.state.exists {
+        return Err(CommandError::Rejected(Rejection::ProductNotFound));
+    }
+    stock
+        .execute(&id, &InventoryCommand::Add(add), context)
+        .await
+}
+
+/// Prices the lines from the catalog (merging lines of the same product),
+/// refuses unknown customers and products and lines clearly out of stock,
+/// then places the order; the saga reserves the stock for real.
+async fn place_order(
+    customers: &Repository<Customer>,
+    products: &Repository<Product>,
+    stock: &Repository<Stock>,
+    orders: &Repository<Order>,
+    place: PlaceOrder,
+    context: &CommandContext,
+) -> Result<CommandOutcome, CommandError<Rejection>> {
+    let order_id = require_id(&place)?.to_owned();
+    let customer_id = required("customer_id", &place.customer_id)?;
+    if !customers.load(&customer_id).await?.state.exists {
+        return Err(CommandError::Rejected(Rejection::CustomerNotFound));
+    }
+    let mut quantities: BTreeMap<String, u64> = BTreeMap::new();
+    for line in &place.lines {
+        let id = required("lines.product_id", &line.product_id)?;
+        let total = quantities.entry(id).or_default();
+        *total = total.saturating_add(line.quantity);
+    }
+    let mut lines = Vec::with_capacity(quantities.len());
+    for (product_id, quantity) in quantities {
+        let product = products.load(&product_id).await?.state;
+        if !product.exists {
+            return Err(CommandError::Rejected(Rejection::ProductNotFound));
+        }
+        let available = stock.load(&product_id).await?.state.available();
+        if quantity > available {
+            return Err(CommandError::Rejected(Rejection::InsufficientStock {
+                product_id,
+                available,
+            }));
+        }
+        lines.push(OrderLine {
+            product_id,
+            name: product.name,
+            quantity,
+            price_cents: product.price_cents,
+        });
+    }
+    let command = OrderCommand::Place {
+        order_id: order_id.clone(),
+        customer_id,
+        lines,
+    };
+    orders.execute(&order_id, &command, context).await
 }
 
 /// An id that must not be empty.

@@ -40,6 +40,15 @@ pub struct CancelOrder {
     pub order_id: String,
 }
 
+// An order is priced from the catalog first: the shop's own handler.
+diptych::command!(PlaceOrder, id = order_id);
+diptych::command!(
+    CancelOrder,
+    id = order_id,
+    aggregate = Order,
+    into = |_| OrderCommand::Cancel
+);
+
 /// A line as ordered: priced and named from the catalog when the order was placed.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct OrderLine {

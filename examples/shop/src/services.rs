@@ -14,6 +14,13 @@
 
 use std::fmt;
 
+use diptych::Command;
+
+use crate::catalog::{ChangePrice, RegisterProduct, RenameProduct};
+use crate::customers::{RegisterCustomer, UpdateCustomerAddress};
+use crate::inventory::AddStock;
+use crate::ordering::{CancelOrder, PlaceOrder};
+
 /// One of the shop's services.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Service {
@@ -54,10 +61,14 @@ impl Service {
     /// The commands it takes.
     pub fn commands(self) -> &'static [&'static str] {
         match self {
-            Service::Catalog => &["RegisterProduct", "RenameProduct", "ChangePrice"],
-            Service::Inventory => &["AddStock"],
-            Service::Customers => &["RegisterCustomer", "UpdateCustomerAddress"],
-            Service::Ordering => &["PlaceOrder", "CancelOrder"],
+            Service::Catalog => &[
+                RegisterProduct::NAME,
+                RenameProduct::NAME,
+                ChangePrice::NAME,
+            ],
+            Service::Inventory => &[AddStock::NAME],
+            Service::Customers => &[RegisterCustomer::NAME, UpdateCustomerAddress::NAME],
+            Service::Ordering => &[PlaceOrder::NAME, CancelOrder::NAME],
         }
     }
 

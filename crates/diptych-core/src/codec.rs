@@ -99,6 +99,12 @@ impl Upcasters {
                 .contains_key(&(event_type.to_owned(), schema_version))
     }
 
+    /// The stored type names these upcasters read (old names included), so that
+    /// a handler's interest still takes events written under a former name.
+    pub fn source_types(&self) -> impl Iterator<Item = &str> {
+        self.steps.keys().map(|(event_type, _)| event_type.as_str())
+    }
+
     /// The schema version new events of this type are written with.
     pub fn current_version(&self, event_type: &str) -> u32 {
         self.current.get(event_type).copied().unwrap_or(1)

@@ -61,6 +61,7 @@ pub mod testing;
 #[cfg(feature = "testkit")]
 pub mod testkit;
 mod turns;
+pub mod typed;
 pub mod view;
 
 pub use aggregate::{Aggregate, SnapshotPolicy};
@@ -96,6 +97,7 @@ pub use store::{
     check_append_shape,
 };
 pub use subscription::Subscription;
+pub use typed::{EventSet, TypedProcessManager, TypedProjection};
 pub use view::{
     Change, CollectionSpec, Comparison, Control, Cursor, Declaration, Document, Filter,
     HandlerKind, Order, Page, ParkedEvent, ProjectionRecord, Query, RebuildProgress, ViewCommit,

@@ -405,11 +405,11 @@ fn application(r: &Repositories, split: Option<Service>) -> diptych::Service {
     }
     let serves = |view: &str| split.is_none_or(|split| split.views().contains(&view));
     let projections: [(Arc<dyn diptych::Projection>, bool); 5] = [
-        (Arc::new(views::ProductsView), false),
-        (Arc::new(views::OrdersView), true),
-        (Arc::new(views::CustomerOrdersView), false),
-        (Arc::new(views::CustomersView), false),
-        (Arc::new(views::SalesByHourView), false),
+        (Arc::new(views::ProductsView::default()), false),
+        (Arc::new(views::OrdersView::default()), true),
+        (Arc::new(views::CustomerOrdersView::default()), false),
+        (Arc::new(views::CustomersView::default()), false),
+        (Arc::new(views::SalesByHourView::default()), false),
     ];
     for (projection, partitionable) in projections {
         if !serves(projection.name()) {

@@ -7,8 +7,8 @@ use std::collections::BTreeSet;
 
 use async_trait::async_trait;
 use diptych::{
-    Aggregate, CommandContext, EventCodec, HandlerError, Interest, ProcessManager, RecordedEvent,
-    Repository,
+    Aggregate, CommandContext, EventSet, HandlerError, RecordedEvent, Repository,
+    TypedProcessManager,
 };
 use serde::{Deserialize, Serialize};
 
@@ -53,13 +53,20 @@ pub enum Targets {
     Orders,
 }
 
+/// The events the saga reacts to.
+pub enum PlacementEvent {
+    /// An order's.
+    Order(OrderEvent),
+    /// A product's stock.
+    Stock(InventoryEvent),
+}
+
 /// The saga, dispatching to the stock and order repositories.
 pub struct OrderPlacement {
     stock: Repository<Stock>,
     orders: Repository<Order>,
     targets: Targets,
-    inventory_events: EventCodec<InventoryEvent>,
-    order_events: EventCodec<OrderEvent>,
+    events: EventSet<PlacementEvent>,
 }
 
 impl OrderPlacement {
@@ -69,8 +76,9 @@ impl OrderPlacement {
             stock,
             orders,
             targets: Targets::All,
-            inventory_events: EventCodec::default(),
-            order_events: EventCodec::default(),
+            events: EventSet::new()
+                .aggregate::<Order>(PlacementEvent::Order)
+                .aggregate::<Stock>(PlacementEvent::Stock),
         }
     }
 
@@ -96,72 +104,10 @@ impl OrderPlacement {
         }
     }
 
-    fn release_all(state: &PlacementState, order_id: &str) -> Vec<PlacementCommand> {
-        state
-            .reserved
-            .iter()
-            .map(|product_id| {
-                PlacementCommand::Stock(InventoryCommand::Release {
-                    product_id: product_id.clone(),
-                    order_id: order_id.to_owned(),
-                })
-            })
-            .collect()
-    }
-}
-
-#[async_trait]
-impl ProcessManager for OrderPlacement {
-    type State = PlacementState;
-    type Command = PlacementCommand;
-
-    fn name(&self) -> &str {
-        "order-placement"
-    }
-
-    fn interest(&self) -> Interest {
-        Interest::event_types([
-            "OrderPlaced",
-            "OrderCancelled",
-            "StockReserved",
-            "StockReservationFailed",
-        ])
-    }
-
-    fn instance(&self, event: &RecordedEvent) -> Option<String> {
-        event.payload["order_id"].as_str().map(str::to_owned)
-    }
-
-    fn react(
-        &self,
-        state: &mut PlacementState,
-        event: &RecordedEvent,
-    ) -> Result<Vec<PlacementCommand>, HandlerError> {
-        if event.stream_id.category() == "order" {
-            return Ok(match self.order_events.decode(event)? {
-                OrderEvent::OrderPlaced {
-                    order_id, lines, ..
-                } => {
-                    state.products = lines.iter().map(|line| line.product_id.clone()).collect();
-                    lines
-                        .into_iter()
-                        .map(|line| {
-                            PlacementCommand::Stock(InventoryCommand::Reserve {
-                                product_id: line.product_id,
-                                order_id: order_id.clone(),
-                                quantity: line.quantity,
-                            })
-                        })
-                        .collect()
-                }
-                OrderEvent::OrderCancelled { order_id, .. } => {
-                    state.cancelled = true;
-                    Self::release_all(state, &order_id)
-                }
-                _ => vec![],
-            });
-        }
-        Ok(match self.inventory_events.decode(event)? {
+    /// What a stock event calls for: confirm once every line is reserved;
+    /// on a shortage, reject and release; release what arrives too late.
+    fn react_to_stock(state: &mut PlacementState, event: InventoryEvent) -> Vec<PlacementCommand> {
+        match event {
             InventoryEvent::StockReserved {
                 product_id,
                 order_id,
@@ -194,6 +140,84 @@ impl ProcessManager for OrderPlacement {
                 }];
                 commands.extend(Self::release_all(state, &order_id));
                 commands
+            }
+            _ => vec![],
+        }
+    }
+
+    fn release_all(state: &PlacementState, order_id: &str) -> Vec<PlacementCommand> {
+        state
+            .reserved
+            .iter()
+            .map(|product_id| {
+                PlacementCommand::Stock(InventoryCommand::Release {
+                    product_id: product_id.clone(),
+                    order_id: order_id.to_owned(),
+                })
+            })
+            .collect()
+    }
+}
+
+#[async_trait]
+impl TypedProcessManager for OrderPlacement {
+    type Event = PlacementEvent;
+    type State = PlacementState;
+    type Command = PlacementCommand;
+
+    fn name(&self) -> &str {
+        "order-placement"
+    }
+
+    fn events(&self) -> &EventSet<PlacementEvent> {
+        &self.events
+    }
+
+    /// An order's placement is one instance; the events it does not react to
+    /// have none, so they read and write no state.
+    fn instance(&self, event: &PlacementEvent, _: &RecordedEvent) -> Option<String> {
+        match event {
+            PlacementEvent::Order(
+                OrderEvent::OrderPlaced { order_id, .. }
+                | OrderEvent::OrderCancelled { order_id, .. },
+            )
+            | PlacementEvent::Stock(
+                InventoryEvent::StockReserved { order_id, .. }
+                | InventoryEvent::StockReservationFailed { order_id, .. },
+            ) => Some(order_id.clone()),
+            _ => None,
+        }
+    }
+
+    fn react(
+        &self,
+        state: &mut PlacementState,
+        event: PlacementEvent,
+        _: &RecordedEvent,
+    ) -> Result<Vec<PlacementCommand>, HandlerError> {
+        let event = match event {
+            PlacementEvent::Order(event) => event,
+            PlacementEvent::Stock(event) => return Ok(Self::react_to_stock(state, event)),
+        };
+        Ok(match event {
+            OrderEvent::OrderPlaced {
+                order_id, lines, ..
+            } => {
+                state.products = lines.iter().map(|line| line.product_id.clone()).collect();
+                lines
+                    .into_iter()
+                    .map(|line| {
+                        PlacementCommand::Stock(InventoryCommand::Reserve {
+                            product_id: line.product_id,
+                            order_id: order_id.clone(),
+                            quantity: line.quantity,
+                        })
+                    })
+                    .collect()
+            }
+            OrderEvent::OrderCancelled { order_id, .. } => {
+                state.cancelled = true;
+                Self::release_all(state, &order_id)
             }
             _ => vec![],
         })

@@ -10,32 +10,25 @@
 
 use async_trait::async_trait;
 use diptych::{
-    CollectionSpec, EventCodec, HandlerError, Interest, Projection, RecordedEvent, Timestamp,
-    ViewTx,
+    CollectionSpec, EventSet, HandlerError, RecordedEvent, Timestamp, TypedProjection, ViewTx,
 };
 use serde::{Deserialize, Serialize};
 
-use crate::catalog::CatalogEvent;
-use crate::customers::CustomerEvent;
-use crate::inventory::InventoryEvent;
-use crate::ordering::{OrderEvent, OrderLine, OrderStatus};
+use crate::catalog::{CatalogEvent, Product};
+use crate::customers::{Customer, CustomerEvent};
+use crate::inventory::{InventoryEvent, Stock};
+use crate::ordering::{Order, OrderEvent, OrderLine, OrderStatus};
 
-/// Any of the shop's events, decoded by its stream's category.
-enum ShopEvent {
+/// Any of the shop's events, as its views receive them.
+pub enum ShopEvent {
+    /// A product's.
     Catalog(CatalogEvent),
+    /// A product's stock.
     Inventory(InventoryEvent),
+    /// A customer's.
     Customer(CustomerEvent),
+    /// An order's.
     Order(OrderEvent),
-}
-
-fn decode(event: &RecordedEvent) -> Result<Option<ShopEvent>, HandlerError> {
-    Ok(Some(match event.stream_id.category() {
-        "product" => ShopEvent::Catalog(EventCodec::default().decode(event)?),
-        "stock" => ShopEvent::Inventory(EventCodec::default().decode(event)?),
-        "customer" => ShopEvent::Customer(EventCodec::default().decode(event)?),
-        "order" => ShopEvent::Order(EventCodec::default().decode(event)?),
-        _ => return Ok(None),
-    }))
 }
 
 /// One document of `products`.
@@ -56,10 +49,21 @@ pub struct ProductDocument {
 }
 
 /// Keeps `products`.
-pub struct ProductsView;
+pub struct ProductsView {
+    events: EventSet<ShopEvent>,
+}
+
+impl Default for ProductsView {
+    fn default() -> Self {
+        let events = EventSet::new()
+            .aggregate::<Product>(ShopEvent::Catalog)
+            .aggregate::<Stock>(ShopEvent::Inventory);
+        Self { events }
+    }
+}
 
 #[async_trait]
-impl Projection for ProductsView {
+impl TypedProjection for ProductsView {
     fn name(&self) -> &str {
         "products"
     }
@@ -74,18 +78,25 @@ impl Projection for ProductsView {
         ]
     }
 
-    fn interest(&self) -> Interest {
-        Interest::categories(["product", "stock"])
+    type Event = ShopEvent;
+
+    fn events(&self) -> &EventSet<ShopEvent> {
+        &self.events
     }
 
-    async fn apply(&self, event: &RecordedEvent, views: &mut ViewTx) -> Result<(), HandlerError> {
-        match decode(event)? {
-            Some(ShopEvent::Catalog(CatalogEvent::ProductAdded {
+    async fn apply(
+        &self,
+        typed: ShopEvent,
+        _: &RecordedEvent,
+        views: &mut ViewTx,
+    ) -> Result<(), HandlerError> {
+        match typed {
+            ShopEvent::Catalog(CatalogEvent::ProductAdded {
                 product_id,
                 name,
                 description,
                 price_cents,
-            })) => {
+            }) => {
                 update_product(views, &product_id, |product| {
                     product.name = name;
                     product.description = description;
@@ -93,43 +104,43 @@ impl Projection for ProductsView {
                 })
                 .await
             }
-            Some(ShopEvent::Catalog(CatalogEvent::ProductRenamed { product_id, name })) => {
+            ShopEvent::Catalog(CatalogEvent::ProductRenamed { product_id, name }) => {
                 update_product(views, &product_id, |product| product.name = name).await
             }
-            Some(ShopEvent::Catalog(CatalogEvent::PriceChanged {
+            ShopEvent::Catalog(CatalogEvent::PriceChanged {
                 product_id,
                 price_cents,
-            })) => {
+            }) => {
                 update_product(views, &product_id, |product| {
                     product.price_cents = price_cents;
                 })
                 .await
             }
-            Some(ShopEvent::Inventory(InventoryEvent::StockAdded {
+            ShopEvent::Inventory(InventoryEvent::StockAdded {
                 product_id,
                 quantity,
-            })) => {
+            }) => {
                 update_product(views, &product_id, |product| {
                     product.stock_on_hand += quantity;
                     product.stock_available += quantity;
                 })
                 .await
             }
-            Some(ShopEvent::Inventory(InventoryEvent::StockReserved {
+            ShopEvent::Inventory(InventoryEvent::StockReserved {
                 product_id,
                 quantity,
                 ..
-            })) => {
+            }) => {
                 update_product(views, &product_id, |product| {
                     product.stock_available = product.stock_available.saturating_sub(quantity);
                 })
                 .await
             }
-            Some(ShopEvent::Inventory(InventoryEvent::StockReleased {
+            ShopEvent::Inventory(InventoryEvent::StockReleased {
                 product_id,
                 quantity,
                 ..
-            })) => {
+            }) => {
                 update_product(views, &product_id, |product| {
                     product.stock_available += quantity;
                 })
@@ -258,10 +269,19 @@ async fn apply_order_event(
 }
 
 /// Keeps `orders`.
-pub struct OrdersView;
+pub struct OrdersView {
+    events: EventSet<ShopEvent>,
+}
+
+impl Default for OrdersView {
+    fn default() -> Self {
+        let events = EventSet::new().aggregate::<Order>(ShopEvent::Order);
+        Self { events }
+    }
+}
 
 #[async_trait]
-impl Projection for OrdersView {
+impl TypedProjection for OrdersView {
     fn name(&self) -> &str {
         "orders"
     }
@@ -275,12 +295,19 @@ impl Projection for OrdersView {
         ]
     }
 
-    fn interest(&self) -> Interest {
-        Interest::categories(["order"])
+    type Event = ShopEvent;
+
+    fn events(&self) -> &EventSet<ShopEvent> {
+        &self.events
     }
 
-    async fn apply(&self, event: &RecordedEvent, views: &mut ViewTx) -> Result<(), HandlerError> {
-        if let Some(ShopEvent::Order(order_event)) = decode(event)? {
+    async fn apply(
+        &self,
+        typed: ShopEvent,
+        event: &RecordedEvent,
+        views: &mut ViewTx,
+    ) -> Result<(), HandlerError> {
+        if let ShopEvent::Order(order_event) = typed {
             apply_order_event("orders", event, &order_event, views).await?;
         }
         Ok(())
@@ -295,10 +322,21 @@ struct OrdersOfProduct {
 
 /// Keeps `customer-orders`: every order, indexed by customer and time, with
 /// product names that follow renames (through `customer-orders-by-product`).
-pub struct CustomerOrdersView;
+pub struct CustomerOrdersView {
+    events: EventSet<ShopEvent>,
+}
+
+impl Default for CustomerOrdersView {
+    fn default() -> Self {
+        let events = EventSet::new()
+            .aggregate::<Order>(ShopEvent::Order)
+            .aggregate::<Product>(ShopEvent::Catalog);
+        Self { events }
+    }
+}
 
 #[async_trait]
-impl Projection for CustomerOrdersView {
+impl TypedProjection for CustomerOrdersView {
     fn name(&self) -> &str {
         "customer-orders"
     }
@@ -313,19 +351,20 @@ impl Projection for CustomerOrdersView {
         ]
     }
 
-    fn interest(&self) -> Interest {
-        Interest::event_types([
-            "OrderPlaced",
-            "OrderConfirmed",
-            "OrderRejected",
-            "OrderCancelled",
-            "ProductRenamed",
-        ])
+    type Event = ShopEvent;
+
+    fn events(&self) -> &EventSet<ShopEvent> {
+        &self.events
     }
 
-    async fn apply(&self, event: &RecordedEvent, views: &mut ViewTx) -> Result<(), HandlerError> {
-        match decode(event)? {
-            Some(ShopEvent::Order(order_event)) => {
+    async fn apply(
+        &self,
+        typed: ShopEvent,
+        event: &RecordedEvent,
+        views: &mut ViewTx,
+    ) -> Result<(), HandlerError> {
+        match typed {
+            ShopEvent::Order(order_event) => {
                 if let OrderEvent::OrderPlaced {
                     order_id, lines, ..
                 } = &order_event
@@ -344,7 +383,7 @@ impl Projection for CustomerOrdersView {
                 }
                 apply_order_event("customer-orders", event, &order_event, views).await?;
             }
-            Some(ShopEvent::Catalog(CatalogEvent::ProductRenamed { product_id, name })) => {
+            ShopEvent::Catalog(CatalogEvent::ProductRenamed { product_id, name }) => {
                 let orders: Option<OrdersOfProduct> =
                     views.get("customer-orders-by-product", &product_id).await?;
                 for order_id in orders.map(|orders| orders.order_ids).unwrap_or_default() {
@@ -383,10 +422,21 @@ pub struct CustomerDocument {
 }
 
 /// Keeps `customers`.
-pub struct CustomersView;
+pub struct CustomersView {
+    events: EventSet<ShopEvent>,
+}
+
+impl Default for CustomersView {
+    fn default() -> Self {
+        let events = EventSet::new()
+            .aggregate::<Customer>(ShopEvent::Customer)
+            .aggregate::<Order>(ShopEvent::Order);
+        Self { events }
+    }
+}
 
 #[async_trait]
-impl Projection for CustomersView {
+impl TypedProjection for CustomersView {
     fn name(&self) -> &str {
         "customers"
     }
@@ -400,23 +450,25 @@ impl Projection for CustomersView {
         ]
     }
 
-    fn interest(&self) -> Interest {
-        Interest::event_types([
-            "CustomerRegistered",
-            "CustomerAddressUpdated",
-            "OrderConfirmed",
-            "OrderCancelled",
-        ])
+    type Event = ShopEvent;
+
+    fn events(&self) -> &EventSet<ShopEvent> {
+        &self.events
     }
 
-    async fn apply(&self, event: &RecordedEvent, views: &mut ViewTx) -> Result<(), HandlerError> {
-        match decode(event)? {
-            Some(ShopEvent::Customer(CustomerEvent::CustomerRegistered {
+    async fn apply(
+        &self,
+        typed: ShopEvent,
+        _: &RecordedEvent,
+        views: &mut ViewTx,
+    ) -> Result<(), HandlerError> {
+        match typed {
+            ShopEvent::Customer(CustomerEvent::CustomerRegistered {
                 customer_id,
                 name,
                 email,
                 address,
-            })) => {
+            }) => {
                 views
                     .upsert(
                         "customers",
@@ -430,10 +482,10 @@ impl Projection for CustomersView {
                     )
                     .await?;
             }
-            Some(ShopEvent::Customer(CustomerEvent::CustomerAddressUpdated {
+            ShopEvent::Customer(CustomerEvent::CustomerAddressUpdated {
                 customer_id,
                 address,
-            })) => {
+            }) => {
                 views
                     .update(
                         "customers",
@@ -444,11 +496,11 @@ impl Projection for CustomersView {
                     )
                     .await?;
             }
-            Some(ShopEvent::Order(OrderEvent::OrderConfirmed {
+            ShopEvent::Order(OrderEvent::OrderConfirmed {
                 customer_id,
                 total_cents,
                 ..
-            })) => {
+            }) => {
                 views
                     .update(
                         "customers",
@@ -460,12 +512,12 @@ impl Projection for CustomersView {
                     )
                     .await?;
             }
-            Some(ShopEvent::Order(OrderEvent::OrderCancelled {
+            ShopEvent::Order(OrderEvent::OrderCancelled {
                 customer_id,
                 was_confirmed: true,
                 total_cents,
                 ..
-            })) => {
+            }) => {
                 views
                     .update(
                         "customers",
@@ -506,7 +558,16 @@ struct PendingSale {
 }
 
 /// Keeps `sales-by-hour`.
-pub struct SalesByHourView;
+pub struct SalesByHourView {
+    events: EventSet<ShopEvent>,
+}
+
+impl Default for SalesByHourView {
+    fn default() -> Self {
+        let events = EventSet::new().aggregate::<Order>(ShopEvent::Order);
+        Self { events }
+    }
+}
 
 impl SalesByHourView {
     fn hour_of(time: Timestamp) -> String {
@@ -542,7 +603,7 @@ impl SalesByHourView {
 }
 
 #[async_trait]
-impl Projection for SalesByHourView {
+impl TypedProjection for SalesByHourView {
     fn name(&self) -> &str {
         "sales-by-hour"
     }
@@ -557,12 +618,19 @@ impl Projection for SalesByHourView {
         ]
     }
 
-    fn interest(&self) -> Interest {
-        Interest::categories(["order"])
+    type Event = ShopEvent;
+
+    fn events(&self) -> &EventSet<ShopEvent> {
+        &self.events
     }
 
-    async fn apply(&self, event: &RecordedEvent, views: &mut ViewTx) -> Result<(), HandlerError> {
-        let Some(ShopEvent::Order(order_event)) = decode(event)? else {
+    async fn apply(
+        &self,
+        typed: ShopEvent,
+        event: &RecordedEvent,
+        views: &mut ViewTx,
+    ) -> Result<(), HandlerError> {
+        let ShopEvent::Order(order_event) = typed else {
             return Ok(());
         };
         match order_event {

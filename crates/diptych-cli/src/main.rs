@@ -310,7 +310,7 @@ fn roles_or_all(names: &[String]) -> Result<serve::Roles> {
     if names.is_empty() {
         Ok(serve::Roles::ALL)
     } else {
-        serve::Roles::parse(names)
+        Ok(serve::Roles::parse(names)?)
     }
 }
 

@@ -11,119 +11,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use diptych::http::{AppState, Auth, HttpConfig, Role, app};
-use diptych::nats::{InboundConfig, NatsConfig, NatsPublisher, spawn_inbound};
-use diptych::postgres::{LeaseConfig, PartitionedRunner, PgConfig, PgLeases, PgStore, PgViews};
-use diptych::sqlite::{SqliteStore, SqliteViews};
-use diptych::{
-    BackendError, CommandContext, EventStore, RelayConfig, RunnerConfig, RunnerHandle,
-    StreamCopies, ViewStore, spawn_relay,
-};
+use diptych::http::{Auth, Role};
+pub use diptych::{Backend, Roles};
+use diptych::{CommandContext, Node, NodeConfig};
 use diptych_shop::detail::{self, CatalogClient};
 use diptych_shop::services::Service;
 use diptych_shop::{Shop, ShopCommand};
 use serde_json::json;
-
-/// Where the shop keeps its events and views.
-#[derive(Clone, Debug)]
-pub enum Backend {
-    /// `events.db` and `views.db` in a directory.
-    Sqlite(PathBuf),
-    /// A PostgreSQL database (URL) and the schema of diptych's tables, shared by
-    /// every node of the shop.
-    Postgres {
-        /// `postgres://user@host:port/database`.
-        url: String,
-        /// The schema.
-        schema: String,
-    },
-}
-
-impl Backend {
-    /// PostgreSQL for a `postgres://` or `postgresql://` URL, else SQLite in
-    /// `data`.
-    pub fn choose(store: Option<String>, schema: Option<String>, data: PathBuf) -> Self {
-        match store {
-            Some(url) => Backend::Postgres {
-                url,
-                schema: schema.unwrap_or_else(|| PgConfig::DEFAULT_SCHEMA.to_owned()),
-            },
-            None => Backend::Sqlite(data),
-        }
-    }
-
-    fn describe(&self) -> String {
-        match self {
-            Backend::Sqlite(data) => format!("data in {}", data.display()),
-            Backend::Postgres { url, schema } => {
-                let host = url.rsplit_once('@').map_or(url.as_str(), |(_, host)| host);
-                format!("PostgreSQL at {host}, schema {schema}")
-            }
-        }
-    }
-}
-
-/// What one node does; a shop on PostgreSQL can run each in its own processes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Roles {
-    /// Takes commands (`POST /commands/…`).
-    pub command: bool,
-    /// Serves views, streams and the log, waiting on consistency tokens.
-    pub query: bool,
-    /// Runs the projections and the saga (under leases on PostgreSQL).
-    pub projector: bool,
-    /// Publishes the log to a broker (nothing to publish to yet).
-    pub relay: bool,
-}
-
-impl Roles {
-    /// Every role: one process does everything.
-    pub const ALL: Roles = Roles {
-        command: true,
-        query: true,
-        projector: true,
-        relay: true,
-    };
-
-    /// Parses role names (`command`, `query`, `projector`, `relay`).
-    pub fn parse(names: &[String]) -> Result<Self> {
-        anyhow::ensure!(
-            !names.is_empty(),
-            "give at least one role: command, query, projector or relay"
-        );
-        let mut roles = Roles {
-            command: false,
-            query: false,
-            projector: false,
-            relay: false,
-        };
-        for name in names {
-            match name.trim() {
-                "command" => roles.command = true,
-                "query" => roles.query = true,
-                "projector" => roles.projector = true,
-                "relay" => roles.relay = true,
-                other => anyhow::bail!(
-                    "unknown role `{other}`: the roles are command, query, projector and relay"
-                ),
-            }
-        }
-        Ok(roles)
-    }
-
-    fn describe(&self) -> String {
-        let names: Vec<&str> = [
-            (self.command, "command"),
-            (self.query, "query"),
-            (self.projector, "projector"),
-            (self.relay, "relay"),
-        ]
-        .into_iter()
-        .filter_map(|(on, name)| on.then_some(name))
-        .collect();
-        names.join(", ")
-    }
-}
 
 /// How to run the shop.
 pub struct ServeConfig {
@@ -325,44 +219,29 @@ pub async fn run(config: ServeConfig) -> Result<()> {
         config.addr
     );
     let split = Service::parse(&config.service);
-    if let Some(service) = split {
-        anyhow::ensure!(
-            config.broker.is_some(),
-            "the {service} service gets the other services' events through a broker: pass \
-             --broker nats://127.0.0.1:4222 (or set `broker` in the settings file)"
-        );
-    }
     anyhow::ensure!(
         config.catalog.is_none() || split == Some(Service::Ordering),
         "only the ordering service calls the catalog (for the order detail): drop --catalog, \
          or run --service ordering"
     );
-    let opened = open(&config.backend).await?;
-    let (store, views) = (opened.store.clone(), opened.views.clone());
-    let fresh = store.head().await?.0 == 0;
-    let shop = Arc::new(match split {
-        Some(service) => Shop::service(service, store.clone(), views.clone()),
-        None => Shop::new(store.clone(), views.clone()),
-    });
-    let inbound = match (split, &config.broker) {
-        (Some(service), Some(broker)) if config.roles.projector => {
-            receive_copies(service, broker, &opened).await?
-        }
-        _ => Handlers::None,
-    };
-    let handlers = if config.roles.projector {
-        Handlers::start(&shop, &opened, config.partitions).await?
-    } else {
-        Handlers::None
-    };
-    let relay = match (&config.broker, config.roles.relay) {
-        (Some(broker), true) => {
-            start_relay(&opened, NatsConfig::new(broker.clone(), &config.service))
-                .await
-                .context("starting the relay")?
-        }
-        _ => Handlers::None,
-    };
+    let stores = Node::open(&config.backend).await?;
+    let fresh = stores.store.head().await?.0 == 0;
+    let shop = Arc::new(Shop::named(
+        &config.service,
+        stores.store.clone(),
+        stores.views.clone(),
+    ));
+    let node = Node::start(
+        shop.application().clone(),
+        stores,
+        NodeConfig {
+            roles: config.roles,
+            broker: config.broker.clone(),
+            partitions: config.partitions,
+            auth: config.auth.clone(),
+        },
+    )
+    .await?;
     let seeded = fresh && config.seed && config.roles.command && split.is_none();
     if seeded {
         seed(&shop).await?;
@@ -383,33 +262,7 @@ pub async fn run(config: ServeConfig) -> Result<()> {
             traffic.push(tokio::spawn(simulate_customer(shop.clone(), customer)));
         }
     }
-    let sources = split
-        .map(|service| {
-            service
-                .sources()
-                .iter()
-                .map(|source| {
-                    (
-                        source.name().to_owned(),
-                        StreamCopies::name_for(source.name()),
-                    )
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    let state = AppState {
-        application: shop.clone(),
-        store,
-        views,
-        auth: config.auth.clone(),
-        config: HttpConfig {
-            commands: config.roles.command,
-            reads: config.roles.query,
-            sources,
-            ..HttpConfig::default()
-        },
-    };
-    let mut router = app(state);
+    let mut router = node.router();
     if config.roles.query && matches!(split, None | Some(Service::Ordering)) {
         let catalog = config.catalog.as_ref().map(|url| {
             let client = CatalogClient::new(url.clone(), CATALOG_TIMEOUT);
@@ -420,16 +273,11 @@ pub async fn run(config: ServeConfig) -> Result<()> {
         });
         router = router.merge(detail::routes(shop.clone(), config.auth.clone(), catalog));
     }
-    axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown_signal())
-        .await
-        .context("serving HTTP")?;
+    let served = node.serve(listener, router, shutdown_signal()).await;
     for task in traffic {
         task.abort();
     }
-    handlers.stop().await;
-    inbound.stop().await;
-    relay.stop().await;
+    served?;
     println!("stopped cleanly; run the same command to continue where it stopped");
     Ok(())
 }
@@ -437,162 +285,6 @@ pub async fn run(config: ServeConfig) -> Result<()> {
 /// How long the order detail waits for the catalog before answering from the
 /// local copy.
 const CATALOG_TIMEOUT: Duration = Duration::from_millis(300);
-
-/// Starts the relay: in this process on SQLite; on PostgreSQL under a lease,
-/// so one node at a time publishes and another takes over when it dies.
-async fn start_relay(opened: &Opened, nats: NatsConfig) -> Result<Handlers> {
-    let (store, views) = (opened.store.clone(), opened.views.clone());
-    let name = nats.relay_name();
-    let start = move || {
-        let (store, views, nats) = (store.clone(), views.clone(), nats.clone());
-        async move {
-            let publisher = NatsPublisher::connect(&nats).await?;
-            spawn_relay(store, views, Arc::new(publisher), RelayConfig::default())
-                .await
-                .map_err(|error| BackendError::with_source("starting the relay", error))
-        }
-    };
-    Ok(match &opened.leases {
-        None => Handlers::Local(vec![start().await?]),
-        Some(leases) => Handlers::Leased(vec![PartitionedRunner::singleton(
-            leases.clone(),
-            &name,
-            LeaseConfig::default(),
-            start,
-        )]),
-    })
-}
-
-/// Starts a consumer per service whose streams `service` copies into its log;
-/// on PostgreSQL each under a lease, so one node at a time applies a source.
-async fn receive_copies(service: Service, broker: &str, opened: &Opened) -> Result<Handlers> {
-    let mut local = Vec::new();
-    let mut leased = Vec::new();
-    for source in service.sources() {
-        let (store, views) = (opened.store.clone(), opened.views.clone());
-        let config = InboundConfig {
-            url: broker.to_owned(),
-            source: source.name().to_owned(),
-            durable: format!("{service}-copies"),
-            batch: 256,
-        };
-        let start = move || {
-            let copies = StreamCopies::new(store.clone(), source.name(), [source.category()]);
-            spawn_inbound(views.clone(), Arc::new(copies), config.clone())
-        };
-        match &opened.leases {
-            None => local.push(
-                start()
-                    .await
-                    .with_context(|| format!("receiving the {source} service's events"))?,
-            ),
-            Some(leases) => leased.push(PartitionedRunner::singleton(
-                leases.clone(),
-                &StreamCopies::name_for(source.name()),
-                LeaseConfig::default(),
-                start,
-            )),
-        }
-    }
-    Ok(if leased.is_empty() {
-        Handlers::Local(local)
-    } else {
-        Handlers::Leased(leased)
-    })
-}
-
-/// The stores of one node, and the leases table on PostgreSQL.
-struct Opened {
-    store: Arc<dyn EventStore>,
-    views: Arc<dyn ViewStore>,
-    leases: Option<PgLeases>,
-}
-
-async fn open(backend: &Backend) -> Result<Opened> {
-    match backend {
-        Backend::Sqlite(data) => {
-            let events = data.join("events.db");
-            let store = SqliteStore::open(&events)
-                .with_context(|| format!("opening the event store at {}", events.display()))?;
-            let views_path = data.join("views.db");
-            let views = SqliteViews::open(&views_path)
-                .with_context(|| format!("opening the views at {}", views_path.display()))?;
-            // Appends are timed for /metrics.
-            Ok(Opened {
-                store: diptych::http::metered(Arc::new(store)),
-                views: Arc::new(views),
-                leases: None,
-            })
-        }
-        Backend::Postgres { url, schema } => {
-            let config = PgConfig::new(url.clone()).with_schema(schema.clone());
-            let store = PgStore::connect(&config)
-                .await
-                .context("opening the event store on PostgreSQL")?;
-            let views = PgViews::connect(&config)
-                .await
-                .context("opening the views on PostgreSQL")?;
-            let leases = PgLeases::connect(&config)
-                .await
-                .context("opening the leases on PostgreSQL")?;
-            Ok(Opened {
-                store: diptych::http::metered(Arc::new(store)),
-                views: Arc::new(views),
-                leases: Some(leases),
-            })
-        }
-    }
-}
-
-/// The projections and the saga this node runs.
-enum Handlers {
-    /// Not a projector.
-    None,
-    /// On SQLite: all of them, in this process.
-    Local(Vec<RunnerHandle>),
-    /// On PostgreSQL: whatever share the leases give this node.
-    Leased(Vec<PartitionedRunner>),
-}
-
-impl Handlers {
-    async fn start(shop: &Shop, opened: &Opened, partitions: u32) -> Result<Self> {
-        let Some(leases) = &opened.leases else {
-            return Ok(Handlers::Local(shop.start(RunnerConfig::default()).await?));
-        };
-        let runners = shop
-            .handlers()
-            .into_iter()
-            .map(|handler| {
-                PartitionedRunner::spawn(
-                    leases.clone(),
-                    opened.store.clone(),
-                    opened.views.clone(),
-                    handler,
-                    partitions,
-                    RunnerConfig::default(),
-                    LeaseConfig::default(),
-                )
-            })
-            .collect();
-        Ok(Handlers::Leased(runners))
-    }
-
-    async fn stop(self) {
-        match self {
-            Handlers::None => {}
-            Handlers::Local(runners) => {
-                for runner in runners {
-                    runner.stop().await;
-                }
-            }
-            Handlers::Leased(runners) => {
-                for runner in runners {
-                    runner.stop().await;
-                }
-            }
-        }
-    }
-}
 
 async fn seed(shop: &Shop) -> Result<()> {
     let mut commands = Vec::new();

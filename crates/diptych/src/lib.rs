@@ -11,6 +11,7 @@
 //! | `nats`   | no      | [`nats::NatsPublisher`] for the outbox relay, [`nats::spawn_inbound`] |
 //! | `rabbitmq`| no     | [`rabbitmq::AmqpPublisher`], [`rabbitmq::spawn_amqp_inbound`] |
 //! | `http`   | no      | [`http::app`], the HTTP API, and `Service`, a service as one object |
+//! | `node`   | no      | `Node`: a `Service` run with roles on SQLite or PostgreSQL, relayed over NATS |
 //! | `testkit`| no      | `testkit`, the backend conformance suite |
 //!
 //! Start with [`Aggregate`] and [`Repository`]; open a store with
@@ -23,7 +24,12 @@ pub use diptych_core::*;
 #[cfg(feature = "http")]
 pub mod service;
 #[cfg(feature = "http")]
-pub use service::{Service, ServiceBuilder, ServiceError};
+pub use service::{CopiedStreams, Service, ServiceBuilder, ServiceError};
+
+#[cfg(feature = "node")]
+pub mod node;
+#[cfg(feature = "node")]
+pub use node::{Backend, Node, NodeConfig, NodeError, Roles, Stores};
 
 /// The embedded SQLite backend.
 #[cfg(feature = "sqlite")]

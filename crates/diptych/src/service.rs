@@ -106,6 +106,16 @@ pub enum ServiceError {
     DuplicateHandler(String),
 }
 
+/// Another service's streams that a service keeps copies of in its own log,
+/// fed through the broker ([`diptych_core::StreamCopies`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CopiedStreams {
+    /// The other service's name, as its relay publishes it.
+    pub source: String,
+    /// The stream categories copied (`product` for `product-<id>`).
+    pub categories: Vec<String>,
+}
+
 /// Builds a [`Service`]; see the [module](self) for an example.
 pub struct ServiceBuilder {
     name: String,
@@ -114,6 +124,7 @@ pub struct ServiceBuilder {
     commands: Vec<(&'static str, RunCommand)>,
     elsewhere: BTreeMap<String, String>,
     handlers: Vec<Handler>,
+    copies: Vec<CopiedStreams>,
     errors: Vec<ServiceError>,
 }
 
@@ -201,6 +212,21 @@ impl ServiceBuilder {
         self
     }
 
+    /// Keeps copies of the `source` service's streams of these categories in
+    /// this service's log, so its handlers and commands read them as its own;
+    /// a node applies them from the broker.
+    pub fn copies<I, S>(mut self, source: impl Into<String>, categories: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.copies.push(CopiedStreams {
+            source: source.into(),
+            categories: categories.into_iter().map(Into::into).collect(),
+        });
+        self
+    }
+
     /// Adds a projection that runs whole.
     pub fn projection(self, projection: Arc<dyn Projection>) -> Self {
         self.handler(projection, HandlerKind::Projection, false)
@@ -253,6 +279,7 @@ impl ServiceBuilder {
             states: self.states,
             elsewhere: self.elsewhere,
             handlers: self.handlers,
+            copies: self.copies,
         })))
     }
 }
@@ -270,6 +297,7 @@ struct Inner {
     states: BTreeMap<&'static str, FoldState>,
     elsewhere: BTreeMap<String, String>,
     handlers: Vec<Handler>,
+    copies: Vec<CopiedStreams>,
 }
 
 impl Service {
@@ -282,6 +310,7 @@ impl Service {
             commands: Vec::new(),
             elsewhere: BTreeMap::new(),
             handlers: Vec::new(),
+            copies: Vec::new(),
             errors: Vec::new(),
         }
     }
@@ -299,6 +328,11 @@ impl Service {
     /// Its projections and process managers, each with its kind.
     pub fn handlers(&self) -> &[Handler] {
         &self.0.handlers
+    }
+
+    /// The other services' streams it keeps copies of.
+    pub fn copies(&self) -> &[CopiedStreams] {
+        &self.0.copies
     }
 
     /// Runs the command `name` with its JSON body.

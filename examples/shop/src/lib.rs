@@ -216,7 +216,14 @@ pub const VIEWS: [&str; 5] = [
 impl Shop {
     /// The shop on these stores; call [`Shop::start`] to keep its views.
     pub fn new(store: Arc<dyn EventStore>, views: Arc<dyn ViewStore>) -> Self {
-        Self::assemble(None, store, views)
+        Self::assemble(None, "shop", store, views)
+    }
+
+    /// The shop as the service `name`: one of the split shop's
+    /// ([`Service::parse`]), or the whole shop under that name (the name its
+    /// relay publishes under).
+    pub fn named(name: &str, store: Arc<dyn EventStore>, views: Arc<dyn ViewStore>) -> Self {
+        Self::assemble(Service::parse(name), name, store, views)
     }
 
     /// One service of the split shop on its own stores (see [`services`]).
@@ -225,11 +232,12 @@ impl Shop {
         store: Arc<dyn EventStore>,
         views: Arc<dyn ViewStore>,
     ) -> Self {
-        Self::assemble(Some(service), store, views)
+        Self::assemble(Some(service), service.name(), store, views)
     }
 
     fn assemble(
         service: Option<Service>,
+        name: &str,
         store: Arc<dyn EventStore>,
         views: Arc<dyn ViewStore>,
     ) -> Self {
@@ -240,7 +248,7 @@ impl Shop {
             orders: Repository::new(store.clone()),
         };
         Self {
-            application: application(&repositories, service),
+            application: application(&repositories, service, name),
             products: repositories.products,
             stock: repositories.stock,
             customers: repositories.customers,
@@ -364,10 +372,10 @@ struct Repositories {
 /// order's events alone, while the other views gather several streams into one
 /// document (a product's stock, a customer's totals, renamed products in order
 /// lines, hourly sales).
-fn application(r: &Repositories, split: Option<Service>) -> diptych::Service {
+fn application(r: &Repositories, split: Option<Service>, name: &str) -> diptych::Service {
     let adding = r.clone();
     let placing = r.clone();
-    let mut builder = diptych::Service::builder(split.map_or("shop", Service::name))
+    let mut builder = diptych::Service::builder(name)
         .aggregate(r.products.clone())
         .aggregate(r.stock.clone())
         .aggregate(r.customers.clone())
@@ -401,6 +409,9 @@ fn application(r: &Repositories, split: Option<Service>) -> diptych::Service {
             if let Some(owner) = Service::of_command(name).filter(|owner| *owner != split) {
                 builder = builder.taken_by(name, owner.name());
             }
+        }
+        for source in split.sources() {
+            builder = builder.copies(source.name(), [source.category()]);
         }
     }
     let serves = |view: &str| split.is_none_or(|split| split.views().contains(&view));

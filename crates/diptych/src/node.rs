@@ -1,0 +1,498 @@
+//! A node: one process running a [`Service`] with the roles it is given, on
+//! SQLite or PostgreSQL, with the HTTP API, the service's handlers (under leases
+//! and in partitions on PostgreSQL), the relay of its log to NATS, the consumers
+//! that copy other services' streams into it, and a graceful stop.
+//!
+//! ```no_run
+//! # async fn run(service: diptych::Service) -> Result<(), diptych::NodeError> {
+//! use diptych::{Backend, Node, NodeConfig};
+//!
+//! let stores = Node::open(&Backend::Sqlite("data".into())).await?;
+//! let node = Node::start(service, stores, NodeConfig::default()).await?;
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:8080").await.unwrap();
+//! let router = node.router(); // .merge(routes of the application's own)
+//! node.serve(listener, router, tokio::signal::ctrl_c()).await
+//! # }
+//! ```
+//!
+//! What a node runs, by role: `command` takes `POST /commands/…`; `query` serves
+//! views, streams and the log; `projector` runs the service's projections and
+//! process managers, and applies copies of other services' streams; `relay`
+//! publishes the log to the broker. A node without a role answers its routes
+//! with 421 and says where to go, so several nodes can share one PostgreSQL
+//! database, each with some roles.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use diptych_core::{
+    BackendError, EventStore, RelayConfig, RunnerConfig, RunnerHandle, StreamCopies, ViewStore,
+    spawn_relay,
+};
+use diptych_http::{AppState, Auth, HttpConfig, app};
+use diptych_nats::{InboundConfig, NatsConfig, NatsPublisher, spawn_inbound};
+use diptych_postgres::{LeaseConfig, PartitionedRunner, PgConfig, PgLeases, PgStore, PgViews};
+use diptych_sqlite::{SqliteStore, SqliteViews};
+
+use crate::Service;
+
+/// Why a node could not start or serve; the message says what to change.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// The settings do not fit together.
+    #[error("{0}")]
+    Settings(String),
+    /// Something the node needs failed.
+    #[error("{what}: {source}")]
+    Failed {
+        /// What it was doing.
+        what: String,
+        /// Why it failed.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+impl NodeError {
+    fn failed(
+        what: impl Into<String>,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Self {
+        NodeError::Failed {
+            what: what.into(),
+            source: source.into(),
+        }
+    }
+}
+
+/// Where a node keeps its events and views.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// `events.db` and `views.db` in a directory.
+    Sqlite(PathBuf),
+    /// A PostgreSQL database and the schema of diptych's tables, which every
+    /// node of the service shares.
+    Postgres {
+        /// `postgres://user@host:port/database`.
+        url: String,
+        /// The schema.
+        schema: String,
+    },
+}
+
+impl Backend {
+    /// PostgreSQL for a `postgres://` URL (in `schema`, or the default one),
+    /// else SQLite in `data`.
+    pub fn choose(store: Option<String>, schema: Option<String>, data: PathBuf) -> Self {
+        match store {
+            Some(url) => Backend::Postgres {
+                url,
+                schema: schema.unwrap_or_else(|| PgConfig::DEFAULT_SCHEMA.to_owned()),
+            },
+            None => Backend::Sqlite(data),
+        }
+    }
+
+    /// Where the data is, for people (a PostgreSQL URL without its credentials).
+    pub fn describe(&self) -> String {
+        match self {
+            Backend::Sqlite(data) => format!("data in {}", data.display()),
+            Backend::Postgres { url, schema } => {
+                let host = url.rsplit_once('@').map_or(url.as_str(), |(_, host)| host);
+                format!("PostgreSQL at {host}, schema {schema}")
+            }
+        }
+    }
+}
+
+/// What one node does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Roles {
+    /// Takes commands (`POST /commands/…`).
+    pub command: bool,
+    /// Serves views, streams and the log, waiting on consistency tokens.
+    pub query: bool,
+    /// Runs the handlers and applies other services' streams.
+    pub projector: bool,
+    /// Publishes the log to the broker.
+    pub relay: bool,
+}
+
+impl Roles {
+    /// Every role: one process does everything.
+    pub const ALL: Roles = Roles {
+        command: true,
+        query: true,
+        projector: true,
+        relay: true,
+    };
+
+    /// Parses role names (`command`, `query`, `projector`, `relay`).
+    pub fn parse<S: AsRef<str>>(names: &[S]) -> Result<Self, NodeError> {
+        if names.is_empty() {
+            return Err(NodeError::Settings(
+                "give at least one role: command, query, projector or relay".to_owned(),
+            ));
+        }
+        let mut roles = Roles {
+            command: false,
+            query: false,
+            projector: false,
+            relay: false,
+        };
+        for name in names {
+            match name.as_ref().trim() {
+                "command" => roles.command = true,
+                "query" => roles.query = true,
+                "projector" => roles.projector = true,
+                "relay" => roles.relay = true,
+                other => {
+                    return Err(NodeError::Settings(format!(
+                        "unknown role `{other}`: the roles are command, query, projector and relay"
+                    )));
+                }
+            }
+        }
+        Ok(roles)
+    }
+
+    /// The roles' names, joined with commas.
+    pub fn describe(&self) -> String {
+        let names: Vec<&str> = [
+            (self.command, "command"),
+            (self.query, "query"),
+            (self.projector, "projector"),
+            (self.relay, "relay"),
+        ]
+        .into_iter()
+        .filter_map(|(on, name)| on.then_some(name))
+        .collect();
+        names.join(", ")
+    }
+}
+
+/// How a node runs its service.
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    /// Its roles.
+    pub roles: Roles,
+    /// The NATS server its log is relayed to and other services' streams come
+    /// from (`nats://127.0.0.1:4222`); required when the service copies streams.
+    pub broker: Option<String>,
+    /// Into how many partitions a partitionable handler is split on PostgreSQL.
+    pub partitions: u32,
+    /// Who may do what over HTTP.
+    pub auth: Auth,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        Self {
+            roles: Roles::ALL,
+            broker: None,
+            partitions: 1,
+            auth: Auth::open(),
+        }
+    }
+}
+
+/// A node's stores, opened before its service is built on them.
+#[derive(Clone)]
+pub struct Stores {
+    /// The event store (appends timed for `/metrics`).
+    pub store: Arc<dyn EventStore>,
+    /// The view store.
+    pub views: Arc<dyn ViewStore>,
+    leases: Option<PgLeases>,
+}
+
+/// A running node; see the [module](self).
+pub struct Node {
+    service: Service,
+    stores: Stores,
+    config: NodeConfig,
+    handlers: Handlers,
+    inbound: Handlers,
+    relay: Handlers,
+}
+
+impl Node {
+    /// Opens the stores of `backend`, creating their tables on first use.
+    pub async fn open(backend: &Backend) -> Result<Stores, NodeError> {
+        match backend {
+            Backend::Sqlite(data) => {
+                let events = data.join("events.db");
+                let store = SqliteStore::open(&events).map_err(|error| {
+                    NodeError::failed(
+                        format!("opening the event store at {}", events.display()),
+                        error,
+                    )
+                })?;
+                let views_path = data.join("views.db");
+                let views = SqliteViews::open(&views_path).map_err(|error| {
+                    NodeError::failed(
+                        format!("opening the views at {}", views_path.display()),
+                        error,
+                    )
+                })?;
+                Ok(Stores {
+                    store: diptych_http::metered(Arc::new(store)),
+                    views: Arc::new(views),
+                    leases: None,
+                })
+            }
+            Backend::Postgres { url, schema } => {
+                let config = PgConfig::new(url.clone()).with_schema(schema.clone());
+                let opening = |what: &str| {
+                    let what = format!("opening the {what} on PostgreSQL");
+                    move |error| NodeError::failed(what, error)
+                };
+                let store = PgStore::connect(&config)
+                    .await
+                    .map_err(opening("event store"))?;
+                let views = PgViews::connect(&config).await.map_err(opening("views"))?;
+                let leases = PgLeases::connect(&config)
+                    .await
+                    .map_err(opening("leases"))?;
+                Ok(Stores {
+                    store: diptych_http::metered(Arc::new(store)),
+                    views: Arc::new(views),
+                    leases: Some(leases),
+                })
+            }
+        }
+    }
+
+    /// Starts what `config.roles` ask of this node: the handlers and the
+    /// copies of other services' streams (projector), the relay (relay).
+    pub async fn start(
+        service: Service,
+        stores: Stores,
+        config: NodeConfig,
+    ) -> Result<Self, NodeError> {
+        if !service.copies().is_empty() && config.broker.is_none() {
+            return Err(NodeError::Settings(format!(
+                "the {} service gets the other services' events through a broker: pass \
+                 --broker nats://127.0.0.1:4222 (or set `broker` in the settings file)",
+                service.name()
+            )));
+        }
+        let mut node = Node {
+            service,
+            stores,
+            config,
+            handlers: Handlers::None,
+            inbound: Handlers::None,
+            relay: Handlers::None,
+        };
+        if node.config.roles.projector {
+            if let Some(broker) = node.config.broker.clone() {
+                node.inbound = node.receive_copies(&broker).await?;
+            }
+            node.handlers = node.start_handlers().await?;
+        }
+        if node.config.roles.relay {
+            if let Some(broker) = node.config.broker.clone() {
+                node.relay = node.start_relay(&broker).await?;
+            }
+        }
+        Ok(node)
+    }
+
+    /// The service it runs.
+    pub fn service(&self) -> &Service {
+        &self.service
+    }
+
+    /// Its stores.
+    pub fn stores(&self) -> &Stores {
+        &self.stores
+    }
+
+    /// The HTTP API for its roles: commands only with `command`, reads only
+    /// with `query`, consistency tokens of the services it copies accepted.
+    /// Merge routes of the application's own into it before serving.
+    pub fn router(&self) -> axum::Router {
+        let sources = self
+            .service
+            .copies()
+            .iter()
+            .map(|copy| (copy.source.clone(), StreamCopies::name_for(&copy.source)))
+            .collect();
+        app(AppState {
+            application: Arc::new(self.service.clone()),
+            store: self.stores.store.clone(),
+            views: self.stores.views.clone(),
+            auth: self.config.auth.clone(),
+            config: HttpConfig {
+                commands: self.config.roles.command,
+                reads: self.config.roles.query,
+                sources,
+                ..HttpConfig::default()
+            },
+        })
+    }
+
+    /// Serves `router` on `listener` until `shutdown` resolves, then stops the
+    /// node: requests in flight finish, handlers commit what they applied.
+    pub async fn serve(
+        self,
+        listener: tokio::net::TcpListener,
+        router: axum::Router,
+        shutdown: impl Future<Output = impl Sized> + Send + 'static,
+    ) -> Result<(), NodeError> {
+        let served = axum::serve(listener, router)
+            .with_graceful_shutdown(async move {
+                shutdown.await;
+            })
+            .await;
+        self.stop().await;
+        served.map_err(|error| NodeError::failed("serving HTTP", error))
+    }
+
+    /// Stops its handlers, consumers and relay, each after its current batch.
+    pub async fn stop(self) {
+        self.handlers.stop().await;
+        self.inbound.stop().await;
+        self.relay.stop().await;
+    }
+
+    async fn start_handlers(&self) -> Result<Handlers, NodeError> {
+        let Stores {
+            store,
+            views,
+            leases,
+        } = &self.stores;
+        let Some(leases) = leases else {
+            let mut runners = Vec::new();
+            for handler in self.service.handlers() {
+                let runner = handler
+                    .spawn(store.clone(), views.clone(), RunnerConfig::default())
+                    .await
+                    .map_err(|error| {
+                        NodeError::failed(
+                            format!("starting `{}`", handler.projection.name()),
+                            error,
+                        )
+                    })?;
+                runners.push(runner);
+            }
+            return Ok(Handlers::Local(runners));
+        };
+        let runners = self
+            .service
+            .handlers()
+            .iter()
+            .map(|handler| {
+                PartitionedRunner::spawn(
+                    leases.clone(),
+                    store.clone(),
+                    views.clone(),
+                    handler.clone(),
+                    self.config.partitions,
+                    RunnerConfig::default(),
+                    LeaseConfig::default(),
+                )
+            })
+            .collect();
+        Ok(Handlers::Leased(runners))
+    }
+
+    /// A consumer per service whose streams this one copies; on PostgreSQL
+    /// each under a lease, so one node at a time applies a source.
+    async fn receive_copies(&self, broker: &str) -> Result<Handlers, NodeError> {
+        let mut local = Vec::new();
+        let mut leased = Vec::new();
+        for copy in self.service.copies() {
+            let (store, views) = (self.stores.store.clone(), self.stores.views.clone());
+            let config = InboundConfig {
+                url: broker.to_owned(),
+                source: copy.source.clone(),
+                durable: format!("{}-copies", self.service.name()),
+                batch: 256,
+            };
+            let copy = copy.clone();
+            let name = StreamCopies::name_for(&copy.source);
+            let start = move || {
+                let copies =
+                    StreamCopies::new(store.clone(), &copy.source, copy.categories.clone());
+                spawn_inbound(views.clone(), Arc::new(copies), config.clone())
+            };
+            match &self.stores.leases {
+                None => local.push(start().await.map_err(|error| {
+                    NodeError::failed(format!("receiving the events of `{name}`"), error)
+                })?),
+                Some(leases) => leased.push(PartitionedRunner::singleton(
+                    leases.clone(),
+                    &name,
+                    LeaseConfig::default(),
+                    start,
+                )),
+            }
+        }
+        Ok(if leased.is_empty() {
+            Handlers::Local(local)
+        } else {
+            Handlers::Leased(leased)
+        })
+    }
+
+    /// The relay: in this process on SQLite; on PostgreSQL under a lease, so
+    /// one node at a time publishes and another takes over when it dies.
+    async fn start_relay(&self, broker: &str) -> Result<Handlers, NodeError> {
+        let nats = NatsConfig::new(broker.to_owned(), self.service.name());
+        let (store, views) = (self.stores.store.clone(), self.stores.views.clone());
+        let name = nats.relay_name();
+        let start = move || {
+            let (store, views, nats) = (store.clone(), views.clone(), nats.clone());
+            async move {
+                let publisher = NatsPublisher::connect(&nats).await?;
+                spawn_relay(store, views, Arc::new(publisher), RelayConfig::default())
+                    .await
+                    .map_err(|error| BackendError::with_source("starting the relay", error))
+            }
+        };
+        Ok(match &self.stores.leases {
+            None => Handlers::Local(vec![
+                start()
+                    .await
+                    .map_err(|error| NodeError::failed("starting the relay", error))?,
+            ]),
+            Some(leases) => Handlers::Leased(vec![PartitionedRunner::singleton(
+                leases.clone(),
+                &name,
+                LeaseConfig::default(),
+                start,
+            )]),
+        })
+    }
+}
+
+/// Runners a node started.
+enum Handlers {
+    /// None (not its role).
+    None,
+    /// On SQLite: all of them, in this process.
+    Local(Vec<RunnerHandle>),
+    /// On PostgreSQL: whatever share the leases give this node.
+    Leased(Vec<PartitionedRunner>),
+}
+
+impl Handlers {
+    async fn stop(self) {
+        match self {
+            Handlers::None => {}
+            Handlers::Local(runners) => {
+                for runner in runners {
+                    runner.stop().await;
+                }
+            }
+            Handlers::Leased(runners) => {
+                for runner in runners {
+                    runner.stop().await;
+                }
+            }
+        }
+    }
+}

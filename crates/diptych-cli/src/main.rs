@@ -10,6 +10,7 @@ mod bench_query;
 mod bench_relay;
 mod projections;
 mod serve;
+mod social;
 mod split;
 
 use std::io::Write;
@@ -37,14 +38,19 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Serve the reference shop over HTTP on SQLite, seeded on first start.
+    /// Serve the reference shop (or, with --app social, the social network)
+    /// over HTTP on SQLite, seeded on first start.
     Demo {
+        /// The application: `shop` or `social`.
+        #[arg(long, default_value = "shop", value_parser = ["shop", "social"])]
+        app: String,
         /// Where to listen.
         #[arg(long, default_value = "127.0.0.1:8080")]
         addr: std::net::SocketAddr,
-        /// The data directory (events.db and views.db).
-        #[arg(long, default_value = "data")]
-        data: PathBuf,
+        /// The data directory (events.db and views.db); `data` for the shop,
+        /// `data-social` for the social network.
+        #[arg(long)]
+        data: Option<PathBuf>,
         /// Simulated customers that keep placing orders.
         #[arg(long, default_value_t = 0)]
         traffic: usize,
@@ -568,6 +574,7 @@ async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Demo {
+            app,
             addr,
             data,
             traffic,
@@ -581,6 +588,24 @@ async fn run(cli: Cli) -> Result<()> {
             catalog,
             split,
         } => {
+            if app == "social" {
+                anyhow::ensure!(
+                    !split && catalog.is_none() && service == "shop",
+                    "--split, --catalog and --service are the shop's: drop them for --app social"
+                );
+                let data = data.unwrap_or_else(|| PathBuf::from("data-social"));
+                return social::run(social::SocialConfig {
+                    addr,
+                    backend: serve::Backend::choose(store, schema, data),
+                    insecure,
+                    traffic,
+                    roles: roles_or_all(&role)?,
+                    partitions: partitions.max(1),
+                    broker,
+                })
+                .await;
+            }
+            let data = data.unwrap_or_else(|| PathBuf::from("data"));
             if split {
                 return split::run(split::SplitConfig {
                     addr,

@@ -210,14 +210,20 @@ pub(crate) const CUSTOMERS: &[(&str, &str, &str, &str)] = &[
 
 /// Serves the shop until Ctrl-C (or SIGTERM), then stops cleanly: the server
 /// finishes its requests, the projections their batches, and the stores close.
-pub async fn run(config: ServeConfig) -> Result<()> {
+/// Refuses to serve open (no tokens) on an address others can reach, unless
+/// told the network in front of it is trusted.
+pub fn refuse_open_unless_loopback(addr: SocketAddr, auth: &Auth, insecure: bool) -> Result<()> {
     anyhow::ensure!(
-        !config.auth.is_open() || config.addr.ip().is_loopback() || config.insecure,
-        "refusing to serve without authentication on {}, which is not a loopback address: \
+        !auth.is_open() || addr.ip().is_loopback() || insecure,
+        "refusing to serve without authentication on {addr}, which is not a loopback address: \
          configure tokens (the settings file's [tokens], or DIPTYCH_TOKENS=token=role), or \
-         pass --insecure if the network in front of it is trusted",
-        config.addr
+         pass --insecure if the network in front of it is trusted"
     );
+    Ok(())
+}
+
+pub async fn run(config: ServeConfig) -> Result<()> {
+    refuse_open_unless_loopback(config.addr, &config.auth, config.insecure)?;
     let split = Service::parse(&config.service);
     anyhow::ensure!(
         config.catalog.is_none() || split == Some(Service::Ordering),

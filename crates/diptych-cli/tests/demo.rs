@@ -592,3 +592,50 @@ fn two_relay_nodes_on_postgresql_publish_one_at_a_time_and_take_over() {
         .block_on(diptych::nats::delete_stream(&nats, &service))
         .expect("the test's stream is deleted");
 }
+
+#[test]
+fn the_social_demo_serves_feeds_read_your_writes_and_stops_cleanly() {
+    let data = tempfile::tempdir().unwrap();
+    let data = data.path().to_str().unwrap().to_owned();
+    let demo = start_with(
+        &[
+            "demo",
+            "--app",
+            "social",
+            "--addr",
+            "127.0.0.1:0",
+            "--data",
+            &data,
+        ],
+        &[],
+    );
+    let post = r#"{"post_id":"p-1","author_id":"ada","text":"Hello from the test"}"#;
+    let (status, written, _) = demo.request("POST", "/commands/CreatePost", &[], post);
+    assert_eq!(status, 200, "{written}");
+    let position = written["position"].as_u64().unwrap().to_string();
+    let (status, feed, _) = demo.request(
+        "GET",
+        "/views/feeds?user_id=bob&order=-created_at_us&limit=10",
+        &[("X-Diptych-Wait-For", &position)],
+        "",
+    );
+    assert_eq!(status, 200, "{feed}");
+    assert_eq!(
+        feed["items"][0]["document"]["post_id"], "p-1",
+        "bob follows the seeded ada: {feed}"
+    );
+    let (status, profile, _) = demo.request("GET", "/views/profiles/ada", &[], "");
+    assert_eq!(status, 200, "{profile}");
+    assert_eq!(profile["handle"], "ada");
+    let taken = r#"{"user_id":"eve","handle":"ADA","display_name":"Eve","bio":""}"#;
+    let (status, problem, _) = demo.request("POST", "/commands/RegisterUser", &[], taken);
+    assert_eq!(
+        (status, &problem["code"]),
+        (422, &Value::from("handle_taken"))
+    );
+    let said = demo.interrupt();
+    assert!(
+        said.iter().any(|line| line.contains("stopped cleanly")),
+        "{said:?}"
+    );
+}

@@ -3,6 +3,7 @@
 
 mod bench;
 mod bench_command;
+mod bench_feed;
 mod bench_http;
 mod bench_pg;
 mod bench_project_pg;
@@ -195,6 +196,23 @@ enum BenchCommand {
     },
     /// Live lag: appends at a steady rate; the time from each append's
     /// acknowledgement to the view having applied it, against a bare subscriber.
+    /// A post by a user with many followers (the social network's fan-out):
+    /// from the command's acknowledgement until every follower's feed has it,
+    /// against the same feed documents upserted straight into SQLite.
+    Feed {
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+        /// The author's followers.
+        #[arg(long, default_value_t = 10_000)]
+        followers: usize,
+        /// Posts measured, each alternated with a floor round.
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+        /// Where to put the database files (a temporary directory by default).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
     Lag {
         /// Print one JSON object per result line.
         #[arg(long)]
@@ -537,6 +555,37 @@ async fn run(cli: Cli) -> Result<()> {
                     result.floor_events_per_sec,
                     result.ratio,
                     result.start_rss_mib,
+                    result.peak_rss_mib
+                );
+            }
+            Ok(())
+        }
+        Command::Bench {
+            bench:
+                BenchCommand::Feed {
+                    json,
+                    followers,
+                    rounds,
+                    dir,
+                },
+        } => {
+            anyhow::ensure!(
+                followers > 0 && rounds > 0,
+                "--followers and --rounds must be positive"
+            );
+            let result = bench_feed::run_feed(followers, rounds, dir).await?;
+            if json {
+                println!("{}", serde_json::to_string(&result)?);
+            } else {
+                println!(
+                    "feed fan-out to {} followers: p50 {:.1} ms, max {:.1} ms; floor (same upserts) \
+                     p50 {:.1} ms; ratio {:.2}; setup {:.1} s; peak RSS {:.0} MiB",
+                    result.followers,
+                    result.fanout_p50_ms,
+                    result.fanout_max_ms,
+                    result.floor_p50_ms,
+                    result.ratio,
+                    result.setup_s,
                     result.peak_rss_mib
                 );
             }

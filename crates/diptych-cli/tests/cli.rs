@@ -347,3 +347,27 @@ fn bench_append_json_reports_store_floor_and_ratio_per_scenario() {
         assert!(result["p99_us"].as_u64().unwrap() >= result["p50_us"].as_u64().unwrap());
     }
 }
+
+#[test]
+fn bench_feed_reports_the_fan_out_against_its_floor_and_refuses_zero_followers() {
+    let output = diptych(&[
+        "bench",
+        "feed",
+        "--json",
+        "--followers",
+        "40",
+        "--rounds",
+        "2",
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let line: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(line["bench"], "feed");
+    assert_eq!(line["followers"], 40);
+    for key in ["fanout_p50_ms", "fanout_max_ms", "floor_p50_ms", "ratio"] {
+        assert!(line[key].as_f64().is_some_and(|value| value > 0.0), "{key}: {line}");
+    }
+
+    let output = diptych(&["bench", "feed", "--followers", "0"]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(stderr(&output).contains("--followers and --rounds must be positive"));
+}

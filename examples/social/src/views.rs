@@ -324,15 +324,17 @@ struct Recent {
     posts: Vec<FeedDocument>,
 }
 
-/// The posts of one author in one reader's feed, so an unfollow takes them out.
+/// Every live post of one author, so an unfollow takes them all out of the
+/// reader's feed (deleting one that never was there changes nothing).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-struct Entries {
+struct Authored {
     post_ids: Vec<String>,
 }
 
 /// Keeps `feeds`, with its own indexes: followers by author
-/// (`feeds-followers`), latest posts by author (`feeds-recent`), feed entries by
-/// reader and author (`feeds-entries`) and handles (`feeds-handles`).
+/// (`feeds-followers`), latest posts by author (`feeds-recent`), every live post
+/// by author (`feeds-authored`) and handles (`feeds-handles`). A post costs one
+/// document per follower and nothing more per follower.
 pub struct FeedsView {
     events: EventSet<SocialEvent>,
 }
@@ -349,28 +351,13 @@ fn feed_key(reader: &str, post_id: &str) -> String {
     format!("{reader}/{post_id}")
 }
 
-/// Puts `post` into `reader`'s feed and notes it under its author.
-async fn add_to_feed(
-    views: &mut ViewTx,
-    reader: &str,
-    post: &FeedDocument,
-) -> Result<(), ViewError> {
+/// Puts `post` into `reader`'s feed.
+fn add_to_feed(views: &mut ViewTx, reader: &str, post: &FeedDocument) -> Result<(), ViewError> {
     let document = FeedDocument {
         user_id: reader.to_owned(),
         ..post.clone()
     };
-    views.put("feeds", &feed_key(reader, &post.post_id), &document)?;
-    views
-        .upsert(
-            "feeds-entries",
-            &feed_key(reader, &post.author_id),
-            |entries: &mut Entries| {
-                if !entries.post_ids.contains(&post.post_id) {
-                    entries.post_ids.push(post.post_id.clone());
-                }
-            },
-        )
-        .await
+    views.put("feeds", &feed_key(reader, &post.post_id), &document)
 }
 
 #[async_trait]
@@ -388,7 +375,7 @@ impl TypedProjection for FeedsView {
                 .index("created_at_us"),
             CollectionSpec::new("feeds-followers"),
             CollectionSpec::new("feeds-recent"),
-            CollectionSpec::new("feeds-entries"),
+            CollectionSpec::new("feeds-authored"),
             CollectionSpec::new("feeds-handles"),
         ]
     }
@@ -425,8 +412,15 @@ impl TypedProjection for FeedsView {
                     .await?
                     .unwrap_or_default();
                 for reader in &followers.user_ids {
-                    add_to_feed(views, reader, &post).await?;
+                    add_to_feed(views, reader, &post)?;
                 }
+                views
+                    .upsert(
+                        "feeds-authored",
+                        &post.author_id,
+                        |authored: &mut Authored| authored.post_ids.push(post.post_id.clone()),
+                    )
+                    .await?;
                 views
                     .upsert("feeds-recent", &post.author_id, |recent: &mut Recent| {
                         recent.posts.push(post.clone());
@@ -452,7 +446,7 @@ impl TypedProjection for FeedsView {
                     .await?
                     .unwrap_or_default();
                 for post in &recent.posts {
-                    add_to_feed(views, &user_id, post).await?;
+                    add_to_feed(views, &user_id, post)?;
                 }
             }
             SocialEvent::User(UserEvent::UserUnfollowed { user_id, target_id }) => {
@@ -465,12 +459,13 @@ impl TypedProjection for FeedsView {
                         },
                     )
                     .await?;
-                let key = feed_key(&user_id, &target_id);
-                let entries: Entries = views.get("feeds-entries", &key).await?.unwrap_or_default();
-                for post_id in &entries.post_ids {
+                let authored: Authored = views
+                    .get("feeds-authored", &target_id)
+                    .await?
+                    .unwrap_or_default();
+                for post_id in &authored.post_ids {
                     views.delete("feeds", &feed_key(&user_id, post_id))?;
                 }
-                views.delete("feeds-entries", &key)?;
             }
             SocialEvent::Post(PostEvent::PostDeleted { post_id, author_id }) => {
                 views
@@ -484,14 +479,12 @@ impl TypedProjection for FeedsView {
                     .unwrap_or_default();
                 for reader in &followers.user_ids {
                     views.delete("feeds", &feed_key(reader, &post_id))?;
-                    views
-                        .update(
-                            "feeds-entries",
-                            &feed_key(reader, &author_id),
-                            |entries: &mut Entries| entries.post_ids.retain(|id| *id != post_id),
-                        )
-                        .await?;
                 }
+                views
+                    .update("feeds-authored", &author_id, |authored: &mut Authored| {
+                        authored.post_ids.retain(|id| *id != post_id)
+                    })
+                    .await?;
             }
             SocialEvent::Post(_) => {}
         }

@@ -364,7 +364,10 @@ fn bench_feed_reports_the_fan_out_against_its_floor_and_refuses_zero_followers()
     assert_eq!(line["bench"], "feed");
     assert_eq!(line["followers"], 40);
     for key in ["fanout_p50_ms", "fanout_max_ms", "floor_p50_ms", "ratio"] {
-        assert!(line[key].as_f64().is_some_and(|value| value > 0.0), "{key}: {line}");
+        assert!(
+            line[key].as_f64().is_some_and(|value| value > 0.0),
+            "{key}: {line}"
+        );
     }
 
     let output = diptych(&["bench", "feed", "--followers", "0"]);

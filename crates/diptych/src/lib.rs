@@ -11,7 +11,7 @@
 //! | `nats`   | no      | [`nats::NatsPublisher`] for the outbox relay, [`nats::spawn_inbound`] |
 //! | `rabbitmq`| no     | [`rabbitmq::AmqpPublisher`], [`rabbitmq::spawn_amqp_inbound`] |
 //! | `http`   | no      | [`http::app`], the HTTP API, and `Service`, a service as one object |
-//! | `node`   | no      | `Node`: a `Service` run with roles on SQLite or PostgreSQL, relayed over NATS |
+//! | `node`   | no      | `Node`: a `Service` run with roles on SQLite or PostgreSQL, relayed over NATS or RabbitMQ |
 //! | `testkit`| no      | `testkit`, the backend conformance suite |
 //!
 //! Start with [`Aggregate`] and [`Repository`]; open a store with

@@ -1,7 +1,7 @@
 //! A node: one process running a [`Service`] with the roles it is given, on
 //! SQLite or PostgreSQL, with the HTTP API, the service's handlers (under leases
-//! and in partitions on PostgreSQL), the relay of its log to NATS, the consumers
-//! that copy other services' streams into it, and a graceful stop.
+//! and in partitions on PostgreSQL), the relay of its log to NATS or RabbitMQ, the
+//! consumers that copy other services' streams into it, and a graceful stop.
 //!
 //! ```no_run
 //! # async fn run(service: diptych::Service) -> Result<(), diptych::NodeError> {
@@ -26,6 +26,7 @@ use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use diptych_core::Projection;
 use diptych_core::{
     BackendError, EventStore, RelayConfig, RunnerConfig, RunnerHandle, StreamCopies, ViewStore,
     spawn_relay,
@@ -33,6 +34,7 @@ use diptych_core::{
 use diptych_http::{AppState, Auth, HttpConfig, app};
 use diptych_nats::{InboundConfig, NatsConfig, NatsPublisher, spawn_inbound};
 use diptych_postgres::{LeaseConfig, PartitionedRunner, PgConfig, PgLeases, PgStore, PgViews};
+use diptych_rabbitmq::{AmqpInboundConfig, AmqpPublisher, spawn_amqp_inbound};
 use diptych_sqlite::{SqliteStore, SqliteViews};
 
 use crate::Service;
@@ -177,8 +179,10 @@ impl Roles {
 pub struct NodeConfig {
     /// Its roles.
     pub roles: Roles,
-    /// The NATS server its log is relayed to and other services' streams come
-    /// from (`nats://127.0.0.1:4222`); required when the service copies streams.
+    /// The broker its log is relayed to and other services' streams come from:
+    /// NATS JetStream (`nats://127.0.0.1:4222`) or RabbitMQ
+    /// (`amqp://guest:guest@127.0.0.1:5672/%2f`); required when the service
+    /// copies streams.
     pub broker: Option<String>,
     /// Into how many partitions a partitionable handler is split on PostgreSQL.
     pub partitions: u32,
@@ -278,6 +282,7 @@ impl Node {
                 service.name()
             )));
         }
+        let broker = node_broker(config.broker.as_deref())?;
         let mut node = Node {
             service,
             stores,
@@ -287,14 +292,14 @@ impl Node {
             relay: Handlers::None,
         };
         if node.config.roles.projector {
-            if let Some(broker) = node.config.broker.clone() {
-                node.inbound = node.receive_copies(&broker).await?;
+            if let Some(broker) = &broker {
+                node.inbound = node.receive_copies(broker).await?;
             }
             node.handlers = node.start_handlers().await?;
         }
         if node.config.roles.relay {
-            if let Some(broker) = node.config.broker.clone() {
-                node.relay = node.start_relay(&broker).await?;
+            if let Some(broker) = &broker {
+                node.relay = node.start_relay(broker).await?;
             }
         }
         Ok(node)
@@ -401,23 +406,28 @@ impl Node {
 
     /// A consumer per service whose streams this one copies; on PostgreSQL
     /// each under a lease, so one node at a time applies a source.
-    async fn receive_copies(&self, broker: &str) -> Result<Handlers, NodeError> {
+    async fn receive_copies(&self, broker: &Broker) -> Result<Handlers, NodeError> {
         let mut local = Vec::new();
         let mut leased = Vec::new();
         for copy in self.service.copies() {
             let (store, views) = (self.stores.store.clone(), self.stores.views.clone());
-            let config = InboundConfig {
-                url: broker.to_owned(),
-                source: copy.source.clone(),
-                durable: format!("{}-copies", self.service.name()),
-                batch: 256,
-            };
-            let copy = copy.clone();
+            let (broker, copy) = (broker.clone(), copy.clone());
+            let receiver = self.service.name().to_owned();
             let name = StreamCopies::name_for(&copy.source);
             let start = move || {
                 let copies =
                     StreamCopies::new(store.clone(), &copy.source, copy.categories.clone());
-                spawn_inbound(views.clone(), Arc::new(copies), config.clone())
+                let (broker, views, source, receiver) = (
+                    broker.clone(),
+                    views.clone(),
+                    copy.source.clone(),
+                    receiver.clone(),
+                );
+                async move {
+                    broker
+                        .receive(views, Arc::new(copies), &source, &receiver)
+                        .await
+                }
             };
             match &self.stores.leases {
                 None => local.push(start().await.map_err(|error| {
@@ -440,18 +450,19 @@ impl Node {
 
     /// The relay: in this process on SQLite; on PostgreSQL under a lease, so
     /// one node at a time publishes and another takes over when it dies.
-    async fn start_relay(&self, broker: &str) -> Result<Handlers, NodeError> {
-        let nats = NatsConfig::new(broker.to_owned(), self.service.name());
+    async fn start_relay(&self, broker: &Broker) -> Result<Handlers, NodeError> {
         let (store, views) = (self.stores.store.clone(), self.stores.views.clone());
-        let name = nats.relay_name();
+        let service = self.service.name().to_owned();
+        let name = broker.relay_name(&service);
+        let broker = broker.clone();
         let start = move || {
-            let (store, views, nats) = (store.clone(), views.clone(), nats.clone());
-            async move {
-                let publisher = NatsPublisher::connect(&nats).await?;
-                spawn_relay(store, views, Arc::new(publisher), RelayConfig::default())
-                    .await
-                    .map_err(|error| BackendError::with_source("starting the relay", error))
-            }
+            let (store, views, broker, service) = (
+                store.clone(),
+                views.clone(),
+                broker.clone(),
+                service.clone(),
+            );
+            async move { broker.relay(store, views, &service).await }
         };
         Ok(match &self.stores.leases {
             None => Handlers::Local(vec![
@@ -466,6 +477,90 @@ impl Node {
                 start,
             )]),
         })
+    }
+}
+
+/// The broker a node relays to and receives from.
+#[derive(Clone, Debug)]
+enum Broker {
+    /// NATS JetStream.
+    Nats(String),
+    /// RabbitMQ.
+    Amqp(String),
+}
+
+fn node_broker(url: Option<&str>) -> Result<Option<Broker>, NodeError> {
+    let Some(url) = url else { return Ok(None) };
+    if url.starts_with("nats://") || url.starts_with("tls://") {
+        Ok(Some(Broker::Nats(url.to_owned())))
+    } else if url.starts_with("amqp://") || url.starts_with("amqps://") {
+        Ok(Some(Broker::Amqp(url.to_owned())))
+    } else {
+        Err(NodeError::Settings(format!(
+            "the broker `{url}` is neither NATS (nats://host:4222) nor RabbitMQ \
+             (amqp://user:password@host:5672/%2f)"
+        )))
+    }
+}
+
+impl Broker {
+    /// The relay's name (its checkpoint and its lease).
+    fn relay_name(&self, service: &str) -> String {
+        match self {
+            Broker::Nats(url) => NatsConfig::new(url.clone(), service).relay_name(),
+            Broker::Amqp(_) => format!("relay-amqp-{service}"),
+        }
+    }
+
+    async fn relay(
+        &self,
+        store: Arc<dyn EventStore>,
+        views: Arc<dyn ViewStore>,
+        service: &str,
+    ) -> Result<RunnerHandle, BackendError> {
+        let started = match self {
+            Broker::Nats(url) => {
+                let publisher =
+                    NatsPublisher::connect(&NatsConfig::new(url.clone(), service)).await?;
+                spawn_relay(store, views, Arc::new(publisher), RelayConfig::default()).await
+            }
+            Broker::Amqp(url) => {
+                let publisher = AmqpPublisher::connect(url, service).await?;
+                spawn_relay(store, views, Arc::new(publisher), RelayConfig::default()).await
+            }
+        };
+        started.map_err(|error| BackendError::with_source("starting the relay", error))
+    }
+
+    /// Applies the `source` service's events with `copies`, on a durable
+    /// subscription (or queue) of the `receiver` service's own.
+    async fn receive(
+        &self,
+        views: Arc<dyn ViewStore>,
+        copies: Arc<dyn Projection>,
+        source: &str,
+        receiver: &str,
+    ) -> Result<RunnerHandle, BackendError> {
+        match self {
+            Broker::Nats(url) => {
+                let config = InboundConfig {
+                    url: url.clone(),
+                    source: source.to_owned(),
+                    durable: format!("{receiver}-copies"),
+                    batch: 256,
+                };
+                spawn_inbound(views, copies, config).await
+            }
+            Broker::Amqp(url) => {
+                let config = AmqpInboundConfig {
+                    url: url.clone(),
+                    source: source.to_owned(),
+                    queue: format!("{receiver}-copies-of-{source}"),
+                    prefetch: 256,
+                };
+                spawn_amqp_inbound(views, copies, config).await
+            }
+        }
     }
 }
 

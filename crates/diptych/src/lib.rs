@@ -24,7 +24,9 @@ pub use diptych_core::*;
 #[cfg(feature = "http")]
 pub mod service;
 #[cfg(feature = "http")]
-pub use service::{CopiedStreams, Service, ServiceBuilder, ServiceError};
+pub use service::{
+    CopiedStreams, ParseError, ParsedCommand, Service, ServiceBuilder, ServiceError,
+};
 
 #[cfg(feature = "node")]
 pub mod node;

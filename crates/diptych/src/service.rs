@@ -59,20 +59,103 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use diptych_core::{
     Aggregate, AggregateCommand, Command, CommandContext, CommandError, CommandOutcome, Handler,
-    HandlerKind, ProcessManager, Projection, RejectionCode, Repository, StreamId, as_projection,
-    parse_body, require_id,
+    HandlerKind, InvalidBody, ProcessManager, Projection, RejectionCode, Repository, StreamId,
+    as_projection, parse_body, require_id,
 };
 use diptych_http::{Application, ApplicationError, StateAt, StreamState};
 use futures_util::future::BoxFuture;
 
+/// Reads a command's body into the command, boxed.
+type ParseCommand = fn(serde_json::Value) -> Result<Box<dyn Any + Send>, InvalidBody>;
+
+/// Runs a parsed command; a refusal keeps the domain's typed error.
 type RunCommand = Arc<
     dyn Fn(
-            serde_json::Value,
+            Box<dyn Any + Send>,
             CommandContext,
-        ) -> BoxFuture<'static, Result<CommandOutcome, ApplicationError>>
+        ) -> BoxFuture<'static, Result<CommandOutcome, Box<dyn Refusal>>>
         + Send
         + Sync,
 >;
+
+/// One command: how it is read and how it runs.
+#[derive(Clone)]
+struct Registered {
+    parse: ParseCommand,
+    run: RunCommand,
+}
+
+/// A command's `CommandError<E>`, with `E` erased until the caller names it.
+trait Refusal: Send {
+    fn error_type(&self) -> &'static str;
+    fn is(&self, error: TypeId) -> bool;
+    fn into_application(self: Box<Self>) -> ApplicationError;
+    fn into_any(self: Box<Self>) -> Box<dyn Any + Send>;
+}
+
+impl<E: RejectionCode> Refusal for CommandError<E> {
+    fn error_type(&self) -> &'static str {
+        std::any::type_name::<E>()
+    }
+
+    fn is(&self, error: TypeId) -> bool {
+        TypeId::of::<E>() == error
+    }
+
+    fn into_application(self: Box<Self>) -> ApplicationError {
+        (*self).into()
+    }
+
+    fn into_any(self: Box<Self>) -> Box<dyn Any + Send> {
+        self
+    }
+}
+
+/// A command read from its body by [`Service::parse`], ready to run.
+pub struct ParsedCommand {
+    name: &'static str,
+    command: Box<dyn Any + Send>,
+}
+
+impl ParsedCommand {
+    /// The command's contract name.
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+}
+
+impl std::fmt::Debug for ParsedCommand {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ParsedCommand")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why [`Service::parse`] could not read a command.
+#[derive(Debug, thiserror::Error)]
+pub enum ParseError {
+    /// No command of that name in this service.
+    #[error("no command named `{name}`; this service's commands are {known}")]
+    UnknownCommand {
+        /// The name asked for.
+        name: String,
+        /// The names it has, comma separated.
+        known: String,
+    },
+    /// The body does not fit the command.
+    #[error(transparent)]
+    InvalidBody(#[from] InvalidBody),
+}
+
+impl From<ParseError> for ApplicationError {
+    fn from(error: ParseError) -> Self {
+        match error {
+            ParseError::UnknownCommand { name, .. } => ApplicationError::UnknownCommand(name),
+            ParseError::InvalidBody(invalid) => invalid.into(),
+        }
+    }
+}
 
 type FoldState = Arc<
     dyn Fn(String, StateAt) -> BoxFuture<'static, Result<StreamState, ApplicationError>>
@@ -121,7 +204,7 @@ pub struct ServiceBuilder {
     name: String,
     repositories: HashMap<TypeId, Box<dyn Any + Send + Sync>>,
     states: BTreeMap<&'static str, FoldState>,
-    commands: Vec<(&'static str, RunCommand)>,
+    commands: Vec<(&'static str, Registered)>,
     elsewhere: BTreeMap<String, String>,
     handlers: Vec<Handler>,
     copies: Vec<CopiedStreams>,
@@ -189,17 +272,20 @@ impl ServiceBuilder {
             return self;
         }
         let handler = Arc::new(handler);
-        self.commands.push((
-            C::NAME,
-            Arc::new(move |body, context| {
-                let handler = Arc::clone(&handler);
-                Box::pin(async move {
-                    let command: C = parse_body(body)?;
-                    require_id(&command)?;
-                    Ok(handler(command, context).await?)
-                })
-            }),
-        ));
+        let run: RunCommand = Arc::new(move |command, context| {
+            let handler = Arc::clone(&handler);
+            Box::pin(async move {
+                let command = *command
+                    .downcast::<C>()
+                    .expect("a command is run only after its own parser read it");
+                let refused = |error: CommandError<E>| Box::new(error) as Box<dyn Refusal>;
+                require_id(&command).map_err(|missing| refused(missing.into()))?;
+                handler(command, context).await.map_err(refused)
+            })
+        });
+        let parse: ParseCommand =
+            |body| Ok(Box::new(parse_body::<C>(body)?) as Box<dyn Any + Send>);
+        self.commands.push((C::NAME, Registered { parse, run }));
         self
     }
 
@@ -293,7 +379,7 @@ pub struct Service(Arc<Inner>);
 struct Inner {
     name: String,
     names: Vec<&'static str>,
-    commands: HashMap<&'static str, RunCommand>,
+    commands: HashMap<&'static str, Registered>,
     states: BTreeMap<&'static str, FoldState>,
     elsewhere: BTreeMap<String, String>,
     handlers: Vec<Handler>,
@@ -335,6 +421,51 @@ impl Service {
         &self.0.copies
     }
 
+    /// Reads the command `name` from its JSON body, naming the field at fault.
+    pub fn parse(&self, name: &str, body: serde_json::Value) -> Result<ParsedCommand, ParseError> {
+        let Some((name, registered)) = self.0.commands.get_key_value(name) else {
+            return Err(ParseError::UnknownCommand {
+                name: name.to_owned(),
+                known: self.0.names.join(", "),
+            });
+        };
+        Ok(ParsedCommand {
+            name,
+            command: (registered.parse)(body)?,
+        })
+    }
+
+    /// Runs a parsed command in this process, keeping the domain's typed error:
+    /// for tests, seeding and load generators that match on rejections.
+    ///
+    /// # Panics
+    ///
+    /// When `E` is not the error type of the command's handler: a programming
+    /// error, and the message names the right one.
+    pub async fn run_as<E: RejectionCode>(
+        &self,
+        command: ParsedCommand,
+        context: &CommandContext,
+    ) -> Result<CommandOutcome, CommandError<E>> {
+        let run = &self.0.commands[command.name].run;
+        let refusal = match run(command.command, context.clone()).await {
+            Ok(outcome) => return Ok(outcome),
+            Err(refusal) => refusal,
+        };
+        if !refusal.is(TypeId::of::<E>()) {
+            panic!(
+                "command `{}` fails with CommandError<{}>, not CommandError<{}>: call run_as with that type",
+                command.name,
+                refusal.error_type(),
+                std::any::type_name::<E>()
+            );
+        }
+        match refusal.into_any().downcast::<CommandError<E>>() {
+            Ok(error) => Err(*error),
+            Err(_) => unreachable!("the type was checked above"),
+        }
+    }
+
     /// Runs the command `name` with its JSON body.
     pub async fn execute(
         &self,
@@ -342,10 +473,11 @@ impl Service {
         body: serde_json::Value,
         context: &CommandContext,
     ) -> Result<CommandOutcome, ApplicationError> {
-        let Some(run) = self.0.commands.get(name) else {
-            return Err(ApplicationError::UnknownCommand(name.to_owned()));
-        };
-        run(body, context.clone()).await
+        let parsed = self.parse(name, body)?;
+        let run = &self.0.commands[parsed.name].run;
+        run(parsed.command, context.clone())
+            .await
+            .map_err(Refusal::into_application)
     }
 }
 

@@ -419,3 +419,60 @@ fn wiring_mistakes_are_refused_at_build_time() {
     let message = error(Service::builder("s").command::<Add>()).to_string();
     assert!(message.contains(".aggregate(repository)"), "{message}");
 }
+
+#[tokio::test]
+async fn a_parsed_command_runs_in_process_with_the_domains_typed_error() {
+    let service = service();
+    let unknown = service.parse("Subtract", json!({})).unwrap_err();
+    assert!(
+        matches!(&unknown, diptych::ParseError::UnknownCommand { name, known } if name == "Subtract" && known == "Add, Lock"),
+        "{unknown:?}"
+    );
+    let invalid = service
+        .parse("Add", json!({"tally_id": "t", "by": "ten"}))
+        .unwrap_err();
+    assert!(
+        matches!(&invalid, diptych::ParseError::InvalidBody(body) if body.field.as_deref() == Some("by")),
+        "{invalid:?}"
+    );
+    let add = service
+        .parse("Add", json!({"tally_id": "t", "by": 60}))
+        .unwrap();
+    assert_eq!(add.name(), "Add");
+    let outcome = service.run_as::<TallyError>(add, &context()).await.unwrap();
+    assert_eq!(outcome.version, 1);
+    let over = service
+        .parse("Add", json!({"tally_id": "t", "by": 60}))
+        .unwrap();
+    assert!(matches!(
+        service.run_as::<TallyError>(over, &context()).await,
+        Err(diptych::CommandError::Rejected(TallyError::OverLimit))
+    ));
+    let blank = service
+        .parse("Add", json!({"tally_id": "", "by": 1}))
+        .unwrap();
+    assert!(matches!(
+        service.run_as::<TallyError>(blank, &context()).await,
+        Err(diptych::CommandError::MissingId(missing)) if missing.field == "tally_id"
+    ));
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("another domain's error")]
+struct OtherError;
+
+impl RejectionCode for OtherError {
+    fn code(&self) -> &'static str {
+        "other"
+    }
+}
+
+#[tokio::test]
+#[should_panic(expected = "call run_as with that type")]
+async fn running_a_command_as_another_error_type_names_the_right_one() {
+    let service = service();
+    let over = service
+        .parse("Add", json!({"tally_id": "t", "by": 101}))
+        .unwrap();
+    let _ = service.run_as::<OtherError>(over, &context()).await;
+}

@@ -20,13 +20,13 @@ pub mod services;
 pub mod views;
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
 use diptych::http::{Application, ApplicationError, StateAt, StreamState};
 use diptych::{
     Command, CommandContext, CommandError, CommandOutcome, EventStore, Handler, InvalidBody,
-    RejectionCode, Repository, RunnerConfig, RunnerHandle, StreamId, ViewError, ViewStore,
-    parse_body, require_id,
+    ParsedCommand, RejectionCode, Repository, RunnerConfig, RunnerHandle, StreamId, ViewError,
+    ViewStore, require_id,
 };
 
 use crate::catalog::{ChangePrice, Product, RegisterProduct, RenameProduct};
@@ -118,27 +118,11 @@ impl RejectionCode for Rejection {
     }
 }
 
-/// Every command a client can send, typed: what the shop's own tests and load
-/// generators drive without JSON.
-#[derive(Clone, Debug, PartialEq)]
-pub enum ShopCommand {
-    /// `RegisterProduct`.
-    RegisterProduct(RegisterProduct),
-    /// `RenameProduct`.
-    RenameProduct(RenameProduct),
-    /// `ChangePrice`.
-    ChangePrice(ChangePrice),
-    /// `AddStock`.
-    AddStock(AddStock),
-    /// `RegisterCustomer`.
-    RegisterCustomer(RegisterCustomer),
-    /// `UpdateCustomerAddress`.
-    UpdateCustomerAddress(UpdateCustomerAddress),
-    /// `PlaceOrder`.
-    PlaceOrder(PlaceOrder),
-    /// `CancelOrder`.
-    CancelOrder(CancelOrder),
-}
+/// A command read from its JSON body, to run in this process with
+/// [`Shop::execute`]: what the shop's own tests, seeding and load generators use
+/// to match on typed [`Rejection`]s.
+#[derive(Debug)]
+pub struct ShopCommand(ParsedCommand);
 
 /// A command that could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -152,7 +136,7 @@ pub enum ParseError {
 }
 
 impl ShopCommand {
-    /// The commands' contract names.
+    /// The commands' contract names, in the order the split services list them.
     pub const NAMES: [&'static str; 8] = [
         RegisterProduct::NAME,
         RenameProduct::NAME,
@@ -164,25 +148,26 @@ impl ShopCommand {
         CancelOrder::NAME,
     ];
 
-    /// Reads the command `name` from its JSON body.
+    /// Reads the command `name` from its JSON body, naming the field at fault.
     pub fn parse(name: &str, body: serde_json::Value) -> Result<Self, ParseError> {
-        fn read<C: Command>(
-            body: serde_json::Value,
-            variant: fn(C) -> ShopCommand,
-        ) -> Result<ShopCommand, ParseError> {
-            Ok(variant(parse_body(body)?))
+        // Parsing needs no store: the shop's own registrations over an empty
+        // in-memory one read every command exactly as the service does.
+        static READER: LazyLock<diptych::Service> = LazyLock::new(|| {
+            let store: Arc<dyn EventStore> = Arc::new(diptych::MemoryStore::new());
+            application(&Repositories::on(&store), None, "shop")
+        });
+        match READER.parse(name, body) {
+            Ok(parsed) => Ok(ShopCommand(parsed)),
+            Err(diptych::ParseError::UnknownCommand { name, .. }) => {
+                Err(ParseError::UnknownCommand(name))
+            }
+            Err(diptych::ParseError::InvalidBody(invalid)) => Err(invalid.into()),
         }
-        match name {
-            _ if name == RegisterProduct::NAME => read(body, Self::RegisterProduct),
-            _ if name == RenameProduct::NAME => read(body, Self::RenameProduct),
-            _ if name == ChangePrice::NAME => read(body, Self::ChangePrice),
-            _ if name == AddStock::NAME => read(body, Self::AddStock),
-            _ if name == RegisterCustomer::NAME => read(body, Self::RegisterCustomer),
-            _ if name == UpdateCustomerAddress::NAME => read(body, Self::UpdateCustomerAddress),
-            _ if name == PlaceOrder::NAME => read(body, Self::PlaceOrder),
-            _ if name == CancelOrder::NAME => read(body, Self::CancelOrder),
-            other => Err(ParseError::UnknownCommand(other.to_owned())),
-        }
+    }
+
+    /// Its contract name.
+    pub fn name(&self) -> &'static str {
+        self.0.name()
     }
 }
 
@@ -241,12 +226,7 @@ impl Shop {
         store: Arc<dyn EventStore>,
         views: Arc<dyn ViewStore>,
     ) -> Self {
-        let repositories = Repositories {
-            products: Repository::new(store.clone()),
-            stock: Repository::new(store.clone()),
-            customers: Repository::new(store.clone()),
-            orders: Repository::new(store.clone()),
-        };
+        let repositories = Repositories::on(&store);
         Self {
             application: application(&repositories, service, name),
             products: repositories.products,
@@ -298,37 +278,17 @@ impl Shop {
         Ok(runners)
     }
 
-    /// Runs a command.
+    /// Runs a command in this process, with the shop's typed rejections.
+    ///
+    /// # Panics
+    ///
+    /// On a split service, for another service's command.
     pub async fn execute(
         &self,
         command: ShopCommand,
         context: &CommandContext,
     ) -> Result<CommandOutcome, CommandError<Rejection>> {
-        match command {
-            ShopCommand::RegisterProduct(c) => self.products.execute_command(c, context).await,
-            ShopCommand::RenameProduct(c) => self.products.execute_command(c, context).await,
-            ShopCommand::ChangePrice(c) => self.products.execute_command(c, context).await,
-            ShopCommand::AddStock(add) => {
-                add_stock(&self.products, &self.stock, add, context).await
-            }
-            ShopCommand::RegisterCustomer(c) => self.customers.execute_command(c, context).await,
-            ShopCommand::UpdateCustomerAddress(c) => {
-                self.customers.execute_command(c, context).await
-            }
-            ShopCommand::PlaceOrder(place) => {
-                let (customers, products) = (&self.customers, &self.products);
-                place_order(
-                    customers,
-                    products,
-                    &self.stock,
-                    &self.orders,
-                    place,
-                    context,
-                )
-                .await
-            }
-            ShopCommand::CancelOrder(c) => self.orders.execute_command(c, context).await,
-        }
+        self.application.run_as(command.0, context).await
     }
 }
 
@@ -363,6 +323,17 @@ struct Repositories {
     stock: Repository<Stock>,
     customers: Repository<Customer>,
     orders: Repository<Order>,
+}
+
+impl Repositories {
+    fn on(store: &Arc<dyn EventStore>) -> Self {
+        Self {
+            products: Repository::new(store.clone()),
+            stock: Repository::new(store.clone()),
+            customers: Repository::new(store.clone()),
+            orders: Repository::new(store.clone()),
+        }
+    }
 }
 
 /// The shop's commands, states and handlers; when split, only those of one

@@ -1,5 +1,5 @@
-//! `diptych bench feed`: a post by a user with many followers, from the
-//! command's acknowledgement until every follower's feed has it, against the
+//! `diptych bench feed`: a post by a user with many followers, from sending the
+//! command until every follower's feed has it, against the
 //! floor of the same feed documents upserted straight into SQLite (the table the
 //! view store made for `feeds`, copied with its indexes), alternated round by
 //! round in one run.
@@ -29,7 +29,7 @@ pub struct FeedResult {
     pub followers: usize,
     /// Posts measured.
     pub rounds: usize,
-    /// Acknowledgement to every follower's feed holding the post, median.
+    /// From sending the post to every follower's feed holding it, median.
     pub fanout_p50_ms: f64,
     /// The same, slowest round.
     pub fanout_max_ms: f64,
@@ -44,9 +44,23 @@ pub struct FeedResult {
 }
 
 pub async fn run_feed(followers: usize, rounds: usize, dir: Option<PathBuf>) -> Result<FeedResult> {
-    let temporary = tempfile::tempdir()?;
-    let dir = dir.unwrap_or_else(|| temporary.path().to_owned());
-    std::fs::create_dir_all(&dir)?;
+    // The temporary directory lives as long as the bench.
+    let (dir, _temporary) = match dir {
+        Some(dir) => {
+            std::fs::create_dir_all(&dir)?;
+            anyhow::ensure!(
+                std::fs::read_dir(&dir)?.next().is_none(),
+                "{} is not empty: give --dir a new or empty directory, as the bench registers \
+                 its own users",
+                dir.display()
+            );
+            (dir, None)
+        }
+        None => {
+            let temporary = tempfile::tempdir()?;
+            (temporary.path().to_owned(), Some(temporary))
+        }
+    };
     let store: Arc<dyn EventStore> = Arc::new(SqliteStore::open(dir.join("events.db"))?);
     let views: Arc<dyn ViewStore> = Arc::new(SqliteViews::open(dir.join("views.db"))?);
     let social = Arc::new(Social::new(store.clone(), views.clone()));

@@ -194,11 +194,9 @@ enum BenchCommand {
         #[arg(long, default_value_t = 300)]
         samples: usize,
     },
-    /// Live lag: appends at a steady rate; the time from each append's
-    /// acknowledgement to the view having applied it, against a bare subscriber.
     /// A post by a user with many followers (the social network's fan-out):
-    /// from the command's acknowledgement until every follower's feed has it,
-    /// against the same feed documents upserted straight into SQLite.
+    /// from sending the command until every follower's feed has it, against
+    /// the same feed documents upserted straight into SQLite.
     Feed {
         /// Print one JSON object.
         #[arg(long)]
@@ -209,10 +207,13 @@ enum BenchCommand {
         /// Posts measured, each alternated with a floor round.
         #[arg(long, default_value_t = 5)]
         rounds: usize,
-        /// Where to put the database files (a temporary directory by default).
+        /// Where to put the database files: a new or empty directory (a
+        /// temporary one by default).
         #[arg(long)]
         dir: Option<PathBuf>,
     },
+    /// Live lag: appends at a steady rate; the time from each append's
+    /// acknowledgement to the view having applied it, against a bare subscriber.
     Lag {
         /// Print one JSON object per result line.
         #[arg(long)]

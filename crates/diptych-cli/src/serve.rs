@@ -230,6 +230,15 @@ pub async fn run(config: ServeConfig) -> Result<()> {
         "only the ordering service calls the catalog (for the order detail): drop --catalog, \
          or run --service ordering"
     );
+    // Bound first: a taken address is refused before anything starts.
+    let listener = tokio::net::TcpListener::bind(config.addr)
+        .await
+        .with_context(|| {
+            format!(
+                "listening on {}; pass --addr to use another address",
+                config.addr
+            )
+        })?;
     let stores = Node::open(&config.backend).await?;
     let fresh = stores.store.head().await?.0 == 0;
     let shop = Arc::new(Shop::named(
@@ -252,14 +261,6 @@ pub async fn run(config: ServeConfig) -> Result<()> {
     if seeded {
         seed(&shop).await?;
     }
-    let listener = tokio::net::TcpListener::bind(config.addr)
-        .await
-        .with_context(|| {
-            format!(
-                "listening on {}; pass --addr to use another address",
-                config.addr
-            )
-        })?;
     let addr = listener.local_addr()?;
     print_welcome(addr, &config, seeded);
     let mut traffic = Vec::new();

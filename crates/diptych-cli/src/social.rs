@@ -45,6 +45,15 @@ const USERS: [(&str, &str, &str, &str); 4] = [
 
 pub async fn run(config: SocialConfig) -> Result<()> {
     crate::serve::refuse_open_unless_loopback(config.addr, &Auth::open(), config.insecure)?;
+    // Bound first: a taken address is refused before anything starts.
+    let listener = tokio::net::TcpListener::bind(config.addr)
+        .await
+        .with_context(|| {
+            format!(
+                "listening on {}; pass --addr to use another address",
+                config.addr
+            )
+        })?;
     let stores = Node::open(&config.backend).await?;
     let fresh = stores.store.head().await?.0 == 0;
     let social = Arc::new(Social::new(stores.store.clone(), stores.views.clone()));
@@ -63,14 +72,6 @@ pub async fn run(config: SocialConfig) -> Result<()> {
     if seeded {
         seed(&social).await?;
     }
-    let listener = tokio::net::TcpListener::bind(config.addr)
-        .await
-        .with_context(|| {
-            format!(
-                "listening on {}; pass --addr to use another address",
-                config.addr
-            )
-        })?;
     let addr = listener.local_addr()?;
     print_welcome(addr, &config, seeded);
     let traffic: Vec<_> = if config.roles.command {

@@ -71,12 +71,16 @@ pub fn parse_body<C: Command>(body: serde_json::Value) -> Result<C, InvalidBody>
     serde_path_to_error::deserialize(body).map_err(|error| {
         let path = error.path().to_string();
         let reason = error.inner().to_string();
-        // serde names a missing or unknown field in its message, between
-        // backquotes; a missing one is reported at its parent's path.
+        // serde names a missing or unknown field at the start of its message,
+        // between backquotes; a missing one is reported at its parent's path.
+        // Only those two messages are read, so a value quoted in another
+        // message is never taken for a field.
         let named = reason
             .split('`')
             .nth(1)
-            .filter(|_| reason.contains("field `"))
+            .filter(|_| {
+                reason.starts_with("missing field `") || reason.starts_with("unknown field `")
+            })
             .map(|name| match path.as_str() {
                 "." => name.to_owned(),
                 // An unknown field's path already ends with it.

@@ -72,6 +72,7 @@ impl<E: Send + 'static> EventSet<E> {
             .map(|name| (*name).to_owned())
             .collect();
         event_types.extend(codec.upcasters().source_types().map(str::to_owned));
+        // Sorted, from the set: `decode` looks a type up by binary search.
         self.sources.push(Source {
             kind: A::KIND,
             event_types: event_types.into_iter().collect(),
@@ -99,14 +100,24 @@ impl<E: Send + 'static> EventSet<E> {
         Interest::event_types(types).in_categories(kinds)
     }
 
-    /// The event, typed; `None` for a stream of no aggregate in the set.
+    /// The event, typed; `None` for a stream of no aggregate in the set, and
+    /// for a type its aggregate's enum does not know (the runner's interest
+    /// pools the types of all the set's aggregates, so another aggregate's type
+    /// may reach here in this one's stream: it is skipped, not parked).
     pub fn decode(&self, event: &RecordedEvent) -> Result<Option<E>, DecodeError> {
         let category = event.stream_id.category();
-        self.sources
-            .iter()
-            .find(|source| source.kind == category)
-            .map(|source| (source.decode)(event))
-            .transpose()
+        let Some(source) = self.sources.iter().find(|source| source.kind == category) else {
+            return Ok(None);
+        };
+        let known = source.event_types.is_empty()
+            || source
+                .event_types
+                .binary_search_by(|known| known.as_str().cmp(&event.event_type))
+                .is_ok();
+        if !known {
+            return Ok(None);
+        }
+        (source.decode)(event).map(Some)
     }
 }
 

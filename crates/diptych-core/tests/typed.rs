@@ -272,3 +272,23 @@ fn a_process_manager_reacts_to_typed_events_of_several_aggregates() {
         None
     );
 }
+
+#[tokio::test]
+async fn another_aggregates_event_type_in_this_stream_is_skipped_not_parked() {
+    let projection = Balances {
+        events: EventSet::new()
+            .aggregate::<Account>(Seen::Account)
+            .aggregate::<Note>(Seen::Note),
+    };
+    // `Written` is a note's type; the pooled interest lets it through in an
+    // account's stream, and the account's enum does not know it.
+    let mut stray = opened("account-1");
+    stray.event_type = "Written".to_owned();
+    stray.payload = json!({"text": "hi"});
+    assert!(Projection::interest(&projection).wants(&stray));
+    let mut views = batch().await;
+    Projection::apply(&projection, &stray, &mut views)
+        .await
+        .unwrap();
+    assert!(projection.events.decode(&stray).unwrap().is_none());
+}

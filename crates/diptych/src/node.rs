@@ -216,9 +216,8 @@ pub struct Node {
     service: Service,
     stores: Stores,
     config: NodeConfig,
-    handlers: Handlers,
-    inbound: Handlers,
-    relay: Handlers,
+    /// What it started, in the order started: consumers, handlers, relay.
+    running: Running,
 }
 
 impl Node {
@@ -287,22 +286,36 @@ impl Node {
             service,
             stores,
             config,
-            handlers: Handlers::None,
-            inbound: Handlers::None,
-            relay: Handlers::None,
+            running: Running::default(),
         };
-        if node.config.roles.projector {
-            if let Some(broker) = &broker {
-                node.inbound = node.receive_copies(broker).await?;
-            }
-            node.handlers = node.start_handlers().await?;
-        }
-        if node.config.roles.relay {
-            if let Some(broker) = &broker {
-                node.relay = node.start_relay(broker).await?;
-            }
+        let mut running = Running::default();
+        let started = node.start_roles(broker.as_ref(), &mut running).await;
+        node.running = running;
+        if let Err(error) = started {
+            // What did start stops again: nothing keeps running behind an error.
+            node.stop().await;
+            return Err(error);
         }
         Ok(node)
+    }
+
+    async fn start_roles(
+        &self,
+        broker: Option<&Broker>,
+        running: &mut Running,
+    ) -> Result<(), NodeError> {
+        if self.config.roles.projector {
+            if let Some(broker) = broker {
+                self.receive_copies(broker, running).await?;
+            }
+            self.start_handlers(running).await?;
+        }
+        if self.config.roles.relay {
+            if let Some(broker) = broker {
+                self.start_relay(broker, running).await?;
+            }
+        }
+        Ok(())
     }
 
     /// The service it runs.
@@ -358,19 +371,16 @@ impl Node {
 
     /// Stops its handlers, consumers and relay, each after its current batch.
     pub async fn stop(self) {
-        self.handlers.stop().await;
-        self.inbound.stop().await;
-        self.relay.stop().await;
+        self.running.stop().await;
     }
 
-    async fn start_handlers(&self) -> Result<Handlers, NodeError> {
+    async fn start_handlers(&self, running: &mut Running) -> Result<(), NodeError> {
         let Stores {
             store,
             views,
             leases,
         } = &self.stores;
         let Some(leases) = leases else {
-            let mut runners = Vec::new();
             for handler in self.service.handlers() {
                 let runner = handler
                     .spawn(store.clone(), views.clone(), RunnerConfig::default())
@@ -381,15 +391,13 @@ impl Node {
                             error,
                         )
                     })?;
-                runners.push(runner);
+                running.local.push(runner);
             }
-            return Ok(Handlers::Local(runners));
+            return Ok(());
         };
-        let runners = self
-            .service
-            .handlers()
-            .iter()
-            .map(|handler| {
+        running
+            .leased
+            .extend(self.service.handlers().iter().map(|handler| {
                 PartitionedRunner::spawn(
                     leases.clone(),
                     store.clone(),
@@ -399,16 +407,17 @@ impl Node {
                     RunnerConfig::default(),
                     LeaseConfig::default(),
                 )
-            })
-            .collect();
-        Ok(Handlers::Leased(runners))
+            }));
+        Ok(())
     }
 
     /// A consumer per service whose streams this one copies; on PostgreSQL
     /// each under a lease, so one node at a time applies a source.
-    async fn receive_copies(&self, broker: &Broker) -> Result<Handlers, NodeError> {
-        let mut local = Vec::new();
-        let mut leased = Vec::new();
+    async fn receive_copies(
+        &self,
+        broker: &Broker,
+        running: &mut Running,
+    ) -> Result<(), NodeError> {
         for copy in self.service.copies() {
             let (store, views) = (self.stores.store.clone(), self.stores.views.clone());
             let (broker, copy) = (broker.clone(), copy.clone());
@@ -430,10 +439,10 @@ impl Node {
                 }
             };
             match &self.stores.leases {
-                None => local.push(start().await.map_err(|error| {
+                None => running.local.push(start().await.map_err(|error| {
                     NodeError::failed(format!("receiving the events of `{name}`"), error)
                 })?),
-                Some(leases) => leased.push(PartitionedRunner::singleton(
+                Some(leases) => running.leased.push(PartitionedRunner::singleton(
                     leases.clone(),
                     &name,
                     LeaseConfig::default(),
@@ -441,16 +450,12 @@ impl Node {
                 )),
             }
         }
-        Ok(if leased.is_empty() {
-            Handlers::Local(local)
-        } else {
-            Handlers::Leased(leased)
-        })
+        Ok(())
     }
 
     /// The relay: in this process on SQLite; on PostgreSQL under a lease, so
     /// one node at a time publishes and another takes over when it dies.
-    async fn start_relay(&self, broker: &Broker) -> Result<Handlers, NodeError> {
+    async fn start_relay(&self, broker: &Broker, running: &mut Running) -> Result<(), NodeError> {
         let (store, views) = (self.stores.store.clone(), self.stores.views.clone());
         let service = self.service.name().to_owned();
         let name = broker.relay_name(&service);
@@ -464,19 +469,20 @@ impl Node {
             );
             async move { broker.relay(store, views, &service).await }
         };
-        Ok(match &self.stores.leases {
-            None => Handlers::Local(vec![
+        match &self.stores.leases {
+            None => running.local.push(
                 start()
                     .await
                     .map_err(|error| NodeError::failed("starting the relay", error))?,
-            ]),
-            Some(leases) => Handlers::Leased(vec![PartitionedRunner::singleton(
+            ),
+            Some(leases) => running.leased.push(PartitionedRunner::singleton(
                 leases.clone(),
                 &name,
                 LeaseConfig::default(),
                 start,
-            )]),
-        })
+            )),
+        }
+        Ok(())
     }
 }
 
@@ -564,30 +570,21 @@ impl Broker {
     }
 }
 
-/// Runners a node started.
-enum Handlers {
-    /// None (not its role).
-    None,
-    /// On SQLite: all of them, in this process.
-    Local(Vec<RunnerHandle>),
-    /// On PostgreSQL: whatever share the leases give this node.
-    Leased(Vec<PartitionedRunner>),
+/// Runners a node started: in this process (SQLite), or whatever share the
+/// leases give it (PostgreSQL).
+#[derive(Default)]
+struct Running {
+    local: Vec<RunnerHandle>,
+    leased: Vec<PartitionedRunner>,
 }
 
-impl Handlers {
+impl Running {
     async fn stop(self) {
-        match self {
-            Handlers::None => {}
-            Handlers::Local(runners) => {
-                for runner in runners {
-                    runner.stop().await;
-                }
-            }
-            Handlers::Leased(runners) => {
-                for runner in runners {
-                    runner.stop().await;
-                }
-            }
+        for runner in self.local {
+            runner.stop().await;
+        }
+        for runner in self.leased {
+            runner.stop().await;
         }
     }
 }

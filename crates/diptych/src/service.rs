@@ -447,8 +447,13 @@ impl Service {
         command: ParsedCommand,
         context: &CommandContext,
     ) -> Result<CommandOutcome, CommandError<E>> {
-        let run = &self.0.commands[command.name].run;
-        let refusal = match run(command.command, context.clone()).await {
+        let Some(registered) = self.0.commands.get(command.name) else {
+            panic!(
+                "command `{}` is not the {} service's: run it on the service that parsed it",
+                command.name, self.0.name
+            );
+        };
+        let refusal = match (registered.run)(command.command, context.clone()).await {
             Ok(outcome) => return Ok(outcome),
             Err(refusal) => refusal,
         };

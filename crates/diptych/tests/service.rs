@@ -476,3 +476,87 @@ async fn running_a_command_as_another_error_type_names_the_right_one() {
         .unwrap();
     let _ = service.run_as::<OtherError>(over, &context()).await;
 }
+
+#[test]
+fn a_quoted_value_is_never_taken_for_a_field_name() {
+    let invalid = service()
+        .parse("Add", json!({"tally_id": "t", "by": "field `evil`"}))
+        .unwrap_err();
+    assert!(
+        matches!(&invalid, diptych::ParseError::InvalidBody(body) if body.field.as_deref() == Some("by")),
+        "{invalid:?}"
+    );
+}
+
+#[tokio::test]
+#[should_panic(expected = "run it on the service that parsed it")]
+async fn a_command_parsed_by_another_service_is_refused_by_name() {
+    let locking = Service::builder("locking")
+        .aggregate(tallies())
+        .command::<Lock>()
+        .build()
+        .unwrap();
+    let lock = service()
+        .parse("Add", json!({"tally_id": "t", "by": 1}))
+        .unwrap();
+    let _ = locking.run_as::<TallyError>(lock, &context()).await;
+}
+
+/// Reacts to nothing; here to be registered.
+struct Quiet(diptych::EventSet<TallyEvent>);
+
+#[async_trait]
+impl diptych::TypedProcessManager for Quiet {
+    type Event = TallyEvent;
+    type State = ();
+    type Command = ();
+
+    fn name(&self) -> &str {
+        "quiet"
+    }
+
+    fn events(&self) -> &diptych::EventSet<TallyEvent> {
+        &self.0
+    }
+
+    fn react(
+        &self,
+        (): &mut (),
+        _: TallyEvent,
+        _: &RecordedEvent,
+    ) -> Result<Vec<()>, HandlerError> {
+        Ok(Vec::new())
+    }
+
+    async fn dispatch(&self, (): (), _: CommandContext) -> Result<(), HandlerError> {
+        Ok(())
+    }
+}
+
+#[test]
+fn a_process_manager_is_registered_as_one() {
+    let quiet = Quiet(diptych::EventSet::new().aggregate::<Tally>(|event| event));
+    let service = Service::builder("tallies")
+        .projection(Arc::new(Totals))
+        .process_manager(Arc::new(quiet))
+        .build()
+        .unwrap();
+    let kinds: Vec<(&str, HandlerKind, bool)> = service
+        .handlers()
+        .iter()
+        .map(|handler| {
+            (
+                handler.projection.name(),
+                handler.kind,
+                handler.partitionable,
+            )
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            ("totals", HandlerKind::Projection, false),
+            ("quiet", HandlerKind::ProcessManager, false),
+        ]
+    );
+}

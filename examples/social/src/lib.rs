@@ -22,8 +22,7 @@ use diptych::{
 
 use crate::posts::{CommentOnPost, CreatePost, DeletePost, LikePost, Post, PostCommand};
 use crate::users::{
-    ClaimHandle, FollowUser, Handle, RegisterUser, UnfollowUser, User, UserCommand, check_handle,
-    handle_key,
+    ClaimHandle, FollowUser, Handle, RegisterUser, UnfollowUser, User, UserCommand, handle_key,
 };
 
 /// Why the social network refused a command.
@@ -163,6 +162,7 @@ fn application(rules: &Rules) -> diptych::Service {
         .command_with(move |create: CreatePost, context: CommandContext| {
             let rules = writing.clone();
             async move {
+                create.check().map_err(CommandError::Rejected)?;
                 rules.user_exists(&create.author_id).await?;
                 let id = require_id(&create)?.to_owned();
                 rules
@@ -174,6 +174,7 @@ fn application(rules: &Rules) -> diptych::Service {
         .command_with(move |comment: CommentOnPost, context: CommandContext| {
             let rules = commenting.clone();
             async move {
+                comment.check().map_err(CommandError::Rejected)?;
                 rules.user_exists(&comment.author_id).await?;
                 let id = require_id(&comment)?.to_owned();
                 rules
@@ -219,7 +220,7 @@ impl Rules {
         context: &CommandContext,
     ) -> Result<CommandOutcome, CommandError<Rejection>> {
         let user_id = require_id(&register)?.to_owned();
-        check_handle(&register.handle).map_err(CommandError::Rejected)?;
+        register.check().map_err(CommandError::Rejected)?;
         let user = self.users.load(&user_id).await?;
         if user.state.exists && user.state.handle != register.handle {
             return Err(CommandError::Rejected(Rejection::UserExists));

@@ -57,6 +57,21 @@ pub struct DeletePost {
     pub author_id: String,
 }
 
+impl CreatePost {
+    /// Its text's rule, checked before anything is looked up.
+    pub fn check(&self) -> Result<(), Rejection> {
+        check_text("text", &self.text, 1, MAX_TEXT)
+    }
+}
+
+impl CommentOnPost {
+    /// Its fields' rules, checked before anything is looked up.
+    pub fn check(&self) -> Result<(), Rejection> {
+        check_text("comment_id", &self.comment_id, 1, 200)?;
+        check_text("text", &self.text, 1, MAX_TEXT)
+    }
+}
+
 /// What a post is asked to do.
 #[derive(Clone, Debug, PartialEq)]
 pub enum PostCommand {
@@ -158,7 +173,7 @@ impl Aggregate for Post {
                 if self.exists {
                     return Err(Rejection::PostExists);
                 }
-                check_text("text", &create.text, 1, MAX_TEXT)?;
+                create.check()?;
                 Ok(vec![PostEvent::PostCreated {
                     post_id: create.post_id.clone(),
                     author_id: create.author_id.clone(),
@@ -167,8 +182,7 @@ impl Aggregate for Post {
             }
             PostCommand::Comment(comment) => {
                 self.readable()?;
-                check_text("comment_id", &comment.comment_id, 1, 200)?;
-                check_text("text", &comment.text, 1, MAX_TEXT)?;
+                comment.check()?;
                 if self.comments.contains(&comment.comment_id) {
                     return Ok(vec![]);
                 }

@@ -21,6 +21,16 @@ pub struct RegisterUser {
     pub bio: String,
 }
 
+impl RegisterUser {
+    /// Its fields' rules, checked before the handle is claimed, so a refused
+    /// registration holds no handle.
+    pub fn check(&self) -> Result<(), Rejection> {
+        check_handle(&self.handle)?;
+        check_text("display_name", &self.display_name, 1, 100)?;
+        check_text("bio", &self.bio, 0, 500)
+    }
+}
+
 /// `FollowUser`: `user_id` starts following `target_id`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -116,9 +126,7 @@ impl Aggregate for User {
                 if self.exists {
                     return Err(Rejection::UserExists);
                 }
-                check_handle(&register.handle)?;
-                check_text("display_name", &register.display_name, 1, 100)?;
-                check_text("bio", &register.bio, 0, 500)?;
+                register.check()?;
                 Ok(vec![UserEvent::UserRegistered {
                     user_id: register.user_id.clone(),
                     handle: register.handle.clone(),

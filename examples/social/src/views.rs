@@ -318,23 +318,18 @@ struct Followers {
     user_ids: Vec<String>,
 }
 
-/// An author's latest posts, newest last, for a new follower's feed.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-struct Recent {
-    posts: Vec<FeedDocument>,
-}
-
-/// Every live post of one author, so an unfollow takes them all out of the
-/// reader's feed (deleting one that never was there changes nothing).
+/// Every live post of one author, oldest first: a new follower's feed gets the
+/// latest of them, and an unfollow takes them all out of the reader's feed
+/// (deleting one that never was there changes nothing).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 struct Authored {
     post_ids: Vec<String>,
 }
 
 /// Keeps `feeds`, with its own indexes: followers by author
-/// (`feeds-followers`), latest posts by author (`feeds-recent`), every live post
-/// by author (`feeds-authored`) and handles (`feeds-handles`). A post costs one
-/// document per follower and nothing more per follower.
+/// (`feeds-followers`), each live post as a feed shows it (`feeds-posts`), every
+/// live post by author (`feeds-authored`) and handles (`feeds-handles`). A post
+/// costs one document per follower and nothing more per follower.
 pub struct FeedsView {
     events: EventSet<SocialEvent>,
 }
@@ -374,7 +369,7 @@ impl TypedProjection for FeedsView {
                 .index("user_id")
                 .index("created_at_us"),
             CollectionSpec::new("feeds-followers"),
-            CollectionSpec::new("feeds-recent"),
+            CollectionSpec::new("feeds-posts"),
             CollectionSpec::new("feeds-authored"),
             CollectionSpec::new("feeds-handles"),
         ]
@@ -421,13 +416,7 @@ impl TypedProjection for FeedsView {
                         |authored: &mut Authored| authored.post_ids.push(post.post_id.clone()),
                     )
                     .await?;
-                views
-                    .upsert("feeds-recent", &post.author_id, |recent: &mut Recent| {
-                        recent.posts.push(post.clone());
-                        let excess = recent.posts.len().saturating_sub(FEED_BACKFILL);
-                        recent.posts.drain(..excess);
-                    })
-                    .await?;
+                views.put("feeds-posts", &post.post_id, &post)?;
             }
             SocialEvent::User(UserEvent::UserFollowed { user_id, target_id }) => {
                 views
@@ -441,12 +430,17 @@ impl TypedProjection for FeedsView {
                         },
                     )
                     .await?;
-                let recent: Recent = views
-                    .get("feeds-recent", &target_id)
+                let authored: Authored = views
+                    .get("feeds-authored", &target_id)
                     .await?
                     .unwrap_or_default();
-                for post in &recent.posts {
-                    add_to_feed(views, &user_id, post)?;
+                let skip = authored.post_ids.len().saturating_sub(FEED_BACKFILL);
+                let latest = &authored.post_ids[skip..];
+                views.prefetch("feeds-posts", latest.iter().cloned()).await;
+                for post_id in latest {
+                    if let Some(post) = views.get::<FeedDocument>("feeds-posts", post_id).await? {
+                        add_to_feed(views, &user_id, &post)?;
+                    }
                 }
             }
             SocialEvent::User(UserEvent::UserUnfollowed { user_id, target_id }) => {
@@ -468,11 +462,6 @@ impl TypedProjection for FeedsView {
                 }
             }
             SocialEvent::Post(PostEvent::PostDeleted { post_id, author_id }) => {
-                views
-                    .update("feeds-recent", &author_id, |recent: &mut Recent| {
-                        recent.posts.retain(|post| post.post_id != post_id);
-                    })
-                    .await?;
                 let followers: Followers = views
                     .get("feeds-followers", &author_id)
                     .await?
@@ -485,6 +474,7 @@ impl TypedProjection for FeedsView {
                         authored.post_ids.retain(|id| *id != post_id)
                     })
                     .await?;
+                views.delete("feeds-posts", &post_id)?;
             }
             SocialEvent::Post(_) => {}
         }

@@ -134,6 +134,17 @@ impl Api {
         answer.position.expect("a consistency token")
     }
 
+    /// Runs a command that a business rule must refuse (422); its code.
+    async fn rule(&self, command: &str, body: Value) -> String {
+        let (status, code, _) = self.refused(command, body.clone()).await;
+        assert_eq!(
+            status,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "{command} {body}: {code}"
+        );
+        code
+    }
+
     /// Runs a command that must be refused; the problem's code (and field).
     async fn refused(&self, command: &str, body: Value) -> (StatusCode, String, Option<String>) {
         let answer = self.send(command, body).await;
@@ -190,11 +201,17 @@ impl Api {
 
 async fn feeds_follow_posts_unfollows_and_deletes(backend: Backend) {
     let api = api(backend).await;
-    for (id, handle) in [("ada", "Ada"), ("bob", "bob"), ("cat", "cat")] {
+    for (id, handle) in [
+        ("ada", "Ada"),
+        ("bob", "bob"),
+        ("cat", "cat"),
+        ("dan", "dan"),
+    ] {
         api.register(id, handle).await;
     }
     api.follow("bob", "ada").await;
     api.follow("cat", "ada").await;
+    api.follow("dan", "ada").await;
     api.post("p1", "ada", "hello world").await;
     let at = api.post("p2", "ada", "second thoughts").await;
     assert_eq!(api.feed("bob", &at).await, ["p2", "p1"]);
@@ -204,7 +221,7 @@ async fn feeds_follow_posts_unfollows_and_deletes(backend: Backend) {
     let profile = api.read("/views/profiles/ada", &at).await.body;
     assert_eq!(
         (&profile["handle"], &profile["followers"], &profile["posts"]),
-        (&json!("Ada"), &json!(2), &json!(2))
+        (&json!("Ada"), &json!(3), &json!(2))
     );
     assert_eq!(
         api.read("/views/profiles/bob", &at).await.body["following"],
@@ -271,6 +288,11 @@ async fn feeds_follow_posts_unfollows_and_deletes(backend: Backend) {
         "a deleted post leaves every feed"
     );
     assert_eq!(
+        api.feed("dan", &at).await,
+        ["p1"],
+        "a deleted post leaves every feed"
+    );
+    assert_eq!(
         api.read("/views/posts/p2", &at).await.status,
         StatusCode::NOT_FOUND
     );
@@ -292,6 +314,18 @@ async fn feeds_follow_posts_unfollows_and_deletes(backend: Backend) {
     let feed = api.feed("cat", &at).await;
     let expected: Vec<String> = (2..22).rev().map(|n| format!("q{n:02}")).collect();
     assert_eq!(feed, expected);
+    // After a deletion a new follower still gets 20: the next older one too.
+    api.ok("DeletePost", json!({"post_id": "q21", "author_id": "bob"}))
+        .await;
+    let at = api.follow("dan", "bob").await;
+    let expected: Vec<String> = (1..21).rev().map(|n| format!("q{n:02}")).collect();
+    let feed: Vec<String> = api
+        .feed("dan", &at)
+        .await
+        .into_iter()
+        .filter(|id| id.starts_with('q'))
+        .collect();
+    assert_eq!(feed, expected);
 }
 
 async fn rules_answer_with_their_codes(backend: Backend) {
@@ -301,43 +335,40 @@ async fn rules_answer_with_their_codes(backend: Backend) {
     let taken = |handle: &str| json!({"user_id": format!("other-{handle}"), "handle": handle, "display_name": "X", "bio": ""});
     for handle in ["ada", "ADA", "Ada"] {
         assert_eq!(
-            api.refused("RegisterUser", taken(handle)).await.1,
+            api.rule("RegisterUser", taken(handle)).await,
             "handle_taken",
             "{handle}"
         );
     }
-    assert_eq!(
-        api.refused(
+    for (command, body) in [
+        (
             "FollowUser",
-            json!({"user_id": "ada", "target_id": "nobody"})
-        )
-        .await
-        .1,
-        "user_not_found"
-    );
-    assert_eq!(
-        api.refused(
+            json!({"user_id": "ada", "target_id": "nobody"}),
+        ),
+        (
             "FollowUser",
-            json!({"user_id": "nobody", "target_id": "ada"})
-        )
-        .await
-        .1,
-        "user_not_found"
-    );
-    assert_eq!(
-        api.refused("FollowUser", json!({"user_id": "ada", "target_id": "ada"}))
-            .await
-            .1,
-        "cannot_follow_self"
-    );
-    assert_eq!(
-        api.refused(
+            json!({"user_id": "nobody", "target_id": "ada"}),
+        ),
+        (
             "CreatePost",
-            json!({"post_id": "p", "author_id": "nobody", "text": "hi"})
-        )
-        .await
-        .1,
-        "user_not_found"
+            json!({"post_id": "p", "author_id": "nobody", "text": "hi"}),
+        ),
+        ("LikePost", json!({"post_id": "p", "user_id": "nobody"})),
+        (
+            "CommentOnPost",
+            json!({"comment_id": "c", "post_id": "p", "author_id": "nobody", "text": "hi"}),
+        ),
+    ] {
+        assert_eq!(
+            api.rule(command, body.clone()).await,
+            "user_not_found",
+            "{command} {body}"
+        );
+    }
+    assert_eq!(
+        api.rule("FollowUser", json!({"user_id": "ada", "target_id": "ada"}))
+            .await,
+        "cannot_follow_self"
     );
     for (command, body) in [
         ("LikePost", json!({"post_id": "none", "user_id": "ada"})),
@@ -347,12 +378,20 @@ async fn rules_answer_with_their_codes(backend: Backend) {
         ),
         ("DeletePost", json!({"post_id": "none", "author_id": "ada"})),
     ] {
-        assert_eq!(
-            api.refused(command, body).await.1,
-            "post_not_found",
-            "{command}"
-        );
+        assert_eq!(api.rule(command, body).await, "post_not_found", "{command}");
     }
+    // A refused registration holds no handle: someone else may take it.
+    let (status, _, field) = api
+        .refused(
+            "RegisterUser",
+            json!({"user_id": "cy", "handle": "zz", "display_name": "", "bio": ""}),
+        )
+        .await;
+    assert_eq!(
+        (status, field.as_deref()),
+        (StatusCode::BAD_REQUEST, Some("display_name"))
+    );
+    api.register("dee", "ZZ").await;
 }
 
 async fn concurrent_registrations_of_one_handle_let_one_win(backend: Backend) {
@@ -432,7 +471,34 @@ async fn bad_input_is_a_400_naming_the_field_and_unknown_names_a_404(backend: Ba
             json!({"user_id": "ada", "target_id": [1]}),
             "target_id",
         ),
+        ("UnfollowUser", json!({"user_id": "ada"}), "target_id"),
+        (
+            "UnfollowUser",
+            json!({"user_id": "ada", "target_id": "b", "x": 1}),
+            "x",
+        ),
         ("LikePost", json!({"post_id": "p"}), "user_id"),
+        (
+            "DeletePost",
+            json!({"post_id": 7, "author_id": "ada"}),
+            "post_id",
+        ),
+        ("DeletePost", json!({"post_id": "p"}), "author_id"),
+        (
+            "CommentOnPost",
+            json!({"comment_id": "c", "post_id": "p", "author_id": "ada", "text": ""}),
+            "text",
+        ),
+        (
+            "CommentOnPost",
+            json!({"comment_id": "c", "post_id": "p", "author_id": "ada", "text": long}),
+            "text",
+        ),
+        (
+            "CreatePost",
+            json!({"post_id": "p", "author_id": "nobody", "text": ""}),
+            "text",
+        ),
     ] {
         let (status, code, named) = api.refused(command, body.clone()).await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "{command} {body}");

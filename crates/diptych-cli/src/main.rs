@@ -66,7 +66,7 @@ enum Command {
         #[arg(long, requires = "store")]
         schema: Option<String>,
         /// What this node does, comma separated: command, query, projector,
-        /// relay (all by default). Nodes with different roles share one
+        /// inbound, relay (all by default). Nodes with different roles share one
         /// PostgreSQL database, so this needs --store.
         #[arg(long, value_delimiter = ',', requires = "store")]
         role: Vec<String>,

@@ -17,8 +17,8 @@
 //!
 //! What a node runs, by role: `command` takes `POST /commands/…`; `query` serves
 //! views, streams and the log; `projector` runs the service's projections and
-//! process managers, and applies copies of other services' streams; `relay`
-//! publishes the log to the broker. A node without a role answers its routes
+//! process managers; `inbound` applies copies of other services' streams from
+//! the broker; `relay` publishes the log to the broker. A node without a role answers its routes
 //! with 421 and says where to go, so several nodes can share one PostgreSQL
 //! database, each with some roles.
 
@@ -115,8 +115,11 @@ pub struct Roles {
     pub command: bool,
     /// Serves views, streams and the log, waiting on consistency tokens.
     pub query: bool,
-    /// Runs the handlers and applies other services' streams.
+    /// Runs the service's projections and process managers.
     pub projector: bool,
+    /// Applies the streams the service copies from other services, received
+    /// through the broker.
+    pub inbound: bool,
     /// Publishes the log to the broker.
     pub relay: bool,
 }
@@ -127,20 +130,22 @@ impl Roles {
         command: true,
         query: true,
         projector: true,
+        inbound: true,
         relay: true,
     };
 
-    /// Parses role names (`command`, `query`, `projector`, `relay`).
+    /// Parses role names (`command`, `query`, `projector`, `inbound`, `relay`).
     pub fn parse<S: AsRef<str>>(names: &[S]) -> Result<Self, NodeError> {
         if names.is_empty() {
             return Err(NodeError::Settings(
-                "give at least one role: command, query, projector or relay".to_owned(),
+                "give at least one role: command, query, projector, inbound or relay".to_owned(),
             ));
         }
         let mut roles = Roles {
             command: false,
             query: false,
             projector: false,
+            inbound: false,
             relay: false,
         };
         for name in names {
@@ -148,10 +153,11 @@ impl Roles {
                 "command" => roles.command = true,
                 "query" => roles.query = true,
                 "projector" => roles.projector = true,
+                "inbound" => roles.inbound = true,
                 "relay" => roles.relay = true,
                 other => {
                     return Err(NodeError::Settings(format!(
-                        "unknown role `{other}`: the roles are command, query, projector and relay"
+                        "unknown role `{other}`: the roles are command, query, projector, inbound and relay"
                     )));
                 }
             }
@@ -165,6 +171,7 @@ impl Roles {
             (self.command, "command"),
             (self.query, "query"),
             (self.projector, "projector"),
+            (self.inbound, "inbound"),
             (self.relay, "relay"),
         ]
         .into_iter()
@@ -267,8 +274,8 @@ impl Node {
         }
     }
 
-    /// Starts what `config.roles` ask of this node: the handlers and the
-    /// copies of other services' streams (projector), the relay (relay).
+    /// Starts what `config.roles` ask of this node: the copies of other
+    /// services' streams (inbound), the handlers (projector), the relay (relay).
     pub async fn start(
         service: Service,
         stores: Stores,
@@ -304,10 +311,12 @@ impl Node {
         broker: Option<&Broker>,
         running: &mut Running,
     ) -> Result<(), NodeError> {
-        if self.config.roles.projector {
+        if self.config.roles.inbound {
             if let Some(broker) = broker {
                 self.receive_copies(broker, running).await?;
             }
+        }
+        if self.config.roles.projector {
             self.start_handlers(running).await?;
         }
         if self.config.roles.relay {

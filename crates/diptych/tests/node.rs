@@ -65,6 +65,17 @@ async fn node(
     broker: &str,
     dir: &tempfile::TempDir,
 ) -> Result<Node, NodeError> {
+    node_with(name, copies, broker, dir, Roles::ALL).await
+}
+
+/// A node of `name` with only `roles`.
+async fn node_with(
+    name: &str,
+    copies: Option<&str>,
+    broker: &str,
+    dir: &tempfile::TempDir,
+    roles: Roles,
+) -> Result<Node, NodeError> {
     let stores = Node::open(&Backend::Sqlite(dir.path().to_owned())).await?;
     let mut builder = Service::builder(name)
         .aggregate(Repository::<Tally>::new(stores.store.clone()))
@@ -74,6 +85,7 @@ async fn node(
     }
     let config = NodeConfig {
         broker: Some(broker.to_owned()),
+        roles,
         ..NodeConfig::default()
     };
     Node::start(builder.build().unwrap(), stores, config).await
@@ -87,7 +99,11 @@ async fn copied_through(broker: &str) {
     );
     let (source_dir, sink_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let sending = node(&source, None, broker, &source_dir).await.unwrap();
-    let receiving = node(&sink, Some(&source), broker, &sink_dir).await.unwrap();
+    // The receiving node has only the inbound role: copying is its own role.
+    let inbound = Roles::parse(&["inbound"]).unwrap();
+    let receiving = node_with(&sink, Some(&source), broker, &sink_dir, inbound)
+        .await
+        .unwrap();
     sending
         .service()
         .execute(
@@ -156,8 +172,14 @@ async fn a_service_that_copies_streams_needs_a_broker() {
 #[test]
 fn roles_are_parsed_by_name_and_an_unknown_one_is_named() {
     let roles = Roles::parse(&["command", " query"]).unwrap();
-    assert!(roles.command && roles.query && !roles.projector && !roles.relay);
+    assert!(roles.command && roles.query && !roles.projector && !roles.inbound && !roles.relay);
     assert_eq!(roles.describe(), "command, query");
+    let roles = Roles::parse(&["inbound", "relay"]).unwrap();
+    assert!(roles.inbound && roles.relay && !roles.projector);
+    assert_eq!(
+        Roles::ALL.describe(),
+        "command, query, projector, inbound, relay"
+    );
     let error = Roles::parse(&["writer"]).unwrap_err();
     assert!(
         error.to_string().contains("unknown role `writer`"),

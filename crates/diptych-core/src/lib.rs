@@ -40,6 +40,7 @@
 //!   conflict is [`AppendError::Conflict`] on every backend.
 
 pub mod aggregate;
+pub mod backend_kit;
 mod cache;
 pub mod codec;
 pub mod command;

@@ -23,8 +23,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
-use diptych_core::partition::split_partition_name;
-use diptych_core::view::group_position;
+use diptych_core::backend_kit::group_position;
+use diptych_core::backend_kit::split_partition_name;
 use diptych_core::{
     Control, Declaration, Document, Page, ParkedEvent, Position, ProjectionRecord, Query,
     RebuildProgress, Timestamp, ViewCommit, ViewError, ViewStore,

@@ -24,9 +24,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use diptych_core::partition::split_partition_name;
-use diptych_core::view::group_position;
-use diptych_core::view::{
+use diptych_core::backend_kit::group_position;
+use diptych_core::backend_kit::split_partition_name;
+use diptych_core::backend_kit::{
     CheckpointWatches, check_redeclaration, no_parked_event, refuse_process_manager, same_owner,
     substitute_tables,
 };

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use deadpool_postgres::GenericClient;
-use diptych_core::view::{field_value, verify_commit_against, words};
+use diptych_core::backend_kit::{field_value, verify_commit_against, words};
 use diptych_core::{Change, CollectionSpec, Position, ViewCommit, ViewError};
 use tokio_postgres::types::ToSql;
 

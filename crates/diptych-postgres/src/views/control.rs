@@ -2,7 +2,7 @@
 //! runs the projection, and announced to every process.
 
 use deadpool_postgres::GenericClient;
-use diptych_core::view::{no_parked_event, refuse_process_manager};
+use diptych_core::backend_kit::{no_parked_event, refuse_process_manager};
 use diptych_core::{Control, ViewError};
 
 use super::catalog::{read_stored, to_sql};

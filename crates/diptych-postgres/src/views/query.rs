@@ -4,7 +4,7 @@
 //! broken by key so cursors page stably.
 
 use deadpool_postgres::GenericClient;
-use diptych_core::view::words;
+use diptych_core::backend_kit::words;
 use diptych_core::{Comparison, Cursor, Order, Page, Query, ViewError};
 use serde_json::Value;
 use tokio_postgres::types::ToSql;

@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 
 use deadpool_postgres::GenericClient;
-use diptych_core::view::{check_redeclaration, refuse_process_manager, same_owner};
+use diptych_core::backend_kit::{check_redeclaration, refuse_process_manager, same_owner};
 use diptych_core::{
     BackendError, Declaration, Position, ProjectionRecord, RebuildProgress, ViewError,
 };

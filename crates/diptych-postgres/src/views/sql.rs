@@ -8,7 +8,7 @@ use tokio_postgres::types::{ToSql, Type};
 /// A parameter ready to bind.
 pub(crate) type Parameter = Box<dyn ToSql + Sync + Send>;
 
-pub(crate) use diptych_core::view::substitute_tables;
+pub(crate) use diptych_core::backend_kit::substitute_tables;
 
 /// Converts the statement's JSON parameters to the types PostgreSQL inferred
 /// for its placeholders (`types`, from preparing it).

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use diptych_core::view::CheckpointWatches;
+use diptych_core::backend_kit::CheckpointWatches;
 use diptych_core::{Position, ViewError};
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;

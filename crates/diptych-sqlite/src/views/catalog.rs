@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use diptych_core::partition::group_members;
+use diptych_core::backend_kit::group_members;
 use diptych_core::{
     BackendError, CollectionSpec, Document, HandlerKind, Position, ProjectionRecord,
     RebuildProgress, ViewError,

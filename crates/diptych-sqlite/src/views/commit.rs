@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use diptych_core::view::{field_value, substitute_tables, verify_commit_against};
+use diptych_core::backend_kit::{field_value, substitute_tables, verify_commit_against};
 use diptych_core::{Change, CollectionSpec, Document, Position, ViewCommit, ViewError};
 use rusqlite::types::Value as SqlValue;
 use rusqlite::{OptionalExtension, Transaction, params, params_from_iter};

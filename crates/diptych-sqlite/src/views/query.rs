@@ -1,7 +1,7 @@
 //! Running a validated query as one SQL statement, and the conversions between
 //! JSON and SQLite values it needs.
 
-use diptych_core::view::words;
+use diptych_core::backend_kit::words;
 use diptych_core::{CollectionSpec, Comparison, Order, Page, Query, ViewError};
 use rusqlite::types::Value as SqlValue;
 use rusqlite::{Connection, params_from_iter};

@@ -447,17 +447,8 @@ impl Node {
                         .await
                 }
             };
-            match &self.stores.leases {
-                None => running.local.push(start().await.map_err(|error| {
-                    NodeError::failed(format!("receiving the events of `{name}`"), error)
-                })?),
-                Some(leases) => running.leased.push(PartitionedRunner::singleton(
-                    leases.clone(),
-                    &name,
-                    LeaseConfig::default(),
-                    start,
-                )),
-            }
+            let what = format!("receiving the events of `{name}`");
+            self.start_one(running, &name, &what, start).await?;
         }
         Ok(())
     }
@@ -478,15 +469,33 @@ impl Node {
             );
             async move { broker.relay(store, views, &service).await }
         };
+        self.start_one(running, &name, "starting the relay", start)
+            .await
+    }
+
+    /// Starts one runner of which a service needs exactly one: here on SQLite;
+    /// on PostgreSQL under a lease named `name`, so one node at a time runs it
+    /// and another takes over when that node dies.
+    async fn start_one<F, Fut>(
+        &self,
+        running: &mut Running,
+        name: &str,
+        what: &str,
+        start: F,
+    ) -> Result<(), NodeError>
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<RunnerHandle, BackendError>> + Send + 'static,
+    {
         match &self.stores.leases {
             None => running.local.push(
                 start()
                     .await
-                    .map_err(|error| NodeError::failed("starting the relay", error))?,
+                    .map_err(|error| NodeError::failed(what, error))?,
             ),
             Some(leases) => running.leased.push(PartitionedRunner::singleton(
                 leases.clone(),
-                &name,
+                name,
                 LeaseConfig::default(),
                 start,
             )),

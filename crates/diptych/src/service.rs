@@ -251,9 +251,15 @@ impl ServiceBuilder {
             });
             return builder;
         };
+        // `command_with` has checked the id by the time this runs.
         self.command_with(move |command: C, context: CommandContext| {
             let repository = repository.clone();
-            async move { repository.execute_command(command, &context).await }
+            let id = command.aggregate_id().to_owned();
+            async move {
+                repository
+                    .execute(&id, &command.into_command(), &context)
+                    .await
+            }
         })
     }
 

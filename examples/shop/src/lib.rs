@@ -26,7 +26,7 @@ use diptych::http::{Application, ApplicationError, StateAt, StreamState};
 use diptych::{
     Command, CommandContext, CommandError, CommandOutcome, EventStore, Handler, InvalidBody,
     ParsedCommand, RejectionCode, Repository, RunnerConfig, RunnerHandle, StreamId, ViewError,
-    ViewStore, require_id,
+    ViewStore,
 };
 
 use crate::catalog::{ChangePrice, Product, RegisterProduct, RenameProduct};
@@ -425,7 +425,8 @@ async fn add_stock(
     add: AddStock,
     context: &CommandContext,
 ) -> Result<CommandOutcome, CommandError<Rejection>> {
-    let id = require_id(&add)?.to_owned();
+    // The service checked the id is not blank.
+    let id = add.product_id.clone();
     if !products.load(&id).await?.state.exists {
         return Err(CommandError::Rejected(Rejection::ProductNotFound));
     }
@@ -445,7 +446,8 @@ async fn place_order(
     place: PlaceOrder,
     context: &CommandContext,
 ) -> Result<CommandOutcome, CommandError<Rejection>> {
-    let order_id = require_id(&place)?.to_owned();
+    // The service checked the id is not blank.
+    let order_id = place.order_id.clone();
     let customer_id = required("customer_id", &place.customer_id)?;
     if !customers.load(&customer_id).await?.state.exists {
         return Err(CommandError::Rejected(Rejection::CustomerNotFound));

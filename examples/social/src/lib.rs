@@ -17,7 +17,6 @@ use std::sync::Arc;
 
 use diptych::{
     CommandContext, CommandError, CommandOutcome, EventStore, RejectionCode, Repository, ViewStore,
-    require_id,
 };
 
 use crate::posts::{CommentOnPost, CreatePost, DeletePost, LikePost, Post, PostCommand};
@@ -160,37 +159,26 @@ fn application(rules: &Rules) -> diptych::Service {
         })
         .command::<UnfollowUser>()
         .command_with(move |create: CreatePost, context: CommandContext| {
-            let rules = writing.clone();
+            let (rules, user_id) = (writing.clone(), create.author_id.clone());
             async move {
-                create.check().map_err(CommandError::Rejected)?;
-                rules.user_exists(&create.author_id).await?;
-                let id = require_id(&create)?.to_owned();
                 rules
-                    .posts
-                    .execute(&id, &PostCommand::Create(create), &context)
+                    .on_post(&user_id, PostCommand::Create(create), &context)
                     .await
             }
         })
         .command_with(move |comment: CommentOnPost, context: CommandContext| {
-            let rules = commenting.clone();
+            let (rules, user_id) = (commenting.clone(), comment.author_id.clone());
             async move {
-                comment.check().map_err(CommandError::Rejected)?;
-                rules.user_exists(&comment.author_id).await?;
-                let id = require_id(&comment)?.to_owned();
                 rules
-                    .posts
-                    .execute(&id, &PostCommand::Comment(comment), &context)
+                    .on_post(&user_id, PostCommand::Comment(comment), &context)
                     .await
             }
         })
         .command_with(move |like: LikePost, context: CommandContext| {
-            let rules = liking.clone();
+            let (rules, user_id) = (liking.clone(), like.user_id.clone());
             async move {
-                rules.user_exists(&like.user_id).await?;
-                let id = require_id(&like)?.to_owned();
                 rules
-                    .posts
-                    .execute(&id, &PostCommand::Like(like), &context)
+                    .on_post(&user_id, PostCommand::Like(like), &context)
                     .await
             }
         })
@@ -203,6 +191,21 @@ fn application(rules: &Rules) -> diptych::Service {
 }
 
 impl Rules {
+    /// A post command by a user who must exist; its input is checked first, so
+    /// a bad text is a 400 whoever sends it.
+    async fn on_post(
+        &self,
+        user_id: &str,
+        command: PostCommand,
+        context: &CommandContext,
+    ) -> Result<CommandOutcome, CommandError<Rejection>> {
+        command.check().map_err(CommandError::Rejected)?;
+        self.user_exists(user_id).await?;
+        // The service checked the id is not blank before this handler ran.
+        let post_id = command.post_id().to_owned();
+        self.posts.execute(&post_id, &command, context).await
+    }
+
     /// Refuses a user id that no registered user has.
     async fn user_exists(&self, user_id: &str) -> Result<(), CommandError<Rejection>> {
         if user_id.trim().is_empty() || !self.users.load(user_id).await?.state.exists {
@@ -219,7 +222,7 @@ impl Rules {
         register: RegisterUser,
         context: &CommandContext,
     ) -> Result<CommandOutcome, CommandError<Rejection>> {
-        let user_id = require_id(&register)?.to_owned();
+        let user_id = register.user_id.clone();
         register.check().map_err(CommandError::Rejected)?;
         let user = self.users.load(&user_id).await?;
         if user.state.exists && user.state.handle != register.handle {
@@ -247,7 +250,7 @@ impl Rules {
         follow: FollowUser,
         context: &CommandContext,
     ) -> Result<CommandOutcome, CommandError<Rejection>> {
-        let user_id = require_id(&follow)?.to_owned();
+        let user_id = follow.user_id.clone();
         if follow.target_id != user_id {
             self.user_exists(&follow.target_id).await?;
         }

@@ -57,21 +57,6 @@ pub struct DeletePost {
     pub author_id: String,
 }
 
-impl CreatePost {
-    /// Its text's rule, checked before anything is looked up.
-    pub fn check(&self) -> Result<(), Rejection> {
-        check_text("text", &self.text, 1, MAX_TEXT)
-    }
-}
-
-impl CommentOnPost {
-    /// Its fields' rules, checked before anything is looked up.
-    pub fn check(&self) -> Result<(), Rejection> {
-        check_text("comment_id", &self.comment_id, 1, 200)?;
-        check_text("text", &self.text, 1, MAX_TEXT)
-    }
-}
-
 /// What a post is asked to do.
 #[derive(Clone, Debug, PartialEq)]
 pub enum PostCommand {
@@ -83,6 +68,30 @@ pub enum PostCommand {
     Like(LikePost),
     /// See [`DeletePost`].
     Delete(DeletePost),
+}
+
+impl PostCommand {
+    /// The post it addresses.
+    pub fn post_id(&self) -> &str {
+        match self {
+            PostCommand::Create(command) => &command.post_id,
+            PostCommand::Comment(command) => &command.post_id,
+            PostCommand::Like(command) => &command.post_id,
+            PostCommand::Delete(command) => &command.post_id,
+        }
+    }
+
+    /// The rules of its input alone, before anything is looked up.
+    pub fn check(&self) -> Result<(), Rejection> {
+        match self {
+            PostCommand::Create(create) => check_text("text", &create.text, 1, MAX_TEXT),
+            PostCommand::Comment(comment) => {
+                check_text("comment_id", &comment.comment_id, 1, 200)?;
+                check_text("text", &comment.text, 1, MAX_TEXT)
+            }
+            PostCommand::Like(_) | PostCommand::Delete(_) => Ok(()),
+        }
+    }
 }
 
 // Writing, commenting and liking need the user to exist: the application's
@@ -173,7 +182,7 @@ impl Aggregate for Post {
                 if self.exists {
                     return Err(Rejection::PostExists);
                 }
-                create.check()?;
+                command.check()?;
                 Ok(vec![PostEvent::PostCreated {
                     post_id: create.post_id.clone(),
                     author_id: create.author_id.clone(),
@@ -182,7 +191,7 @@ impl Aggregate for Post {
             }
             PostCommand::Comment(comment) => {
                 self.readable()?;
-                comment.check()?;
+                command.check()?;
                 if self.comments.contains(&comment.comment_id) {
                     return Ok(vec![]);
                 }
